@@ -1,0 +1,155 @@
+"""RolloutCallback: sample, score and package a :class:`~lit_moe_rl.batch.Rollout` for every step.
+
+A thin adapter over :mod:`lit_moe_rl.rollout.engine` (sampling), :mod:`lit_moe_rl.rewards` (scoring)
+and the module's algorithm (advantages, dynamic sampling). Registered by the CLI, so every
+``lit-moe-rl fit`` has one; configure it under the top-level ``rollout:`` key.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from lit_moe_rl.batch import Rollout
+from lit_moe_rl.rewards import RewardFn, resolve_reward, score_batch
+from lit_moe_rl.rollout.engine import Generation, HFEngine, RolloutEngine
+
+
+class RolloutCallback(Callback):
+    """Generates ``group_size`` completions per prompt before each training step and scores them."""
+
+    def __init__(
+        self,
+        engine: RolloutEngine | None = None,
+        reward: RewardFn | str = "lit_moe_rl.rewards.countdown:CountdownReward",
+        group_size: int = 8,
+        reward_timeout_s: float = 10.0,
+        val_samples: int = 1,
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            engine: Rollout engine (``class_path``); default ``HFEngine()``.
+            reward: Reward function: an instance or an import path ``pkg.mod:fn``.
+            group_size: G, completions per prompt.
+            reward_timeout_s: Per-batch reward deadline; late or failing samples score 0.
+            val_samples: k for validation Avg@k; 1 = one greedy completion per prompt.
+            seed: Sampling seed; each step samples with ``seed + global_step``, so a resumed run
+                samples what an uninterrupted one would.
+        """
+        if group_size < 1:
+            raise ValueError(f"rollout.group_size: must be >= 1, got {group_size}")
+        if val_samples < 1:
+            raise ValueError(f"rollout.val_samples: must be >= 1, got {val_samples}")
+        self.engine = engine if engine is not None else HFEngine()
+        self.reward = resolve_reward(reward)
+        self.group_size = group_size
+        self.reward_timeout_s = reward_timeout_s
+        self.val_samples = val_samples
+        self.seed = seed
+        self.record_routes = False  # switched on by RoutingReplayCallback (R3)
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.group_size < 2:
+            raise ValueError(
+                f"rollout.group_size: group-relative advantages need >= 2 completions per prompt, got {self.group_size}"
+            )
+
+    def _bind(self, pl_module: L.LightningModule) -> None:
+        self.engine.bind(pl_module.policy, pl_module.tokenizer)
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._bind(pl_module)
+
+    @override
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if getattr(self.engine, "model", None) is None:
+            self._bind(pl_module)
+        self.engine.sync_weights(pl_module.policy)
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.engine.sync_weights(pl_module.policy)  # after a checkpoint restore
+
+    @override
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        batch["rollout"] = self.make_rollout(pl_module, batch["prompt"], batch["samples"], step=trainer.global_step)
+
+    @override
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.engine.sync_weights(pl_module.policy)
+
+    @override
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        greedy = self.val_samples == 1
+        with torch.random.fork_rng(devices=_devices(pl_module)):
+            torch.manual_seed(self.seed + 7919 * (batch_idx + 1))
+            gen = self.engine.generate(batch["prompt"], n=self.val_samples, greedy=greedy)
+        texts = self.decode(gen)
+        rewards, _ = self._score(texts, batch["samples"], self.val_samples)
+        batch["val_rewards"] = rewards.view(-1, self.val_samples).mean(-1)  # Avg@k per prompt
+        batch["val_texts"] = texts
+
+    def make_rollout(self, pl_module: Any, prompts: list[str], samples: list[dict], *, step: int) -> Rollout:
+        """Generate, score and compute advantages for one step's prompts."""
+        t0 = time.perf_counter()
+        with torch.random.fork_rng(devices=_devices(pl_module)):
+            torch.manual_seed(self.seed + step)
+            gen = self.engine.generate(prompts, n=self.group_size, record_routes=self.record_routes)
+        texts = self.decode(gen)
+        rewards, errors = self._score(texts, samples, self.group_size)
+        algorithm = pl_module.algorithm
+        rollout = Rollout(
+            input_ids=gen.input_ids,
+            attention_mask=gen.attention_mask,
+            response_mask=gen.response_mask,
+            prompt_len=gen.prompt_len,
+            group_size=self.group_size,
+            temperature=getattr(self.engine, "temperature", 1.0),
+            rewards=rewards,
+            advantages=algorithm.advantages(rewards, self.group_size),
+            infer_logp=gen.infer_logp,
+            routes=gen.routes,
+            texts=texts,
+            prompts=list(prompts),
+        )
+        rollout.extras = rollout_metrics(gen, rewards, errors)
+        keep = algorithm.keep_groups(rewards, self.group_size)
+        if keep is not None:
+            rollout.extras["rollout/kept_frac"] = float(keep.float().mean())
+            rollout = rollout.select(keep.nonzero().squeeze(-1))
+        rollout.extras["perf/rollout_s"] = time.perf_counter() - t0
+        return rollout
+
+    def decode(self, gen: Generation) -> list[str]:
+        tokens = gen.input_ids[:, gen.prompt_len :].masked_fill(~gen.response_mask, self.engine.tokenizer.pad_token_id)
+        return self.engine.tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True)
+
+    def _score(self, texts: list[str], samples: list[dict], n: int) -> tuple[torch.Tensor, int]:
+        expanded = [sample for sample in samples for _ in range(n)]
+        return score_batch(self.reward, texts, expanded, timeout_s=self.reward_timeout_s)
+
+
+def rollout_metrics(gen: Generation, rewards: torch.Tensor, errors: int) -> dict[str, float]:
+    """``reward/*`` and ``rollout/*`` scalars of one generation."""
+    lengths = gen.response_mask.sum(-1).float()
+    return {
+        "reward/mean": float(rewards.mean()),
+        "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+        "reward/errors": float(errors),
+        "rollout/response_length": float(lengths.mean()),
+        "rollout/response_length_max": float(lengths.max()),
+        "rollout/truncated_frac": float(gen.truncated.float().mean()),
+    }
+
+
+def _devices(pl_module: Any) -> list[int]:
+    device = pl_module.device
+    return [device.index or 0] if device.type == "cuda" else []

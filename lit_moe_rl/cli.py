@@ -1,0 +1,71 @@
+"""``lit-moe-rl``: LightningCLI for RL (``fit``, ``validate``) and supervised warm-start (``sft``).
+
+The rollout callback and the run summary are registered here (top-level ``rollout:`` and
+``summary:`` keys) because no RL run works without them; everything else is added by the user
+with ``trainer.callbacks``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger
+from jsonargparse import lazy_instance
+
+from lit_moe_rl.callbacks.rollout import RolloutCallback
+from lit_moe_rl.callbacks.summary import RunSummary
+from lit_moe_rl.data.datamodule import PromptDataModule
+from lit_moe_rl.module import MoERLModule
+
+TRAINER_DEFAULTS = {
+    "logger": lazy_instance(CSVLogger, save_dir="runs"),
+    "num_sanity_val_steps": -1,
+    "log_every_n_steps": 1,
+    "max_steps": 100,
+}
+
+DEFAULT_CALLBACKS = [
+    {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
+    {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"save_last": True, "every_n_train_steps": 50, "save_top_k": 0},
+    },
+]
+
+
+class MoERLCLI(LightningCLI):
+    """LightningCLI with the RL essentials registered."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(RolloutCallback, "rollout")
+        parser.add_lightning_class_args(RunSummary, "summary")
+        parser.set_defaults({"trainer.callbacks": DEFAULT_CALLBACKS})
+
+
+def _run(args: list[str] | None) -> None:
+    argv = sys.argv[1:] if args is None else args
+    if argv and argv[0] == "sft":
+        from lit_moe_rl.sft import SFTCLI, SFTModule
+
+        SFTCLI(SFTModule, PromptDataModule, args=["fit", *argv[1:]], trainer_defaults=SFTCLI.TRAINER_DEFAULTS)
+        return
+    MoERLCLI(MoERLModule, PromptDataModule, args=args, trainer_defaults=TRAINER_DEFAULTS)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console entry point. Settings errors print one line and exit with status 2."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if os.environ.get("LIT_MOE_RL_DEBUG"):
+        _run(args)
+        return
+    try:
+        _run(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"lit-moe-rl: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""The LightningModule: policy forward -> per-token log-probs -> algorithm -> manual optimisation.
+
+No generation and no rewards here: :class:`~lit_moe_rl.callbacks.rollout.RolloutCallback` puts a
+scored :class:`~lit_moe_rl.batch.Rollout` into the batch. One training step is one rollout:
+
+1. old log-probs once, without grad, in micro-batches (the PPO anchor π_old);
+2. ``mini_batches`` optimizer updates over shuffled slices of the rollout, each accumulating
+   micro-batch gradients scaled by the mini-batch's *global* token (or sequence) count, then
+   gradient clipping and a step; a non-finite loss or gradient norm skips the step.
+
+Callbacks that must wrap the policy's forwards (routing replay) register a context factory with
+:meth:`add_forward_context`; it is entered around every forward (and its backward, so that
+gradient-checkpointing recomputation happens inside it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from lit_moe_rl.algorithms import GRPO, Algorithm
+from lit_moe_rl.batch import Rollout
+from lit_moe_rl.losses import aggregate, kl_estimate, masked_mean
+from lit_moe_rl.policy import load_policy, token_logprobs
+
+Phase = Literal["old", "update", "ref"]
+ForwardContext = Callable[[Phase, Rollout], contextlib.AbstractContextManager]
+
+
+class MoERLModule(L.LightningModule):
+    """Holds the MoE policy and the RL objective; optimises it manually, several updates per rollout."""
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        config: dict[str, Any] | None = None,
+        tokenizer: str | None = None,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        algorithm: Algorithm | None = None,
+        lr: float = 1e-6,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        mini_batches: int = 1,
+        micro_batch_size: int = 16,
+        grad_clip: float = 1.0,
+        logprob_chunk_size: int = 256,
+        gradient_checkpointing: bool = False,
+        router_aux_loss_coef: float = 0.0,
+        lora: dict[str, Any] | None = None,
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            pretrained: Local folder of a HF MoE checkpoint, or ``builtin:<name>`` for a shipped one.
+            config: Inline config to build a random model: ``{family: qwen3_moe, ...}`` or a HF config dict.
+            tokenizer: Tokenizer folder (default: ``pretrained``; the char tokenizer for ``config``).
+            dtype: Training weights' dtype.
+            algorithm: GRPO-family algorithm (``class_path`` in YAML); default GRPO().
+            lr: AdamW learning rate.
+            weight_decay: AdamW weight decay.
+            betas: AdamW betas.
+            warmup_steps: Linear learning-rate warm-up, in optimizer steps.
+            mini_batches: Optimizer updates per rollout (1 = on-policy).
+            micro_batch_size: Sequences per forward; gradients accumulate over a mini-batch.
+            grad_clip: Max global gradient norm (0 = no clipping).
+            logprob_chunk_size: Response positions per LM-head chunk when computing log-probs.
+            gradient_checkpointing: Recompute decoder activations in the backward pass.
+            router_aux_loss_coef: Load-balancing aux loss weight during RL (0 = off, as in R3).
+            lora: LoRA settings passed to ``peft.LoraConfig`` (None = full fine-tuning).
+            seed: Seed for building a random model and for mini-batch shuffling.
+        """
+        super().__init__()
+        if pretrained is None and config is None:
+            raise ValueError("model: set model.pretrained (a local folder or builtin:<name>) or model.config")
+        if mini_batches < 1:
+            raise ValueError(f"model.mini_batches: must be >= 1, got {mini_batches}")
+        if micro_batch_size < 1:
+            raise ValueError(f"model.micro_batch_size: must be >= 1, got {micro_batch_size}")
+        if pretrained is not None:
+            from lit_moe_rl.policy import resolve_pretrained
+
+            resolve_pretrained(pretrained)  # fail before any work on a missing folder
+        self.save_hyperparameters(ignore=["algorithm"])
+        self.algorithm = algorithm if algorithm is not None else GRPO()
+        self.automatic_optimization = False
+        self.policy: torch.nn.Module | None = None
+        self.tokenizer: Any = None
+        self._forward_contexts: list[ForwardContext] = []
+        self.skipped_steps = 0
+
+    # ------------------------------------------------------------------ model
+    def configure_model(self) -> None:
+        """Load the policy (idempotent; runs under the strategy's init context, e.g. FSDP)."""
+        if self.policy is not None:
+            return
+        hp = self.hparams
+        self.policy, self.tokenizer = load_policy(
+            hp.pretrained, hp.config, dtype=hp.dtype, tokenizer=hp.tokenizer, seed=hp.seed
+        )
+        if hp.lora:
+            from peft import LoraConfig, get_peft_model
+
+            self.policy = get_peft_model(self.policy, LoraConfig(**hp.lora))
+        if hp.gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.policy.config.use_cache = False
+
+    def add_forward_context(self, factory: ForwardContext) -> None:
+        """Register ``factory(phase, micro_rollout)``, entered around every policy forward."""
+        self._forward_contexts.append(factory)
+
+    @contextlib.contextmanager
+    def forward_context(self, phase: Phase, micro: Rollout) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for factory in self._forward_contexts:
+                stack.enter_context(factory(phase, micro))
+            yield
+
+    def sequence_logprobs(self, micro: Rollout, *, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Per-token log-probs ``[n, R]`` of ``micro``'s response tokens under the current policy."""
+        logp, entropy, _ = token_logprobs(
+            self.policy,
+            micro.input_ids,
+            micro.attention_mask,
+            micro.prompt_len,
+            temperature=micro.temperature,
+            chunk_size=self.hparams.logprob_chunk_size,
+            with_entropy=with_entropy,
+        )
+        return logp, entropy
+
+    # ------------------------------------------------------------- optimiser
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+        warmup = max(hp.warmup_steps, 0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------- training
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        rollout = batch.get("rollout")
+        if rollout is None:
+            raise RuntimeError("batch has no 'rollout': add lit_moe_rl.callbacks.RolloutCallback to trainer.callbacks")
+        metrics = dict(rollout.extras)
+        if rollout.num_sequences == 0:
+            metrics["policy/skipped_steps"] = float(self.skipped_steps)
+            self.log_dict(metrics, batch_size=1)
+            return
+        t0 = time.perf_counter()
+        rollout = rollout.to(self.device, skip=("routes", "old_routes", "old_router_logp"))
+        metrics.update(self.compute_old_logprobs(rollout))
+        metrics.update(self.policy_update(rollout))
+        update_s = time.perf_counter() - t0
+        metrics["perf/update_s"] = update_s
+        tokens = float(rollout.attention_mask.sum())
+        metrics["perf/tokens_per_s"] = tokens / max(update_s + metrics.get("perf/rollout_s", 0.0), 1e-9)
+        self.log_dict(metrics, batch_size=rollout.num_sequences)
+
+    def micro_batches(self, rows: Tensor) -> list[Tensor]:
+        return list(rows.split(self.hparams.micro_batch_size))
+
+    @torch.no_grad()
+    def compute_old_logprobs(self, rollout: Rollout) -> dict[str, float]:
+        """π_old log-probs (and entropies) of every response token, once per rollout, into ``rollout``."""
+        self.policy.eval()
+        old, ent = [], []
+        for rows in self.micro_batches(torch.arange(rollout.num_sequences)):
+            micro = rollout.select(rows)
+            with self.forward_context("old", micro):
+                logp, entropy = self.sequence_logprobs(micro, with_entropy=True)
+            old.append(logp)
+            ent.append(entropy)
+        self.policy.train()
+        rollout.old_logp = torch.cat(old)
+        return {"policy/entropy": float(masked_mean(torch.cat(ent), rollout.response_mask))}
+
+    def policy_update(self, rollout: Rollout) -> dict[str, float]:
+        """``mini_batches`` optimizer steps over shuffled slices of the rollout."""
+        gen = torch.Generator().manual_seed(self.hparams.seed + self.global_step)
+        order = torch.randperm(rollout.num_sequences, generator=gen)
+        totals: dict[str, list[float]] = defaultdict(list)
+        for rows in order.tensor_split(self.hparams.mini_batches):
+            if len(rows) == 0:
+                continue
+            for key, value in self.mini_batch_step(rollout, rows).items():
+                totals[key].append(value)
+        metrics = {key: sum(v) / len(v) for key, v in totals.items()}
+        metrics["policy/skipped_steps"] = float(self.skipped_steps)
+        metrics["policy/lr"] = self.optimizers().param_groups[0]["lr"]
+        return metrics
+
+    def mini_batch_step(self, rollout: Rollout, rows: Tensor) -> dict[str, float]:
+        """Accumulate gradients over the micro-batches of ``rows``, clip, step (or skip if non-finite)."""
+        opt = self.optimizers()
+        mask = rollout.response_mask[rows.to(rollout.response_mask.device)]
+        norms = dict(num_tokens=float(mask.sum()), num_seqs=float(len(rows)), norm_const=float(mask.shape[1]))
+        stats: dict[str, float] = defaultdict(float)
+        finite = True
+        for micro_rows in self.micro_batches(rows):
+            micro = rollout.select(micro_rows)
+            with self.forward_context("update", micro):
+                loss, micro_stats = self.micro_batch_loss(micro, **norms)
+                finite = finite and bool(torch.isfinite(loss))
+                if finite:
+                    self.manual_backward(loss)
+            weight = len(micro_rows) / len(rows)
+            stats["policy/loss"] += float(loss.detach())
+            for key, value in micro_stats.items():
+                stats[f"policy/{key}"] += float(value) * weight
+        grad_norm = self.clip_and_measure()
+        if finite and math.isfinite(grad_norm):
+            opt.step()
+            self.lr_schedulers().step()
+        else:
+            self.skipped_steps += 1
+        opt.zero_grad(set_to_none=True)
+        stats["policy/grad_norm"] = grad_norm
+        return dict(stats)
+
+    def micro_batch_loss(
+        self, micro: Rollout, *, num_tokens: float, num_seqs: float, norm_const: float
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The algorithm's loss on one micro-batch, normalised by the mini-batch's global counts."""
+        old_logp = micro.require("old_logp", "the module's old-log-prob pass")
+        logp, _ = self.sequence_logprobs(micro)
+        loss, stats = self.algorithm.objective(
+            logp,
+            old_logp,
+            micro.advantages,
+            micro.response_mask,
+            log_weight=micro.log_weight,
+            num_tokens=num_tokens,
+            num_seqs=num_seqs,
+            norm_const=norm_const,
+        )
+        if self.algorithm.kl_coef > 0:
+            ref_logp = micro.require("ref_logp", "lit_moe_rl.callbacks.ReferenceKLCallback")
+            kl = kl_estimate(logp, ref_logp, self.algorithm.kl_kind)
+            kl_loss = aggregate(kl, micro.response_mask, "token-mean", num_tokens=num_tokens)
+            loss = loss + self.algorithm.kl_coef * kl_loss
+            stats["kl_loss"] = kl_loss.detach()
+        return loss, stats
+
+    def clip_and_measure(self) -> float:
+        """Clip the global gradient norm to ``grad_clip`` and return the norm before clipping."""
+        params = [p for p in self.policy.parameters() if p.grad is not None]
+        if not params:
+            return 0.0
+        max_norm = self.hparams.grad_clip if self.hparams.grad_clip > 0 else float("inf")
+        clip = getattr(self.policy, "clip_grad_norm_", None)  # FSDP1 exposes its own sharded version
+        norm = clip(max_norm) if callable(clip) else torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return float(norm)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["skipped_steps"] = self.skipped_steps
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.skipped_steps = checkpoint.get("skipped_steps", 0)
+
+    # ------------------------------------------------------------ validation
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        rewards = batch.get("val_rewards")
+        if rewards is None:
+            raise RuntimeError("batch has no 'val_rewards': add lit_moe_rl.callbacks.RolloutCallback")
+        self.log("val/reward", rewards.float().mean(), batch_size=len(rewards), prog_bar=True)
+
+    # ------------------------------------------------------------ export
+    def save_hf(self, path: str) -> None:
+        """Save the policy (LoRA merged) and tokenizer as a Hugging Face folder ``from_pretrained`` loads."""
+        model = self.policy
+        if hasattr(model, "merge_and_unload"):
+            import copy
+
+            model = copy.deepcopy(model).merge_and_unload()
+        model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)

@@ -1,0 +1,187 @@
+"""Load a Hugging Face MoE causal LM and compute per-token log-probs of given tokens.
+
+Models come from a local directory (``from_pretrained``, offline), from a built-in asset
+(``builtin:<name>``, shipped inside the package), or are built with random weights from an
+inline config: either a full HF config dict (with ``model_type``) or ``{"family": "qwen3_moe", ...}``
+for a tiny config of a supported family (:mod:`lit_moe_rl.tiny`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+log = logging.getLogger(__name__)
+
+BUILTIN_PREFIX = "builtin:"
+CHAR_ALPHABET = "0123456789+-*/() =>"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_pretrained(pretrained: str) -> Path:
+    """Map ``pretrained`` to an existing local directory, or fail in one line naming the setting."""
+    if pretrained.startswith(BUILTIN_PREFIX):
+        name = pretrained[len(BUILTIN_PREFIX) :]
+        path = Path(str(resources.files("lit_moe_rl") / "assets" / name))
+        if not (path / "config.json").is_file():
+            available = sorted(p.name for p in path.parent.iterdir() if (p / "config.json").is_file())
+            raise ValueError(f"model.pretrained: no built-in model {name!r}; available: {available}")
+        return path
+    path = Path(pretrained).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model.pretrained: {pretrained!r} has no config.json")
+        return path
+    looks_like_hub_id = pretrained.count("/") == 1 and not pretrained.startswith((".", "/", "~"))
+    hint = " (hub ids need network: download it first and pass the local folder)" if looks_like_hub_id else ""
+    raise ValueError(f"model.pretrained: {pretrained!r} is not a local directory{hint}")
+
+
+def char_tokenizer(alphabet: str = CHAR_ALPHABET) -> transformers.PreTrainedTokenizerFast:
+    """A character-level tokenizer: ``<pad>``=0, ``<bos>``=1, ``<eos>``=2, ``<unk>``=3, then ``alphabet``."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3}
+    for ch in alphabet:
+        vocab.setdefault(ch, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
+
+
+def build_config(config: dict[str, Any]) -> transformers.PretrainedConfig:
+    """A transformers config from an inline dict: ``{"family": ...}`` (tiny) or ``{"model_type": ...}``."""
+    from lit_moe_rl.tiny import tiny_moe_config
+
+    config = dict(config)
+    if "family" in config:
+        return tiny_moe_config(config.pop("family"), **config)
+    if "model_type" not in config:
+        raise ValueError("model.config: needs 'family' (a tiny model) or 'model_type' (a full HF config)")
+    return transformers.AutoConfig.for_model(**config)
+
+
+def load_policy(
+    pretrained: str | None = None,
+    config: dict[str, Any] | None = None,
+    *,
+    dtype: str = "float32",
+    tokenizer: str | None = None,
+    seed: int = 0,
+) -> tuple[nn.Module, Any]:
+    """Return ``(model, tokenizer)``; exactly one of ``pretrained`` / ``config`` must be given."""
+    if (pretrained is None) == (config is None):
+        raise ValueError("model: set exactly one of model.pretrained (a local folder) or model.config")
+    torch_dtype = DTYPES[dtype]
+    if pretrained is not None:
+        path = resolve_pretrained(pretrained)
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+        tok_path = tokenizer or path
+    else:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = transformers.AutoModelForCausalLM.from_config(build_config(config), dtype=torch_dtype)
+        tok_path = tokenizer
+    tok = load_tokenizer(tok_path, model.config.vocab_size)
+    note_aux_loss(model.config)
+    return model, tok
+
+
+def load_tokenizer(path: str | os.PathLike | None, vocab_size: int) -> Any:
+    """The tokenizer at ``path`` (left padding, a pad token), or the char tokenizer when ``None``."""
+    if path is None:
+        tok = char_tokenizer()
+    else:
+        tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if len(tok) > vocab_size:
+        raise ValueError(f"model.tokenizer: {len(tok)} tokens do not fit the model's vocab_size {vocab_size}")
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def note_aux_loss(config: transformers.PretrainedConfig) -> None:
+    coef = getattr(config, "router_aux_loss_coef", None)
+    if coef:
+        log.info(
+            "checkpoint config has router_aux_loss_coef=%s: the load-balancing aux loss is OFF during RL "
+            "(set model.router_aux_loss_coef to turn it on)",
+            coef,
+        )
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Position ids as ``generate`` computes them for left-padded batches."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 1)
+
+
+def _chunk_logp(
+    head: nn.Module, hidden: Tensor, targets: Tensor, temperature: float, want_entropy: bool
+) -> tuple[Tensor, Tensor]:
+    logits = head(hidden).float()  # [N, c, V]
+    if temperature != 1.0:
+        logits = logits / temperature
+    logz = torch.logsumexp(logits, dim=-1)  # [N, c]
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz  # [N, c]
+    if not want_entropy:
+        return logp, torch.zeros_like(logp)
+    probs = torch.softmax(logits, dim=-1)
+    entropy = logz - (probs * logits).sum(-1)  # [N, c]
+    return logp, entropy
+
+
+def token_logprobs(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    prompt_len: int,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 256,
+    with_entropy: bool = False,
+    **forward_kwargs: Any,
+) -> tuple[Tensor, Tensor | None, Any]:
+    """Log-probs ``[N, R]`` (and entropies) of the response tokens ``input_ids[:, prompt_len:]``.
+
+    The decoder runs once; the LM head and log-softmax run over chunks of ``chunk_size`` response
+    positions. Under grad each chunk is checkpointed, so at most one chunk of fp32 logits
+    ``[N, chunk, V]`` is alive at a time in the forward and again in the backward: a 150k vocabulary
+    never materialises a full ``[N, T, V]`` tensor. Logits are divided by ``temperature`` so that
+    the trainer scores the distribution the engine sampled from.
+    Returns ``(logp, entropy or None, decoder outputs)``.
+    """
+    decoder = model.get_decoder()
+    head = model.get_output_embeddings()
+    out = decoder(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+        **forward_kwargs,
+    )
+    hidden = out.last_hidden_state[:, prompt_len - 1 : -1]  # [N, R, H]: positions predicting the response
+    targets = input_ids[:, prompt_len:]  # [N, R]
+    logps, ents = [], []
+    for start in range(0, targets.shape[1], chunk_size):
+        args = (head, hidden[:, start : start + chunk_size], targets[:, start : start + chunk_size])
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            lp, ent = checkpoint(_chunk_logp, *args, temperature, with_entropy, use_reentrant=False)
+        else:
+            lp, ent = _chunk_logp(*args, temperature, with_entropy)
+        logps.append(lp)
+        ents.append(ent)
+    entropy = torch.cat(ents, dim=1).detach() if with_entropy else None
+    return torch.cat(logps, dim=1), entropy, out
