@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 import sys
 
+from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
-from jsonargparse import lazy_instance
 
 from lit_moe_rl.callbacks.rollout import RolloutCallback
 from lit_moe_rl.callbacks.summary import RunSummary

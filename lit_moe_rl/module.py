@@ -125,7 +125,9 @@ class MoERLModule(L.LightningModule):
                 stack.enter_context(factory(phase, micro))
             yield
 
-    def sequence_logprobs(self, micro: Rollout, *, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    def sequence_logprobs(
+        self, micro: Rollout, *, with_entropy: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
         """Per-token log-probs ``[n, R]`` of ``micro``'s response tokens under the current policy."""
         logp, entropy, _ = token_logprobs(
             self.policy,
@@ -151,7 +153,9 @@ class MoERLModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         rollout = batch.get("rollout")
         if rollout is None:
-            raise RuntimeError("batch has no 'rollout': add lit_moe_rl.callbacks.RolloutCallback to trainer.callbacks")
+            raise RuntimeError(
+                "batch has no 'rollout': add lit_moe_rl.callbacks.RolloutCallback to trainer.callbacks"
+            )
         metrics = dict(rollout.extras)
         if rollout.num_sequences == 0:
             metrics["policy/skipped_steps"] = float(self.skipped_steps)

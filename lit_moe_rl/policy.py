@@ -86,7 +86,9 @@ def load_policy(
     torch_dtype = DTYPES[dtype]
     if pretrained is not None:
         path = resolve_pretrained(pretrained)
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, local_files_only=True
+        )
         tok_path = tokenizer or path
     else:
         with torch.random.fork_rng():

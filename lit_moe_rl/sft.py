@@ -65,7 +65,9 @@ class SFTModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.policy is None:
             hp = self.hparams
-            self.policy, self.tokenizer = load_policy(hp.pretrained, hp.config, tokenizer=hp.tokenizer, seed=hp.seed)
+            self.policy, self.tokenizer = load_policy(
+                hp.pretrained, hp.config, tokenizer=hp.tokenizer, seed=hp.seed
+            )
 
     def encode(self, prompts: list[str], completions: list[str]) -> tuple[Tensor, Tensor, Tensor]:
         """Left-padded ``(input_ids, attention_mask, loss_mask)``; the loss covers completion + EOS."""
@@ -86,7 +88,9 @@ class SFTModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         completions = [format_completion(s, self.hparams.template) for s in batch["samples"]]
         ids, attn, loss_mask = self.encode(batch["prompt"], completions)
-        logits = self.policy(input_ids=ids, attention_mask=attn, position_ids=position_ids_from_mask(attn)).logits
+        logits = self.policy(
+            input_ids=ids, attention_mask=attn, position_ids=position_ids_from_mask(attn)
+        ).logits
         target_mask = loss_mask[:, 1:].bool()
         loss = F.cross_entropy(logits[:, :-1][target_mask].float(), ids[:, 1:][target_mask])
         self.log("sft/loss", loss, prog_bar=True, batch_size=len(ids))
@@ -96,7 +100,9 @@ class SFTModule(L.LightningModule):
         if self.engine.model is None:
             self.engine.bind(self.policy, self.tokenizer)
         gen = self.engine.generate(batch["prompt"], n=1, greedy=True)
-        tokens = gen.input_ids[:, gen.prompt_len :].masked_fill(~gen.response_mask, self.tokenizer.pad_token_id)
+        tokens = gen.input_ids[:, gen.prompt_len :].masked_fill(
+            ~gen.response_mask, self.tokenizer.pad_token_id
+        )
         texts = self.tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True)
         rewards = [self.reward(t, s) for t, s in zip(texts, batch["samples"], strict=True)]
         self.log("val/reward", sum(rewards) / len(rewards), prog_bar=True, batch_size=len(rewards))

@@ -52,7 +52,10 @@ _FAMILY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
             rope_scaling=None,
         ),
     ),
-    "gpt_oss": ("GptOssConfig", dict(num_local_experts=8, num_experts_per_tok=2, head_dim=16, sliding_window=16)),
+    "gpt_oss": (
+        "GptOssConfig",
+        dict(num_local_experts=8, num_experts_per_tok=2, head_dim=16, sliding_window=16),
+    ),
 }
 
 

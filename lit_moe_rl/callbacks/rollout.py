@@ -79,8 +79,12 @@ class RolloutCallback(Callback):
         self.engine.sync_weights(pl_module.policy)  # after a checkpoint restore
 
     @override
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        batch["rollout"] = self.make_rollout(pl_module, batch["prompt"], batch["samples"], step=trainer.global_step)
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        batch["rollout"] = self.make_rollout(
+            pl_module, batch["prompt"], batch["samples"], step=trainer.global_step
+        )
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -129,7 +133,9 @@ class RolloutCallback(Callback):
         return rollout
 
     def decode(self, gen: Generation) -> list[str]:
-        tokens = gen.input_ids[:, gen.prompt_len :].masked_fill(~gen.response_mask, self.engine.tokenizer.pad_token_id)
+        tokens = gen.input_ids[:, gen.prompt_len :].masked_fill(
+            ~gen.response_mask, self.engine.tokenizer.pad_token_id
+        )
         return self.engine.tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True)
 
     def _score(self, texts: list[str], samples: list[dict], n: int) -> tuple[torch.Tensor, int]:

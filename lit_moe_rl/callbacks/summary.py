@@ -33,7 +33,9 @@ class RunSummary(Callback):
         self._sums.zero_()
 
     @override
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
         rewards = batch["val_rewards"].detach().double().cpu()
         self._sums += torch.tensor([float(rewards.sum()), rewards.numel()], dtype=torch.float64)
 

@@ -44,7 +44,9 @@ class RolloutEngine(ABC):
         """Attach to the trainer's policy (copy or share its weights)."""
 
     @abstractmethod
-    def generate(self, prompts: list[str], *, n: int, greedy: bool = False, record_routes: bool = False) -> Generation:
+    def generate(
+        self, prompts: list[str], *, n: int, greedy: bool = False, record_routes: bool = False
+    ) -> Generation:
         """``n`` completions for every prompt, prompt-major (rows ``[i*n, (i+1)*n)`` share prompt ``i``)."""
 
     @abstractmethod
@@ -135,7 +137,9 @@ class HFEngine(RolloutEngine):
         return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], *, n: int, greedy: bool = False, record_routes: bool = False) -> Generation:
+    def generate(
+        self, prompts: list[str], *, n: int, greedy: bool = False, record_routes: bool = False
+    ) -> Generation:
         if self.model is None:
             raise RuntimeError("HFEngine.generate called before bind()")
         model = self.model

@@ -1,0 +1,73 @@
+"""Turn a reward setting (an instance, a short name or an import path) into a reward callable."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from lit_moe_rl.rewards.base import RewardFn
+from lit_moe_rl.rewards.countdown import CountdownReward
+from lit_moe_rl.rewards.math import MathReward
+
+BUILTIN_REWARDS: dict[str, Callable[[], RewardFn]] = {
+    "countdown": CountdownReward,
+    "countdown_plain": lambda: CountdownReward(format="plain"),
+    "math": MathReward,
+}
+"""Short names accepted by :func:`resolve_reward`."""
+
+
+def resolve_reward(spec: RewardFn | str) -> RewardFn:
+    """The reward callable named by ``spec``.
+
+    ``spec`` is a callable (returned as is), a short name from :data:`BUILTIN_REWARDS`, or an import
+    path ``"package.module:attr"`` / ``"package.module.attr"`` (``attr`` may be dotted after a
+    colon). A class found at the path is instantiated with no arguments.
+
+    Raises:
+        ValueError: one line naming ``reward`` when the path cannot be imported, the class cannot
+            be instantiated, or the result is not callable.
+    """
+    if isinstance(spec, str):
+        if spec in BUILTIN_REWARDS:
+            return BUILTIN_REWARDS[spec]()
+        obj = _import(spec)
+        if inspect.isclass(obj):
+            obj = _instantiate(obj, spec)
+    else:
+        obj = spec
+    if not callable(obj):
+        raise ValueError(f"reward: {spec!r} is not callable (got {type(obj).__name__})")
+    return obj
+
+
+def _import(path: str) -> Any:
+    """The object at ``"module:attr"`` or ``"module.attr"``, or a one-line ValueError."""
+    module_name, sep, attr = path.partition(":")
+    if not sep:
+        module_name, _, attr = path.rpartition(".")
+    try:
+        if not module_name or not attr:
+            raise ImportError("expected 'package.module:function' or 'package.module.function'")
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except Exception as e:
+        raise ValueError(f"reward: cannot import {path!r} ({_one_line(e)})") from None
+    return obj
+
+
+def _instantiate(cls: type, path: str) -> Any:
+    """``cls()``, or a one-line ValueError naming ``reward``."""
+    try:
+        return cls()
+    except Exception as e:
+        raise ValueError(f"reward: cannot instantiate {path!r} with no arguments ({_one_line(e)})") from None
+
+
+def _one_line(e: BaseException) -> str:
+    """``"Type: first line of the message"``."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"

@@ -1,0 +1,184 @@
+"""Replay recorded routes in a training forward: R3, rollout routing replay.
+
+Ma et al., arXiv 2510.11370 §4.1: the training forward uses the expert ids the inference engine
+picked, ``I_infer``, with gates from the LIVE training router restricted to them
+(``g_i = I_i exp(s_i) / sum_j I_j exp(s_j)`` for a renormalising softmax router; each family's own
+gating otherwise, see :mod:`lit_moe_rl.routing.adapters`). The router still gets gradients through
+the gate weights; only the replayed experts run. Shared experts live outside the router and are
+untouched. Choices made here:
+
+* A forward hook on each router (prepended, so other routing hooks see what the experts consume)
+  replaces its output ``(logits, weights, indices)`` by ``(logits, gate_weights(logits, ids), ids)``.
+  Bound to one model and one micro-batch; hooks are removed on exit; no global state.
+* Positions whose routes are all -1 keep the native ``(weights, indices)`` (fall back to native
+  routing), e.g. padding and the last sampled token; a partly -1 position is an error.
+* Each router must consume its routes exactly once per model forward (as slime checks); the routes
+  are the same for every forward inside the block. Activation-checkpointing recomputes during
+  backward (detected as "autograd is running a backward pass") replay the same routes and do not
+  count. With checkpointing on, call ``backward()`` inside the block: after exit the recompute
+  would route natively, so exiting without it after a grad-enabled forward is an error.
+* Micro-batching: one block per micro-batch, with the routes sliced like its ``input_ids``.
+* The router logits are returned unchanged, so an HF load-balancing aux loss
+  (``output_router_logits=True``) recomputes the *native* top-K from them; R3 trained without one
+  (ALGORITHMS.md §3.6 pitfall 6): keep it off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from lit_moe_rl.routing.adapters import (
+    MoERouter,
+    call_shape,
+    in_backward_recompute,
+    route_dtype,
+    track_block_shapes,
+)
+from lit_moe_rl.routing.checks import require_moe, validate_routes
+
+__all__ = ["RouteReplayer", "replay_routes"]
+
+
+def _checkpointing_active(model: nn.Module) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) is True and m.training for m in model.modules())
+
+
+class RouteReplayer:
+    """State of one :func:`replay_routes` block: consumption counts, fallbacks, native routes."""
+
+    def __init__(self, routers: list[MoERouter], routes: torch.Tensor, keep_native: bool) -> None:
+        self._routers = routers
+        self._routes = routes
+        self._batch, self._seq = routes.shape[:2]
+        self._on_device: dict[torch.device, torch.Tensor] = {}
+        self._block_shapes: dict[int, tuple[int, int]] = {}
+        self._native: list[torch.Tensor | None] = [None] * len(routers) if keep_native else []
+        self._dtype = route_dtype(routers[0].num_experts)
+        self.consumed = [0] * len(routers)
+        """Forward calls per router (MoE-layer order), backward recomputes excluded."""
+        self.forwards = 0
+        """Model forwards run inside the block (recomputes excluded)."""
+        self.recomputes = 0
+        """Router calls made by activation-checkpointing recompute during backward."""
+        self.fallback_tokens = int((routes[..., 0] < 0).any(-1).sum())
+        """Positions of the ``B x S`` whose routes are -1 in some layer: native routing there."""
+        self.expects_recompute = False
+
+    def _layer_routes(self, layer: int, device: torch.device) -> torch.Tensor:
+        if device not in self._on_device:
+            flat = self._routes.reshape(self._batch * self._seq, *self._routes.shape[2:])
+            self._on_device[device] = flat.to(device, non_blocking=True)
+        return self._on_device[device][:, layer].long()
+
+    def _check_call(self, router: MoERouter, router_input: torch.Tensor, n_tok: int) -> None:
+        expected = self._batch * self._seq
+        if n_tok != expected:
+            raise RuntimeError(
+                f"replay_routes: router {router.name} (layer {router.layer}) saw {n_tok} tokens, "
+                f"routes cover B*S = {self._batch}*{self._seq} = {expected}"
+            )
+        shape = call_shape(router, router_input, self._block_shapes)
+        if shape is not None and shape != (self._batch, self._seq):
+            raise RuntimeError(
+                f"replay_routes: router {router.name} (layer {router.layer}) saw a [B, S] = {list(shape)} "
+                f"batch, routes are [{self._batch}, {self._seq}]"
+            )
+
+    def _replace(self, router: MoERouter, output):
+        logits, weights, native_idx = output
+        routes = self._layer_routes(router.layer, native_idx.device)
+        valid = routes[:, 0] >= 0
+        replay_idx = torch.where(valid[:, None], routes, native_idx).to(native_idx.dtype)
+        replay_w = router.adapter.gate_weights(router.module, logits, replay_idx).to(weights.dtype)
+        replay_w = torch.where(valid[:, None], replay_w, weights)
+        return logits, replay_w, replay_idx
+
+    def router_hook(self, router: MoERouter):
+        def on_forward(module, args, output):
+            recompute = in_backward_recompute()
+            if recompute:
+                self.recomputes += 1
+            else:
+                self._check_call(router, args[0], output[0].shape[0])
+                self.consumed[router.layer] += 1
+                if self._native:
+                    native = output[2].detach().reshape(self._batch, self._seq, -1)
+                    self._native[router.layer] = native.to(self._dtype)
+            return self._replace(router, output)
+
+        return on_forward
+
+    def model_pre_hook(self, model: nn.Module):
+        checkpointing = _checkpointing_active(model)
+
+        def on_forward(_module, _args):
+            if not in_backward_recompute():
+                self.forwards += 1
+                self.expects_recompute |= checkpointing and torch.is_grad_enabled()
+
+        return on_forward
+
+    @property
+    def native_routes(self) -> torch.Tensor:
+        """The routers' own top-K for the same positions in the last forward, ``[B, S, L, K]``
+        (route_dtype, on the routers' device): compare with the replayed routes for free."""
+        if not self._native:
+            raise RuntimeError("replay_routes: native routes were not kept (keep_native=False)")
+        if any(n is None for n in self._native):
+            raise RuntimeError("replay_routes: native routes are unknown until every router has run")
+        device = self._native[0].device
+        return torch.stack([n.to(device) for n in self._native], dim=2)
+
+    def check_consumed(self) -> None:
+        """Every router consumed its routes exactly once per forward; backward ran if it must."""
+        expected = self.forwards or max(max(self.consumed), 1)
+        for router, count in zip(self._routers, self.consumed, strict=True):
+            if count != expected:
+                raise RuntimeError(
+                    f"replay_routes: router {router.name} consumed routes {count} times, expected {expected}"
+                )
+        if self.expects_recompute and self.recomputes == 0:
+            raise RuntimeError(
+                "replay_routes: gradient checkpointing is on and backward() did not run inside the block; "
+                "its recompute would route natively. Call backward() inside `with replay_routes(...)`"
+            )
+
+
+@contextmanager
+def replay_routes(
+    model: nn.Module,
+    routes: torch.Tensor,
+    *,
+    input_ids: torch.Tensor | None = None,
+    keep_native: bool = True,
+) -> Iterator[RouteReplayer]:
+    """Force the experts of every forward in the block onto ``routes [B, S, L, K]`` (R3).
+
+    ``routes``: any int dtype, any device (moved to each router's device once), aligned with the
+    ``input_ids [B, S]`` of the forward(s) in the block; -1 rows fall back to native routing.
+    Validated first (:func:`~lit_moe_rl.routing.checks.validate_routes`; pass ``input_ids`` to check
+    the token alignment up front, otherwise it is checked per router call). On a clean exit, checks
+    that every router consumed the routes once per forward.
+    """
+    routers = require_moe(model, "replay_routes")
+    validate_routes(
+        routes,
+        num_layers=len(routers),
+        top_k=routers[0].top_k,
+        num_experts=routers[0].num_experts,
+        seq_shape=None if input_ids is None else input_ids.shape,
+    )
+    replayer = RouteReplayer(routers, routes, keep_native)
+    handles = track_block_shapes(routers, replayer._block_shapes)
+    handles.append(model.register_forward_pre_hook(replayer.model_pre_hook(model)))
+    handles += [r.module.register_forward_hook(replayer.router_hook(r), prepend=True) for r in routers]
+    try:
+        yield replayer
+    finally:
+        for handle in handles:
+            handle.remove()
+    replayer.check_consumed()
