@@ -83,6 +83,7 @@ class Algorithm:
         mask: Tensor,
         *,
         log_weight: Tensor | None,
+        token_weight: Tensor | None,
         num_tokens: float,
         num_seqs: float,
         norm_const: float,
@@ -141,7 +142,9 @@ class GRPO(Algorithm):
         self.clip_ratio_c = clip_ratio_c
         self.normaliser = "tokens" if agg == "token-mean" else "seqs"
 
-    def objective(self, logp, old_logp, advantages, mask, *, log_weight, num_tokens, num_seqs, norm_const):
+    def objective(
+        self, logp, old_logp, advantages, mask, *, log_weight, token_weight, num_tokens, num_seqs, norm_const
+    ):
         return losses.grpo_loss(
             logp,
             old_logp,
@@ -151,6 +154,7 @@ class GRPO(Algorithm):
             clip_high=self.clip_high,
             agg=self.agg,
             log_weight=log_weight,
+            token_weight=token_weight,
             num_tokens=num_tokens,
             num_seqs=num_seqs,
             norm_const=norm_const,
@@ -243,7 +247,9 @@ class GSPO(Algorithm):
             kl_kind=kl_kind,
         )
 
-    def objective(self, logp, old_logp, advantages, mask, *, log_weight, num_tokens, num_seqs, norm_const):
+    def objective(
+        self, logp, old_logp, advantages, mask, *, log_weight, token_weight, num_tokens, num_seqs, norm_const
+    ):
         return losses.gspo_loss(
             logp,
             old_logp,
@@ -252,6 +258,7 @@ class GSPO(Algorithm):
             clip_low=self.clip_low,
             clip_high=self.clip_high,
             log_weight=log_weight,
+            token_weight=token_weight,
             num_seqs=num_seqs,
         )
 
@@ -285,7 +292,9 @@ class GMPO(Algorithm):
             kl_kind=kl_kind,
         )
 
-    def objective(self, logp, old_logp, advantages, mask, *, log_weight, num_tokens, num_seqs, norm_const):
+    def objective(
+        self, logp, old_logp, advantages, mask, *, log_weight, token_weight, num_tokens, num_seqs, norm_const
+    ):
         return losses.gmpo_loss(
             logp,
             old_logp,
@@ -294,6 +303,7 @@ class GMPO(Algorithm):
             clip_low=self.clip_low,
             clip_high=self.clip_high,
             log_weight=log_weight,
+            token_weight=token_weight,
             num_seqs=num_seqs,
         )
 

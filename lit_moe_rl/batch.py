@@ -40,8 +40,14 @@ class Rollout:
     old_logp: Tensor | None = None  # [N, R] float32; training engine at theta_old (set by the module)
     ref_logp: Tensor | None = None  # [N, R] float32; reference model (ReferenceKLCallback)
     routes: Tensor | None = None  # [N, P+R, L_moe, K] int8/int16; rollout routes (R3), -1 = none
-    old_routes: Tensor | None = None  # [N, P+R, L_moe, K]; theta_old training routes (R2 / RSPO)
-    old_router_logp: Tensor | None = None  # [N, R, L_moe, K] float; RSPO: old router log-probs at old_routes
+    old_routes: Tensor | None = None  # [N, P+R, L_moe, K]; theta_old training routes (R2)
+    old_topk: Tensor | None = (
+        None  # [N, R, L_moe, K] int; experts used at the positions predicting each token
+    )
+    old_router_logp: Tensor | None = None  # [N, R, L_moe, K] float32; old router log-probs at old_topk (RSPO)
+    token_weight: Tensor | None = (
+        None  # [N, R] float, detached; off-policy correction weights (TIS, IcePop...)
+    )
     log_weight: Tensor | None = None  # [N, R] float, detached; added to the log-ratio before clipping (RSPO)
     texts: list[str] = field(default_factory=list)  # N decoded completions
     prompts: list[str] = field(default_factory=list)  # B prompt strings

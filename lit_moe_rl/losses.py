@@ -110,6 +110,15 @@ def _prepare(
     )
 
 
+def _weighted(token_loss: Tensor, token_weight: Tensor | None, m: Tensor) -> Tensor:
+    """``token_loss * token_weight`` (detached), zero at masked positions; unchanged when None."""
+    if token_weight is None:
+        return token_loss
+    return torch.where(
+        m, token_loss * token_weight.detach().to(token_loss.dtype), torch.zeros_like(token_loss)
+    )
+
+
 def _rows_with_tokens(mask: Tensor) -> Tensor:
     return (_bool_mask(mask).sum(-1) > 0).sum()  # scalar long
 
@@ -203,6 +212,7 @@ def grpo_loss(
     num_seqs: Count | None = None,
     norm_const: Count | None = None,
     clip_ratio_c: float | None = None,
+    token_weight: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO/GRPO clipped surrogate with asymmetric (DAPO clip-higher) ranges.
 
@@ -221,6 +231,9 @@ def grpo_loss(
     Dual-clip PPO (Ye et al. 2020, arXiv 1912.09729; verl ``clip_ratio_c``; ALGORITHMS.md §2.4), off by default: with
     ``clip_ratio_c = c > 1``, tokens with ``A < 0`` use ``min(L_t, -A_t c)``.
 
+    ``token_weight`` (detached ``[B, T]``) multiplies each token's clipped loss: the off-policy
+    correction weights of :mod:`lit_moe_rl.corrections` (TIS PPO form, ALGORITHMS.md §2.7-2.8).
+
     Stats: ``clipfrac_low`` (A<0 and w<1-clip_low), ``clipfrac_high`` (A>0 and w>1+clip_high),
     ``clipfrac`` (their sum), ``clipfrac_dual`` (A<0 and w>c; 0 when off) — token fractions;
     ``ppo_kl`` (masked mean of old_logp - logp, without log_weight); ``ratio_mean/min/max`` of w.
@@ -237,6 +250,7 @@ def grpo_loss(
     if clip_ratio_c is not None:
         dual = (adv < 0) & (ratio > clip_ratio_c)
         token_loss = torch.where(adv < 0, torch.minimum(token_loss, -adv * clip_ratio_c), token_loss)
+    token_loss = _weighted(token_loss, token_weight, m)
     loss = aggregate(token_loss, m, agg, num_tokens=num_tokens, num_seqs=num_seqs, norm_const=norm_const)
     stats = _clip_stats((adv < 0) & (ratio < 1.0 - clip_low), (adv > 0) & (ratio > 1.0 + clip_high), m)
     stats["clipfrac_dual"] = masked_mean(dual.to(torch.float32), m)
@@ -254,6 +268,7 @@ def gspo_loss(
     clip_high: float = 4e-4,
     log_weight: Tensor | None = None,
     num_seqs: Count | None = None,
+    token_weight: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """GSPO: sequence-level, length-normalised ratio with sequence-level clipping.
 
@@ -273,6 +288,7 @@ def gspo_loss(
     flags A<0 & s<1-clip_low, A>0 & s>1+clip_high, reduced seq-mean-token-mean: with ``[B]``
     advantages this is exactly the fraction of sequences clipped); ``ppo_kl`` is the token masked
     mean of old_logp - logp; ``ratio_mean/min/max`` are over the sequences' ``s_i``.
+    ``token_weight`` multiplies each token's loss, as in :func:`grpo_loss`.
     """
     logp, old_logp, adv, lw, m = _prepare(logp, old_logp, advantages, mask, log_weight)
     log_s = masked_mean(logp.detach() - old_logp + lw, m, dim=-1)  # [B], detached
@@ -280,7 +296,7 @@ def gspo_loss(
     s_tok = torch.exp(log_s_tok)  # [B, T]
     loss_unclipped = -adv * s_tok  # [B, T]
     loss_clipped = -adv * s_tok.clamp(1.0 - clip_low, 1.0 + clip_high)  # [B, T]
-    token_loss = torch.maximum(loss_unclipped, loss_clipped)  # [B, T]
+    token_loss = _weighted(torch.maximum(loss_unclipped, loss_clipped), token_weight, m)  # [B, T]
     loss = aggregate(token_loss, m, "seq-mean-token-mean", num_seqs=num_seqs)
     s_seq = torch.exp(log_s.clamp(max=GSPO_LOG_RATIO_MAX))  # [B]
     has_tok = m.any(-1)  # [B]
@@ -301,6 +317,7 @@ def gmpo_loss(
     clip_high: float = 0.4,
     log_weight: Tensor | None = None,
     num_seqs: Count | None = None,
+    token_weight: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """GMPO: geometric mean of token ratios with sign-aware, token-level log-space clipping.
 
@@ -321,6 +338,10 @@ def gmpo_loss(
     ``log γ̃`` (ALGORITHMS.md §4.3: RSPO = GMPO + RS). ``num_seqs`` defaults to the rows with
     tokens; pass the global count under gradient accumulation.
 
+    ``token_weight`` (detached ``[B, T]``, off-policy corrections) scales ``L_i`` by the masked
+    mean of the sequence's token weights (GMPO has no per-token loss to weight; for sequence-level
+    corrections such as seq-TIS or Geo-RS the weight is constant per sequence, so this is exact).
+
     Stats: token fractions ``clipfrac_low`` (A<0 and δ<-clip_low), ``clipfrac_high`` (A>0 and
     δ>clip_high), ``clipfrac``; ``ppo_kl``; ``ratio_mean/min/max`` over the sequences' ``ratio_i``.
     """
@@ -332,6 +353,8 @@ def gmpo_loss(
     adv_seq = masked_mean(adv, m, dim=-1)  # [B]
     has_tok = m.any(-1)  # [B]
     seq_loss = torch.where(has_tok, -adv_seq * ratio, torch.zeros_like(ratio))  # [B]
+    if token_weight is not None:
+        seq_loss = seq_loss * masked_mean(token_weight.detach().to(seq_loss.dtype), m, dim=-1)  # [B]
     denom = _rows_with_tokens(m).clamp_min(1) if num_seqs is None else num_seqs
     loss = seq_loss.sum() / denom
     stats = _clip_stats((adv < 0) & (delta < -clip_low), (adv > 0) & (delta > clip_high), m)

@@ -28,8 +28,13 @@ from torch import Tensor
 
 from lit_moe_rl.algorithms import GRPO, Algorithm
 from lit_moe_rl.batch import Rollout
+from lit_moe_rl.corrections import apply_correction
 from lit_moe_rl.losses import aggregate, kl_estimate, masked_mean
+from lit_moe_rl.metrics import extreme_token_fraction, logp_diff_stats, train_infer_kl
 from lit_moe_rl.policy import load_policy, token_logprobs
+from lit_moe_rl.routing.checks import require_moe
+from lit_moe_rl.routing.record import capture_router_logits, gather_router_logp
+from lit_moe_rl.routing.shift import router_shift, shift_stats, topk_set_changed
 
 Phase = Literal["old", "update", "ref"]
 ForwardContext = Callable[[Phase, Rollout], contextlib.AbstractContextManager]
@@ -56,7 +61,11 @@ class MoERLModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         router_aux_loss_coef: float = 0.0,
         lora: dict[str, Any] | None = None,
-        seed: int = 0,
+        correction: Literal[
+            "none", "token_tis", "seq_tis", "icepop", "token_rejection", "geo_rejection"
+        ] = "none",
+        correction_args: dict[str, float] | None = None,
+        track_router_shift: bool = False,
     ) -> None:
         """
         Args:
@@ -76,7 +85,10 @@ class MoERLModule(L.LightningModule):
             gradient_checkpointing: Recompute decoder activations in the backward pass.
             router_aux_loss_coef: Load-balancing aux loss weight during RL (0 = off, as in R3).
             lora: LoRA settings passed to ``peft.LoraConfig`` (None = full fine-tuning).
-            seed: Seed for building a random model and for mini-batch shuffling.
+            correction: Off-policy correction on rho = pi_old / mu (ALGORITHMS.md §2.7-2.8).
+            correction_args: Its parameters, e.g. ``{cap: 2.0}`` for TIS, ``{alpha: 0.5, beta: 5.0}`` for IcePop.
+            track_router_shift: Measure RSPO's router shift (``rspo/*``) even when the algorithm does not
+                weight by it (RouterShiftCallback turns this on).
         """
         super().__init__()
         if pretrained is None and config is None:
@@ -89,6 +101,7 @@ class MoERLModule(L.LightningModule):
             from lit_moe_rl.policy import resolve_pretrained
 
             resolve_pretrained(pretrained)  # fail before any work on a missing folder
+        check_correction(correction, correction_args or {})
         self.save_hyperparameters(ignore=["algorithm"])
         self.algorithm = algorithm if algorithm is not None else GRPO()
         self.automatic_optimization = False
@@ -104,12 +117,14 @@ class MoERLModule(L.LightningModule):
             return
         hp = self.hparams
         self.policy, self.tokenizer = load_policy(
-            hp.pretrained, hp.config, dtype=hp.dtype, tokenizer=hp.tokenizer, seed=hp.seed
+            hp.pretrained, hp.config, dtype=hp.dtype, tokenizer=hp.tokenizer, seed=torch.initial_seed()
         )
         if hp.lora:
             from peft import LoraConfig, get_peft_model
 
             self.policy = get_peft_model(self.policy, LoraConfig(**hp.lora))
+        if self.tracks_router_shift:
+            require_moe(self.policy, "router_shift")
         if hp.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.policy.config.use_cache = False
@@ -174,24 +189,62 @@ class MoERLModule(L.LightningModule):
     def micro_batches(self, rows: Tensor) -> list[Tensor]:
         return list(rows.split(self.hparams.micro_batch_size))
 
+    @property
+    def tracks_router_shift(self) -> bool:
+        return self.algorithm.router_shift or self.hparams.track_router_shift
+
+    def _router_capture(self, micro: Rollout) -> contextlib.AbstractContextManager:
+        """Capture router log-probs at the positions predicting response tokens (RSPO), or nothing."""
+        if not self.tracks_router_shift:
+            return contextlib.nullcontext()
+        return capture_router_logits(self.policy, positions=slice(micro.prompt_len - 1, -1))
+
     @torch.no_grad()
     def compute_old_logprobs(self, rollout: Rollout) -> dict[str, float]:
-        """π_old log-probs (and entropies) of every response token, once per rollout, into ``rollout``."""
+        """π_old log-probs (and entropies) of every response token, once per rollout, into ``rollout``.
+
+        With router-shift tracking on, also the old top-K expert ids and their router log-probs at the
+        positions that predict each response token (RSPO, ALGORITHMS.md §4.4).
+        """
         self.policy.eval()
-        old, ent = [], []
+        old, ent, topk, router_logp = [], [], [], []
         for rows in self.micro_batches(torch.arange(rollout.num_sequences)):
             micro = rollout.select(rows)
-            with self.forward_context("old", micro):
+            with self.forward_context("old", micro), self._router_capture(micro) as cap:
                 logp, entropy = self.sequence_logprobs(micro, with_entropy=True)
             old.append(logp)
             ent.append(entropy)
+            if cap is not None:
+                topk.append(cap.topk.cpu())
+                router_logp.append(gather_router_logp(cap.router_logp, cap.topk).cpu())
         self.policy.train()
         rollout.old_logp = torch.cat(old)
-        return {"policy/entropy": float(masked_mean(torch.cat(ent), rollout.response_mask))}
+        if topk:
+            rollout.old_topk, rollout.old_router_logp = torch.cat(topk), torch.cat(router_logp)
+        metrics = {"policy/entropy": float(masked_mean(torch.cat(ent), rollout.response_mask))}
+        if rollout.infer_logp is not None:
+            metrics.update(mismatch_metrics(rollout.old_logp, rollout.infer_logp, rollout.response_mask))
+            metrics.update(self.apply_correction(rollout))
+        return metrics
+
+    def apply_correction(self, rollout: Rollout) -> dict[str, float]:
+        """Off-policy correction weights on ρ = π_old/μ into ``rollout.token_weight``."""
+        kind = self.hparams.correction
+        if kind == "none":
+            return {}
+        weight, stats = apply_correction(
+            kind,
+            rollout.old_logp,
+            rollout.infer_logp,
+            rollout.response_mask,
+            **(self.hparams.correction_args or {}),
+        )
+        rollout.token_weight = weight
+        return {f"mismatch/{key}": float(value) for key, value in stats.items()}
 
     def policy_update(self, rollout: Rollout) -> dict[str, float]:
         """``mini_batches`` optimizer steps over shuffled slices of the rollout."""
-        gen = torch.Generator().manual_seed(self.hparams.seed + self.global_step)
+        gen = torch.Generator().manual_seed(self.global_step)  # same order on resume
         order = torch.randperm(rollout.num_sequences, generator=gen)
         totals: dict[str, list[float]] = defaultdict(list)
         for rows in order.tensor_split(self.hparams.mini_batches):
@@ -213,15 +266,15 @@ class MoERLModule(L.LightningModule):
         finite = True
         for micro_rows in self.micro_batches(rows):
             micro = rollout.select(micro_rows)
-            with self.forward_context("update", micro):
-                loss, micro_stats = self.micro_batch_loss(micro, **norms)
+            with self.forward_context("update", micro), self._router_capture(micro) as cap:
+                loss, micro_stats = self.micro_batch_loss(micro, cap, **norms)
                 finite = finite and bool(torch.isfinite(loss))
                 if finite:
                     self.manual_backward(loss)
             weight = len(micro_rows) / len(rows)
             stats["policy/loss"] += float(loss.detach())
             for key, value in micro_stats.items():
-                stats[f"policy/{key}"] += float(value) * weight
+                stats[key if "/" in key else f"policy/{key}"] += float(value) * weight
         grad_norm = self.clip_and_measure()
         if finite and math.isfinite(grad_norm):
             opt.step()
@@ -233,28 +286,58 @@ class MoERLModule(L.LightningModule):
         return dict(stats)
 
     def micro_batch_loss(
-        self, micro: Rollout, *, num_tokens: float, num_seqs: float, norm_const: float
+        self, micro: Rollout, capture: Any, *, num_tokens: float, num_seqs: float, norm_const: float
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The algorithm's loss on one micro-batch, normalised by the mini-batch's global counts."""
         old_logp = micro.require("old_logp", "the module's old-log-prob pass")
         logp, _ = self.sequence_logprobs(micro)
+        log_weight, shift_metrics = self.router_shift_weight(micro, capture)
         loss, stats = self.algorithm.objective(
             logp,
             old_logp,
             micro.advantages,
             micro.response_mask,
-            log_weight=micro.log_weight,
+            log_weight=log_weight,
+            token_weight=micro.token_weight,
             num_tokens=num_tokens,
             num_seqs=num_seqs,
             norm_const=norm_const,
         )
         if self.algorithm.kl_coef > 0:
             ref_logp = micro.require("ref_logp", "lit_moe_rl.callbacks.ReferenceKLCallback")
-            kl = kl_estimate(logp, ref_logp, self.algorithm.kl_kind)
+            kl = kl_estimate(logp, ref_logp, self.algorithm.kl_kind, mask=micro.response_mask)
             kl_loss = aggregate(kl, micro.response_mask, "token-mean", num_tokens=num_tokens)
             loss = loss + self.algorithm.kl_coef * kl_loss
             stats["kl_loss"] = kl_loss.detach()
-        return loss, stats
+        return loss, stats | shift_metrics
+
+    def router_shift_weight(self, micro: Rollout, capture: Any) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """RSPO's ``log γ̃`` ``[n, R]`` (None unless the algorithm weights by it) and its ``rspo/`` stats.
+
+        ``γ`` compares the current router log-probs with the old ones at the old top-K experts
+        (:func:`lit_moe_rl.routing.shift.router_shift`, arXiv 2510.23027 v2); it is floored and detached.
+        """
+        if capture is None:
+            return None, {}
+        old_ids = micro.require("old_topk", "router-shift tracking in the old pass")
+        device = capture.router_logp.device
+        current = gather_router_logp(capture.router_logp, old_ids.to(device))  # [n, R, L, K]
+        mask = micro.response_mask
+        shift = router_shift(
+            current,
+            micro.old_router_logp.to(device),
+            mask,
+            floor=self.algorithm.router_shift_floor,
+            layer_reduce=self.algorithm.router_shift_layer_reduce,
+        )
+        stats = shift_stats(shift, mask, self.algorithm.router_shift_floor)
+        layer_shift = stats.pop("layer_shift")
+        metrics = {f"rspo/{key}": value for key, value in stats.items()}
+        metrics |= {f"rspo/layer_shift/{layer}": value for layer, value in enumerate(layer_shift)}
+        changed = topk_set_changed(old_ids.to(device), capture.topk, valid=mask)
+        metrics |= {f"rspo/{key}": value for key, value in changed.items()}
+        log_weight = shift.gamma.log() if self.algorithm.router_shift else None
+        return log_weight, metrics
 
     def clip_and_measure(self) -> float:
         """Clip the global gradient norm to ``grad_clip`` and return the norm before clipping."""
@@ -289,3 +372,31 @@ class MoERLModule(L.LightningModule):
             model = copy.deepcopy(model).merge_and_unload()
         model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
+
+
+TAUS = (1.5, 2.0, 5.0, 10.0)
+
+
+def mismatch_metrics(train_logp: Tensor, infer_logp: Tensor, mask: Tensor) -> dict[str, float]:
+    """``mismatch/*``: train-inference KL (R3 Eq. 2), extreme-token fractions (Eq. 3), |Δ log p|."""
+    metrics = {"mismatch/train_infer_kl": float(train_infer_kl(train_logp, infer_logp, mask))}
+    for tau in TAUS:
+        metrics[f"mismatch/extreme_frac_tau{tau:g}"] = float(
+            extreme_token_fraction(train_logp, infer_logp, mask, tau)
+        )
+    for key, value in logp_diff_stats(train_logp, infer_logp, mask).items():
+        metrics[f"mismatch/{key}"] = float(value)
+    return metrics
+
+
+def check_correction(kind: str, args: dict[str, float]) -> None:
+    """Fail at start-up on an unknown correction or bad parameters, not at the first step."""
+    from lit_moe_rl.corrections import CORRECTIONS
+
+    if kind not in CORRECTIONS:
+        raise ValueError(f"model.correction: unknown {kind!r}; choose one of {', '.join(CORRECTIONS)}")
+    zeros = torch.zeros(1, 1)
+    try:
+        apply_correction(kind, zeros, zeros, torch.ones(1, 1, dtype=torch.bool), **args)
+    except TypeError as err:
+        raise ValueError(f"model.correction_args: {err}") from None
