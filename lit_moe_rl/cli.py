@@ -11,6 +11,8 @@ import os
 import sys
 
 from jsonargparse import lazy_instance
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
@@ -27,7 +29,6 @@ TRAINER_DEFAULTS = {
 }
 
 DEFAULT_CALLBACKS = [
-    {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
     {
         "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
         "init_args": {"save_last": True, "every_n_train_steps": 50, "save_top_k": 0},
@@ -42,6 +43,15 @@ class MoERLCLI(LightningCLI):
         parser.add_lightning_class_args(RolloutCallback, "rollout")
         parser.add_lightning_class_args(RunSummary, "summary")
         parser.set_defaults({"trainer.callbacks": DEFAULT_CALLBACKS})
+
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
+        """Use Rich's progress bar unless the user disabled the bar or chose another one."""
+        return super()._instantiate_trainer(config, callbacks + rich_progress_bar(config))
+
+
+def rich_progress_bar(config: dict) -> list[ProgressBar]:
+    chosen = [c for c in config.get("callbacks") or [] if isinstance(c, ProgressBar)]
+    return [] if chosen or config.get("enable_progress_bar") is False else [RichProgressBar()]
 
 
 def _run(args: list[str] | None) -> None:

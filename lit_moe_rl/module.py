@@ -108,6 +108,7 @@ class MoERLModule(L.LightningModule):
         self.policy: torch.nn.Module | None = None
         self.tokenizer: Any = None
         self._forward_contexts: list[ForwardContext] = []
+        self.reference: Any = None  # set by ReferenceKLCallback: provides reference_logprobs(module, micro)
         self.skipped_steps = 0
 
     # ------------------------------------------------------------------ model
@@ -207,13 +208,15 @@ class MoERLModule(L.LightningModule):
         positions that predict each response token (RSPO, ALGORITHMS.md §4.4).
         """
         self.policy.eval()
-        old, ent, topk, router_logp = [], [], [], []
+        old, ent, topk, router_logp, ref = [], [], [], [], []
         for rows in self.micro_batches(torch.arange(rollout.num_sequences)):
             micro = rollout.select(rows)
             with self.forward_context("old", micro), self._router_capture(micro) as cap:
                 logp, entropy = self.sequence_logprobs(micro, with_entropy=True)
             old.append(logp)
             ent.append(entropy)
+            if self.reference is not None:
+                ref.append(self.reference.reference_logprobs(self, micro))
             if cap is not None:
                 topk.append(cap.topk.cpu())
                 router_logp.append(gather_router_logp(cap.router_logp, cap.topk).cpu())
@@ -222,6 +225,10 @@ class MoERLModule(L.LightningModule):
         if topk:
             rollout.old_topk, rollout.old_router_logp = torch.cat(topk), torch.cat(router_logp)
         metrics = {"policy/entropy": float(masked_mean(torch.cat(ent), rollout.response_mask))}
+        if ref:
+            rollout.ref_logp = torch.cat(ref)
+            kl = kl_estimate(rollout.old_logp, rollout.ref_logp, "k3", mask=rollout.response_mask)
+            metrics["ref/kl"] = float(masked_mean(kl, rollout.response_mask))
         if rollout.infer_logp is not None:
             metrics.update(mismatch_metrics(rollout.old_logp, rollout.infer_logp, rollout.response_mask))
             metrics.update(self.apply_correction(rollout))
@@ -276,11 +283,13 @@ class MoERLModule(L.LightningModule):
             for key, value in micro_stats.items():
                 stats[key if "/" in key else f"policy/{key}"] += float(value) * weight
         grad_norm = self.clip_and_measure()
-        if finite and math.isfinite(grad_norm):
-            opt.step()
-            self.lr_schedulers().step()
-        else:
+        if not (finite and math.isfinite(grad_norm)):
+            # Drop the gradients: the optimizer skips parameters whose grad is None, so this step
+            # leaves weights and optimizer state untouched yet still counts (trainer.max_steps ends the run).
+            opt.zero_grad(set_to_none=True)
             self.skipped_steps += 1
+        opt.step()
+        self.lr_schedulers().step()
         opt.zero_grad(set_to_none=True)
         stats["policy/grad_norm"] = grad_norm
         return dict(stats)

@@ -14,7 +14,6 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from jsonargparse import lazy_instance
-from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor
@@ -133,7 +132,6 @@ class SFTCLI(LightningCLI):
 
     TRAINER_DEFAULTS = {
         "logger": lazy_instance(CSVLogger, save_dir="runs"),
-        "callbacks": [lazy_instance(RichProgressBar)],
         "enable_checkpointing": False,
         "log_every_n_steps": 10,
         "max_steps": 300,
@@ -141,3 +139,8 @@ class SFTCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.template", "model.template")
+
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> Any:
+        from lit_moe_rl.cli import rich_progress_bar
+
+        return super()._instantiate_trainer(config, callbacks + rich_progress_bar(config))

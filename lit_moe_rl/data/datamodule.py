@@ -6,7 +6,6 @@ from itertools import islice
 from typing import Any, Literal
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader
 
 from lit_moe_rl.data.countdown import (
@@ -17,6 +16,7 @@ from lit_moe_rl.data.countdown import (
     iter_countdown,
 )
 from lit_moe_rl.data.files import load_prompt_file
+from lit_moe_rl.data.sampler import ResumableSampler
 
 _VAL_DRAWS_PER_ROW = 200
 
@@ -92,6 +92,8 @@ class PromptDataModule(L.LightningDataModule):
         self.seed = seed
         self.shuffle = shuffle
         self.train_rows: list[dict[str, Any]] | None = None
+        self.sampler: ResumableSampler | None = None
+        self._resume: tuple[int, int] | None = None
         self.val_rows: list[dict[str, Any]] | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -107,18 +109,32 @@ class PromptDataModule(L.LightningDataModule):
         self.train_rows, self.val_rows = train, val
 
     def train_dataloader(self) -> DataLoader:
-        """Training prompts: shuffled by a seeded generator, incomplete last batch dropped."""
+        """Training prompts: shuffled by a seeded, resumable sampler; incomplete last batch dropped."""
         rows = self._require(self.train_rows)
-        generator = torch.Generator().manual_seed(self.seed)
+        self.sampler = ResumableSampler(len(rows), seed=self.seed, shuffle=self.shuffle)
+        if self._resume is not None:
+            self.sampler.resume_at(*self._resume)
+            self._resume = None
         return DataLoader(
             rows,  # type: ignore[arg-type]  # a list is a map-style dataset
             batch_size=self.batch_size,
-            shuffle=self.shuffle,
-            generator=generator,
+            sampler=self.sampler,
             drop_last=True,
             collate_fn=collate_prompts,
             num_workers=0,
         )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where training is in the data: epoch and rows consumed (saved in Lightning checkpoints)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return {}
+        processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": trainer.current_epoch, "rows_consumed": processed * self.batch_size}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict:
+            self._resume = (state_dict["epoch"], state_dict["rows_consumed"])
 
     def val_dataloader(self) -> DataLoader:
         """Held-out prompts in a fixed order (empty when there are none)."""

@@ -1,0 +1,67 @@
+"""Shared helpers for end-to-end CLI tests: run ``lit-moe-rl`` in-process and read its metrics."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import os
+from pathlib import Path
+
+from lit_moe_rl.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY_ARGS = [
+    "--trainer.accelerator=cpu",
+    "--trainer.devices=1",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--data.template=compact",
+    "--data.num_train=64",
+    "--data.num_val=8",
+    "--data.val_batch_size=8",
+    "--data.batch_size=2",
+    "--data.min_numbers=3",
+    "--data.max_numbers=3",
+    "--data.max_number=20",
+    "--data.max_target=100",
+    "--rollout.group_size=4",
+    "--rollout.reward=lit_moe_rl.rewards.countdown.CountdownReward",
+    "--rollout.reward.format=plain",
+    "--rollout.engine=lit_moe_rl.rollout.engine.HFEngine",
+    "--rollout.engine.max_new_tokens=6",
+]
+
+
+def run_fit(tmp_path: Path, *extra: str, steps: int = 2, family: str = "qwen3_moe") -> Path:
+    """A short ``fit`` of a tiny random ``family`` model; returns the run's metrics.csv."""
+    save_dir = tmp_path / "runs"
+    args = [
+        "fit",
+        f"--trainer.max_steps={steps}",
+        f"--trainer.logger.init_args.save_dir={save_dir}",
+        f"--trainer.default_root_dir={tmp_path}",
+        f'--model.config={{"family": "{family}"}}',
+        "--model.lr=1e-3",
+        *TINY_ARGS,
+        *extra,
+    ]
+    main(args)
+    return latest_metrics(save_dir)
+
+
+def latest_metrics(save_dir: Path) -> Path:
+    files = sorted(glob.glob(f"{save_dir}/**/metrics.csv", recursive=True), key=os.path.getmtime)
+    assert files, f"no metrics.csv under {save_dir}"
+    return Path(files[-1])
+
+
+def read_metrics(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def train_rows(path: Path) -> list[dict[str, float]]:
+    """Rows of training-step metrics, values as floats (empty cells dropped)."""
+    rows = [r for r in read_metrics(path) if r.get("reward/mean")]
+    return [{k: float(v) for k, v in r.items() if v != ""} for r in rows]

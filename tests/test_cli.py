@@ -1,0 +1,169 @@
+"""End-to-end ``lit-moe-rl fit`` runs on tiny random MoE models, bad-input errors, resume and export."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import transformers
+
+from lit_moe_rl.tiny import FAMILIES
+from tests.helpers import latest_metrics, read_metrics, run_fit, train_rows
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+LOGGED = [
+    "reward/mean",
+    "reward/std",
+    "reward/errors",
+    "rollout/response_length",
+    "rollout/truncated_frac",
+    "policy/loss",
+    "policy/clipfrac_low",
+    "policy/clipfrac_high",
+    "policy/ppo_kl",
+    "policy/entropy",
+    "policy/grad_norm",
+    "policy/skipped_steps",
+    "perf/rollout_s",
+    "perf/update_s",
+    "perf/tokens_per_s",
+    "mismatch/train_infer_kl",
+]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_step_fit_each_family(tmp_path, family):
+    metrics = run_fit(tmp_path, family=family)
+    rows = train_rows(metrics)
+    assert len(rows) == 2
+    for key in LOGGED:
+        assert all(math.isfinite(r[key]) for r in rows), key
+    # first update of an on-policy step: the policy is pi_old, so the ratio is exactly 1
+    assert rows[0]["policy/ppo_kl"] == pytest.approx(0.0, abs=1e-6)
+    val = [r for r in read_metrics(metrics) if r.get("val/reward")]
+    assert [int(r["step"]) for r in val][0] == 0  # pre-training baseline logged at step 0
+
+
+def test_weights_change_and_metrics_are_consistent(tmp_path):
+    rows = train_rows(run_fit(tmp_path, steps=3, family="qwen3_moe"))
+    assert all(0.0 <= r["rollout/truncated_frac"] <= 1.0 for r in rows)
+    assert all(1.0 <= r["rollout/response_length"] <= 6.0 for r in rows)
+    assert all(r["policy/grad_norm"] > 0 for r in rows)
+
+
+def _error_of(capsys, tmp_path, *extra, family="qwen3_moe"):
+    with pytest.raises(SystemExit) as exc:
+        run_fit(tmp_path, *extra, family=family)
+    assert exc.value.code not in (0, None)
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--rollout.group_size=1"], "rollout.group_size"),
+        (["--rollout.engine.max_new_tokens=0"], "max_new_tokens"),
+        (["--model.pretrained=/nonexistent/model"], "model.pretrained"),
+        (["--model.pretrained=Qwen/Qwen3-30B-A3B"], "need network"),
+        (["--model.mini_batches=0"], "model.mini_batches"),
+        (["--model.correction=bogus"], "correction"),
+        (["--model.no_such_key=1"], "no_such_key"),
+        (["--model.algorithm=lit_moe_rl.algorithms.NoSuchAlgo"], "NoSuchAlgo"),
+        (["--data.source=file", "--data.path=/nonexistent.jsonl"], "data.path"),
+    ],
+)
+def test_bad_input_stops_with_one_line_naming_the_setting(capsys, tmp_path, extra, needle):
+    err = _error_of(capsys, tmp_path, *extra)
+    assert needle in err
+
+
+def test_bad_input_error_is_one_line(capsys, tmp_path):
+    err = _error_of(capsys, tmp_path, "--rollout.group_size=1")
+    assert err.strip().count("\n") == 0
+    assert err.startswith("lit-moe-rl: error: rollout.group_size")
+
+
+def test_empty_dataset_is_an_error(capsys, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    err = _error_of(capsys, tmp_path, "--data.source=file", f"--data.path={empty}")
+    assert "data.path" in err
+
+
+def test_dense_model_with_router_shift_is_an_error(capsys, tmp_path):
+    dense = tmp_path / "dense"
+    config = transformers.Qwen3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(dense)
+    from lit_moe_rl.policy import char_tokenizer
+
+    char_tokenizer().save_pretrained(dense)
+    with pytest.raises(SystemExit):
+        run_fit(
+            tmp_path, f"--model.pretrained={dense}", "--model.config=null", "--model.track_router_shift=true"
+        )
+    assert "no MoE layer" in capsys.readouterr().err
+
+
+def test_nan_loss_skips_the_update_and_keeps_weights(tmp_path, monkeypatch):
+    from lit_moe_rl import module as module_lib
+
+    original = module_lib.MoERLModule.micro_batch_loss
+    seen = {}
+
+    def nan_loss(self, micro, capture, **norms):
+        loss, stats = original(self, micro, capture, **norms)
+        seen.setdefault("before", {k: v.detach().clone() for k, v in self.policy.state_dict().items()})
+        seen["module"] = self
+        return loss * float("nan"), stats
+
+    monkeypatch.setattr(module_lib.MoERLModule, "micro_batch_loss", nan_loss)
+    rows = train_rows(run_fit(tmp_path, steps=2))
+    assert rows[-1]["policy/skipped_steps"] == 2.0
+    after = seen["module"].policy.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in seen["before"].items())
+
+
+CKPT_EVERY_2 = [
+    "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+    "--trainer.callbacks.every_n_train_steps=2",
+    "--trainer.callbacks.save_last=true",
+    "--trainer.callbacks.save_top_k=0",
+]
+
+
+def test_resume_continues_like_an_uninterrupted_run(tmp_path):
+    full = train_rows(run_fit(tmp_path / "full", steps=4))
+    first = tmp_path / "part"
+    run_fit(first, *CKPT_EVERY_2, steps=2)
+    last = next(first.rglob("last.ckpt"))
+    resumed = train_rows(run_fit(first, f"--ckpt_path={last}", steps=4))
+    assert len(resumed) == 2
+    for key in ("reward/mean", "policy/loss", "policy/grad_norm", "policy/entropy"):
+        assert [r[key] for r in resumed] == pytest.approx([r[key] for r in full[2:]], rel=1e-5, abs=1e-7), key
+
+
+def test_export_round_trips_through_from_pretrained(tmp_path):
+    out = tmp_path / "hf"
+    export = [
+        "--trainer.callbacks+=lit_moe_rl.callbacks.HFExportCallback",
+        f"--trainer.callbacks.dirpath={out}",
+    ]
+    run_fit(tmp_path, *CKPT_EVERY_2, *export)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
+    trained = torch.load(next(tmp_path.rglob("last.ckpt")), weights_only=False)["state_dict"]
+    exported = model.state_dict()
+    assert model.config.model_type == "qwen3_moe"
+    for name, value in trained.items():
+        torch.testing.assert_close(exported[name.removeprefix("policy.")], value, rtol=0, atol=0)
+
+
+def test_metrics_file_is_written_under_save_dir(tmp_path):
+    metrics = run_fit(tmp_path)
+    assert latest_metrics(tmp_path / "runs") == metrics

@@ -1,0 +1,101 @@
+"""The README's commands: the quickstart runs (shortened by CLI overrides), the rest are checked.
+
+The install command (``pip install -e ".[dev]"``) and the test command (``python -m pytest -q``) are
+what CI's ``.ci/run`` executes, so this test checks ``.ci/run`` runs exactly them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+
+from lit_moe_rl.cli import main
+from tests.helpers import ROOT, latest_metrics, train_rows
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+README = (ROOT / "README.md").read_text()
+
+
+def _commands() -> list[str]:
+    """Every line of every ```bash block, continuation lines joined."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            if line.strip():
+                commands.append(" ".join(line.split()))
+    return commands
+
+
+def test_readme_opens_with_install_then_quickstart_then_tests():
+    commands = _commands()
+    assert commands[:3] == [
+        'pip install -e ".[dev]"',
+        "lit-moe-rl fit --config configs/quickstart.yaml",
+        "python -m pytest -q",
+    ]
+
+
+def test_ci_runs_the_readme_install_and_test_commands():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "pip install --quiet torch==2.13.0" in ci
+    assert ci.index("torch==2.13.0") < ci.index('-e ".[dev]"')
+    assert "python -m pytest -q" in ci
+
+
+def _lit_moe_rl(command: str, *overrides: str) -> None:
+    argv = shlex.split(command)
+    assert argv[0] == "lit-moe-rl"
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        main([*argv[1:], *overrides])
+    finally:
+        os.chdir(cwd)
+
+
+def test_quickstart_command_runs_shortened(tmp_path):
+    _lit_moe_rl(
+        "lit-moe-rl fit --config configs/quickstart.yaml",
+        "--trainer.max_steps=2",
+        "--trainer.enable_progress_bar=false",
+        "--data.num_val=8",
+        "--data.val_batch_size=8",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        f"--trainer.default_root_dir={tmp_path}",
+    )
+    rows = train_rows(latest_metrics(tmp_path))
+    assert len(rows) == 2
+    assert all(0.0 <= r["reward/mean"] <= 1.0 for r in rows)
+
+
+def test_sft_command_runs_shortened(tmp_path):
+    (sft,) = [c for c in _commands() if c.startswith("lit-moe-rl sft")]
+    _lit_moe_rl(
+        sft,
+        "--trainer.max_steps=2",
+        "--trainer.enable_progress_bar=false",
+        "--data.num_train=64",
+        "--data.num_val=8",
+        "--data.val_batch_size=8",
+        f"--model.export_dir={tmp_path / 'model'}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+    )
+    assert (tmp_path / "model" / "config.json").is_file()
+    assert (tmp_path / "model" / "tokenizer.json").is_file()
+
+
+def test_real_checkpoint_command_parses(capsys):
+    (real,) = [c for c in _commands() if "qwen3_30b_a3b_rspo" in c]
+    argv = shlex.split(real)
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        try:
+            main([*argv[1:], "--print_config"])
+        except SystemExit as exc:
+            assert exc.code in (0, None)
+    finally:
+        os.chdir(cwd)
+    assert "Qwen3-30B-A3B" in capsys.readouterr().out
