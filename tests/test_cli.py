@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -167,3 +168,42 @@ def test_export_round_trips_through_from_pretrained(tmp_path):
 def test_metrics_file_is_written_under_save_dir(tmp_path):
     metrics = run_fit(tmp_path)
     assert latest_metrics(tmp_path / "runs") == metrics
+
+
+def test_wandb_offline_logs_metrics_and_a_samples_table(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    from lit_moe_rl.cli import main
+    from tests.helpers import TINY_ARGS
+
+    main([
+        "fit", "--trainer.max_steps=2", f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.logger=lightning.pytorch.loggers.WandbLogger",
+        f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.logger.init_args.offline=true",
+        "--trainer.callbacks+=lit_moe_rl.callbacks.SampleTableCallback",
+        "--trainer.callbacks.every_n_steps=1", "--trainer.callbacks.num_samples=4",
+        '--model.config={"family": "qwen3_moe"}', *TINY_ARGS,
+    ])  # fmt: skip
+    runs = list(tmp_path.rglob("run-*.wandb"))
+    assert runs and runs[0].stat().st_size > 0
+    lines = next(tmp_path.rglob("samples.jsonl")).read_text().splitlines()
+    assert len(lines) == 8  # 4 samples x 2 steps
+    assert {"step", "prompt", "completion", "reward", "advantage"} <= set(json.loads(lines[0]))
+
+
+def test_avg_at_k_validation_and_dynamic_sampling(tmp_path):
+    metrics = run_fit(tmp_path, "--rollout.val_samples=3", "--model.algorithm=lit_moe_rl.algorithms.DAPO")
+    val = [float(r["val/reward"]) for r in read_metrics(metrics) if r.get("val/reward")]
+    assert val and all(0.0 <= v <= 1.0 for v in val)
+    rows = train_rows(metrics)
+    assert all(0.0 <= r["rollout/kept_frac"] <= 1.0 for r in rows)
+
+
+def test_validate_subcommand_reports_held_out_reward(tmp_path, capsys):
+    from lit_moe_rl.cli import main
+    from tests.helpers import TINY_ARGS
+
+    args = [a for a in TINY_ARGS if "progress_bar" not in a and "model_summary" not in a]
+    main(["validate", f"--trainer.default_root_dir={tmp_path}", '--model.config={"family": "olmoe"}', *args])
+    assert "val/reward" in capsys.readouterr().out
