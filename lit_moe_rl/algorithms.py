@@ -53,8 +53,16 @@ class Algorithm:
             raise ValueError(f"algorithm.clip_low/clip_high: must be >= 0, got {clip_low}, {clip_high}")
         if not 0.0 <= router_shift_floor <= 1.0:
             raise ValueError(f"algorithm.router_shift_floor: must be in [0, 1], got {router_shift_floor}")
+        if router_shift_layer_reduce not in ("mean", "sum"):
+            raise ValueError(
+                f"algorithm.router_shift_layer_reduce: must be 'mean' or 'sum', got {router_shift_layer_reduce!r}"
+            )
         if kl_coef < 0:
             raise ValueError(f"algorithm.kl_coef: must be >= 0, got {kl_coef}")
+        if kl_kind not in losses.KL_KINDS:
+            raise ValueError(
+                f"algorithm.kl_kind: must be one of {', '.join(losses.KL_KINDS)}, got {kl_kind!r}"
+            )
         self.clip_low = clip_low
         self.clip_high = clip_high
         self.norm_adv_by_std = norm_adv_by_std
@@ -138,6 +146,8 @@ class GRPO(Algorithm):
             kl_kind=kl_kind,
             dynamic_sampling=dynamic_sampling,
         )
+        if agg not in losses.AGG_MODES:
+            raise ValueError(f"algorithm.agg: must be one of {', '.join(losses.AGG_MODES)}, got {agg!r}")
         self.agg = agg
         self.clip_ratio_c = clip_ratio_c
         self.normaliser = "tokens" if agg == "token-mean" else "seqs"
