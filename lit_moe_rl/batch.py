@@ -14,10 +14,13 @@ Layout of a rollout of ``N = B * G`` sequences (``B`` prompts, ``G`` completions
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from lit_moe_rl.routing.store import RouteStore
 
 
 @dataclass
@@ -36,10 +39,12 @@ class Rollout:
     temperature: float  # the engine's sampling temperature; the trainer divides its logits by it
     rewards: Tensor  # [N] float32
     advantages: Tensor  # [N] float32 (or [N, R] for token-level estimators)
+    max_response_len: int | None = None  # the engine's max_new_tokens: Dr. GRPO's constant normaliser
     infer_logp: Tensor | None = None  # [N, R] float32; the rollout engine's log-probs (mu)
     old_logp: Tensor | None = None  # [N, R] float32; training engine at theta_old (set by the module)
     ref_logp: Tensor | None = None  # [N, R] float32; reference model (ReferenceKLCallback)
-    routes: Tensor | None = None  # [N, P+R, L_moe, K] int8/int16; rollout routes (R3), -1 = none
+    routes: Tensor | RouteStore | None = None  # [N, P+R, L_moe, K] int8/int16; rollout routes (R3), -1 = none
+    # (a RouteStore, routing/store.py, holds prompt routes once per group; .rows(index) materialises rows)
     old_routes: Tensor | None = None  # [N, P+R, L_moe, K]; theta_old training routes (R2)
     old_topk: Tensor | None = (
         None  # [N, R, L_moe, K] int; experts used at the positions predicting each token
@@ -50,8 +55,9 @@ class Rollout:
     )
     log_weight: Tensor | None = None  # [N, R] float, detached; added to the log-ratio before clipping (RSPO)
     texts: list[str] = field(default_factory=list)  # N decoded completions
-    prompts: list[str] = field(default_factory=list)  # B prompt strings
+    prompts: list[str] = field(default_factory=list)  # N prompt strings (one per sequence)
     extras: dict[str, Any] = field(default_factory=dict)  # per-step scalars for logging
+    rows: Tensor | None = None  # [n] long; set by select(): this slice's rows in the rollout it came from
 
     @property
     def num_sequences(self) -> int:
@@ -75,7 +81,12 @@ class Rollout:
             value = getattr(self, f.name)
             if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == self.num_sequences:
                 updates[f.name] = value[index.to(value.device)]
-        updates["texts"] = [self.texts[i] for i in index.tolist()] if self.texts else []
+            elif hasattr(value, "select_rows"):  # a RouteStore: a view, no copy
+                updates[f.name] = value.select_rows(index)
+        for name in ("texts", "prompts"):
+            values = getattr(self, name)
+            updates[name] = [values[i] for i in index.tolist()] if values else []
+        updates["rows"] = index
         return replace(self, **updates)
 
     def to(self, device: torch.device | str, *, skip: tuple[str, ...] = ()) -> Rollout:

@@ -179,6 +179,7 @@ class MoERLModule(L.LightningModule):
             return
         t0 = time.perf_counter()
         rollout = rollout.to(self.device, skip=("routes", "old_routes", "old_router_logp"))
+        batch["rollout"] = rollout  # callbacks' on_train_batch_end sees old_logp, old_topk, ...
         metrics.update(self.compute_old_logprobs(rollout))
         metrics.update(self.policy_update(rollout))
         update_s = time.perf_counter() - t0
@@ -268,7 +269,7 @@ class MoERLModule(L.LightningModule):
         """Accumulate gradients over the micro-batches of ``rows``, clip, step (or skip if non-finite)."""
         opt = self.optimizers()
         mask = rollout.response_mask[rows.to(rollout.response_mask.device)]
-        norms = dict(num_tokens=float(mask.sum()), num_seqs=float(len(rows)), norm_const=float(mask.shape[1]))
+        norms = dict(num_tokens=float(mask.sum()), num_seqs=float(len(rows)), norm_const=float(rollout.max_response_len or mask.shape[1]))
         stats: dict[str, float] = defaultdict(float)
         finite = True
         for micro_rows in self.micro_batches(rows):

@@ -18,6 +18,7 @@ from typing_extensions import override
 from lit_moe_rl.batch import Rollout
 from lit_moe_rl.rewards import RewardFn, resolve_reward, score_batch
 from lit_moe_rl.rollout.engine import Generation, HFEngine, RolloutEngine
+from lit_moe_rl.routing.store import pack_routes
 
 
 class RolloutCallback(Callback):
@@ -117,12 +118,13 @@ class RolloutCallback(Callback):
             prompt_len=gen.prompt_len,
             group_size=self.group_size,
             temperature=getattr(self.engine, "temperature", 1.0),
+            max_response_len=getattr(self.engine, "max_new_tokens", None),
             rewards=rewards,
             advantages=algorithm.advantages(rewards, self.group_size),
             infer_logp=gen.infer_logp,
-            routes=gen.routes,
+            routes=pack_routes(gen.routes, gen.prompt_len, self.group_size),
             texts=texts,
-            prompts=list(prompts),
+            prompts=[prompt for prompt in prompts for _ in range(self.group_size)],
         )
         rollout.extras = rollout_metrics(gen, rewards, errors)
         keep = algorithm.keep_groups(rewards, self.group_size)
