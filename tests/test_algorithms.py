@@ -21,16 +21,6 @@ CLASSES = [GRPO, DAPO, DrGRPO, GSPO, GMPO, RSPO]
 NORMS = dict(num_tokens=11.0, num_seqs=4.0, norm_const=5.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy shared CPU OpenMP's spin-waiting
-    makes two threads 10x or more slower than one: run this module single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def batch(seed: int = 0, spread: float = 0.3):
     """4 sequences x 5 tokens, ragged mask, per-sequence advantages of both signs, fp64."""
     g = torch.Generator().manual_seed(seed)

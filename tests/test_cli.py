@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -12,8 +11,6 @@ import transformers
 
 from lit_moe_rl.tiny import FAMILIES
 from tests.helpers import latest_metrics, read_metrics, run_fit, train_rows
-
-os.environ["HF_HUB_OFFLINE"] = "1"
 
 LOGGED = [
     "reward/mean",

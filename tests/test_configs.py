@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import importlib
-import os
 
 import pytest
 import yaml
 
 from lit_moe_rl.cli import main
 from tests.helpers import ROOT
-
-os.environ["HF_HUB_OFFLINE"] = "1"
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 SNIPPETS = sorted((ROOT / "callbacks").glob("*.yaml"))

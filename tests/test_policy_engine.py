@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import pytest
 import torch
@@ -18,8 +17,6 @@ from lit_moe_rl.policy import (
 )
 from lit_moe_rl.rollout.engine import HFEngine, response_mask_from
 from lit_moe_rl.tiny import FAMILIES
-
-os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 def _batch(tok, prompts=("3 5 7 => 22 =", "1 2 => 3 ="), completions=("3*5+7", "1+2")):

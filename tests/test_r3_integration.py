@@ -39,15 +39,6 @@ AGREEMENT = (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and on a shared CPU idle OpenMP threads spin for seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def zero_reward(completion: str, sample: dict) -> float:
     return 0.0
 

@@ -13,8 +13,6 @@ import shlex
 from lit_moe_rl.cli import main
 from tests.helpers import ROOT, latest_metrics, train_rows
 
-os.environ["HF_HUB_OFFLINE"] = "1"
-
 README = (ROOT / "README.md").read_text()
 
 

@@ -45,16 +45,6 @@ RSPO_METRICS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy shared CPU OpenMP's spin-waiting
-    makes two threads 10x or more slower than one: run this module single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def varied_reward(completion: str, sample: dict) -> float:
     """Deterministic, dense: different completions of one prompt get different rewards, so advantages
     are non-zero and the policy (and its routers) move. A random model rarely earns Countdown reward."""

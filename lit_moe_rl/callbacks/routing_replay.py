@@ -152,6 +152,7 @@ class RoutingReplayCallback(Callback):
         self._module: Any = None
         self._active = False
         self._layout = (0, 0, 0)  # (MoE layers, top-K, experts) of the policy
+        self._routers: dict[int, list] = {}  # id(model) -> its routers, found once
         self._state = _StepState()
 
     # ------------------------------------------------------------------ set-up
@@ -191,6 +192,7 @@ class RoutingReplayCallback(Callback):
         if self.records_rollout_routes:
             self._rollout_cb.record_routes = True
         self._layout = moe_layout(policy)
+        self._routers = {id(policy): find_moe_routers(policy)} if self._active else {}
         if self._active and self._module is not pl_module:
             pl_module.add_forward_context(self.forward_context)
             self._module = pl_module
@@ -305,7 +307,14 @@ class RoutingReplayCallback(Callback):
         keep = self.log_native_agreement if keep_native is None else keep_native
         try:
             return stack.enter_context(
-                replay_routes(model, routes, input_ids=micro.input_ids, keep_native=keep)
+                replay_routes(
+                    model,
+                    routes,
+                    input_ids=micro.input_ids,
+                    keep_native=keep,
+                    validate=phase != "update",  # the old pass already validated these routes
+                    routers=self._routers.get(id(model)),
+                )
             )
         except ValueError as err:
             raise ValueError(f"routing_replay ({self.mode}, {phase} pass): {err}") from None

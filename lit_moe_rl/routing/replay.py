@@ -155,6 +155,8 @@ def replay_routes(
     *,
     input_ids: torch.Tensor | None = None,
     keep_native: bool = True,
+    validate: bool = True,
+    routers: list[MoERouter] | None = None,
 ) -> Iterator[RouteReplayer]:
     """Force the experts of every forward in the block onto ``routes [B, S, L, K]`` (R3).
 
@@ -162,16 +164,19 @@ def replay_routes(
     ``input_ids [B, S]`` of the forward(s) in the block; -1 rows fall back to native routing.
     Validated first (:func:`~lit_moe_rl.routing.checks.validate_routes`; pass ``input_ids`` to check
     the token alignment up front, otherwise it is checked per router call). On a clean exit, checks
-    that every router consumed the routes once per forward.
+    that every router consumed the routes once per forward. A caller that replays the same, already
+    validated routes many times (every update of a rollout) passes ``validate=False`` and the
+    ``routers`` it found once, so each block only installs hooks.
     """
-    routers = require_moe(model, "replay_routes")
-    validate_routes(
-        routes,
-        num_layers=len(routers),
-        top_k=routers[0].top_k,
-        num_experts=routers[0].num_experts,
-        seq_shape=None if input_ids is None else input_ids.shape,
-    )
+    routers = routers if routers is not None else require_moe(model, "replay_routes")
+    if validate:
+        validate_routes(
+            routes,
+            num_layers=len(routers),
+            top_k=routers[0].top_k,
+            num_experts=routers[0].num_experts,
+            seq_shape=None if input_ids is None else input_ids.shape,
+        )
     replayer = RouteReplayer(routers, routes, keep_native)
     handles = track_block_shapes(routers, replayer._block_shapes)
     handles.append(model.register_forward_pre_hook(replayer.model_pre_hook(model)))

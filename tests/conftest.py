@@ -1,0 +1,14 @@
+"""Suite-wide settings: offline Hugging Face, and one intra-op thread.
+
+Tiny models gain nothing from intra-op threads, and on a busy 2-core CPU OpenMP's spin-waiting makes
+two threads 10x or more slower than one.
+"""
+
+import os
+
+import torch
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(1)
