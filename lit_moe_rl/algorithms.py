@@ -18,6 +18,7 @@ clipping (RSPO v2 placement, ALGORITHMS.md §4.3) for GRPO, DAPO, DrGRPO and GSP
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 from torch import Tensor
@@ -231,11 +232,33 @@ class DrGRPO(GRPO):
         )
 
 
-class GSPO(Algorithm):
+class SequenceObjective(Algorithm):
+    """Shared by GSPO and GMPO: a per-sequence objective normalised by the global sequence count."""
+
+    normaliser = "seqs"
+    loss_fn: Callable[..., tuple[Tensor, dict[str, Tensor]]]
+
+    def objective(
+        self, logp, old_logp, advantages, mask, *, log_weight, token_weight, num_tokens, num_seqs, norm_const
+    ):
+        return type(self).loss_fn(
+            logp,
+            old_logp,
+            advantages,
+            mask,
+            clip_low=self.clip_low,
+            clip_high=self.clip_high,
+            log_weight=log_weight,
+            token_weight=token_weight,
+            num_seqs=num_seqs,
+        )
+
+
+class GSPO(SequenceObjective):
     """GSPO (Zheng et al. 2025, arXiv 2507.18071), GSPO-token form: sequence ratio, sequence clip."""
 
     name = "gspo"
-    normaliser = "seqs"
+    loss_fn = staticmethod(losses.gspo_loss)
 
     def __init__(
         self,
@@ -257,30 +280,15 @@ class GSPO(Algorithm):
             kl_kind=kl_kind,
         )
 
-    def objective(
-        self, logp, old_logp, advantages, mask, *, log_weight, token_weight, num_tokens, num_seqs, norm_const
-    ):
-        return losses.gspo_loss(
-            logp,
-            old_logp,
-            advantages,
-            mask,
-            clip_low=self.clip_low,
-            clip_high=self.clip_high,
-            log_weight=log_weight,
-            token_weight=token_weight,
-            num_seqs=num_seqs,
-        )
 
-
-class GMPO(Algorithm):
+class GMPO(SequenceObjective):
     """GMPO (Zhao et al. 2025, arXiv 2507.20673): geometric mean of sign-aware log-space clipped ratios.
 
     The GMPO authors warn that a wide clip destabilises MoE training; lower ``clip_low/high`` for MoE.
     """
 
     name = "gmpo"
-    normaliser = "seqs"
+    loss_fn = staticmethod(losses.gmpo_loss)
 
     def __init__(
         self,
@@ -300,21 +308,6 @@ class GMPO(Algorithm):
             router_shift_layer_reduce=router_shift_layer_reduce,
             kl_coef=kl_coef,
             kl_kind=kl_kind,
-        )
-
-    def objective(
-        self, logp, old_logp, advantages, mask, *, log_weight, token_weight, num_tokens, num_seqs, norm_const
-    ):
-        return losses.gmpo_loss(
-            logp,
-            old_logp,
-            advantages,
-            mask,
-            clip_low=self.clip_low,
-            clip_high=self.clip_high,
-            log_weight=log_weight,
-            token_weight=token_weight,
-            num_seqs=num_seqs,
         )
 
 

@@ -28,30 +28,16 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from lit_moe_rl.losses import masked_mean
+from lit_moe_rl.metrics import log_ratio
+
 Stats = dict[str, Tensor]
 Correction = Callable[..., tuple[Tensor, Stats]]
-
-
-def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``x`` over ``mask`` (0 when the mask is empty); garbage outside the mask is ignored."""
-    total = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum()
-    return total / mask.sum().clamp(min=1).to(x.dtype)
 
 
 def _log_bound(x: float) -> float:
     """``log x`` with ``log 0 = -inf`` (a zero lower bound disables that side)."""
     return math.log(x) if x > 0 else -math.inf
-
-
-def _log_rho(old_logp: Tensor, infer_logp: Tensor, mask: Tensor) -> Tensor:
-    """Detached float32 ``log pi_old - log mu``, 0 at masked positions."""
-    if not old_logp.shape == infer_logp.shape == mask.shape:
-        raise ValueError(
-            f"correction: shapes differ: old_logp {tuple(old_logp.shape)}, "
-            f"infer_logp {tuple(infer_logp.shape)}, mask {tuple(mask.shape)}"
-        )
-    diff = old_logp.detach().float() - infer_logp.detach().float()
-    return torch.where(mask, diff, 0.0)
 
 
 def _finish(
@@ -61,9 +47,9 @@ def _finish(
     weight = torch.where(mask, weight, 0.0).detach()
     zero = torch.zeros_like(weight)
     stats = {
-        "is_weight_mean": _masked_mean(weight, mask),
-        "clipped_frac": _masked_mean(zero if clipped is None else clipped.float(), mask),
-        "masked_frac": _masked_mean(zero if dropped is None else dropped.float(), mask),
+        "is_weight_mean": masked_mean(weight, mask),
+        "clipped_frac": masked_mean(zero if clipped is None else clipped.float(), mask),
+        "masked_frac": masked_mean(zero if dropped is None else dropped.float(), mask),
     }
     return weight, {k: v.detach() for k, v in stats.items()}
 
@@ -94,7 +80,7 @@ def token_tis(
     """
     if not cap > 0:
         raise ValueError(f"correction: cap must be > 0, got {cap}")
-    log_rho = _log_rho(old_logp, infer_logp, mask)
+    log_rho = log_ratio(old_logp, infer_logp, mask, what="correction")
     log_cap = math.log(cap)
     return _finish(log_rho.clamp(max=log_cap).exp(), mask, log_rho > log_cap, None)
 
@@ -109,7 +95,7 @@ def seq_tis(old_logp: Tensor, infer_logp: Tensor, mask: Tensor, *, cap: float = 
     """
     if not cap > 0:
         raise ValueError(f"correction: cap must be > 0, got {cap}")
-    log_rho = _log_rho(old_logp, infer_logp, mask)
+    log_rho = log_ratio(old_logp, infer_logp, mask, what="correction")
     log_prod = log_rho.sum(dim=-1, keepdim=True).expand_as(log_rho)
     log_cap = math.log(cap)
     return _finish(log_prod.clamp(max=log_cap).exp(), mask, log_prod > log_cap, None)
@@ -124,7 +110,7 @@ def icepop(
     Inside the band the weight is the ratio itself; outside, the token is dropped (``masked_frac``).
     """
     _check_interval("alpha", alpha, "beta", beta)
-    log_rho = _log_rho(old_logp, infer_logp, mask)
+    log_rho = log_ratio(old_logp, infer_logp, mask, what="correction")
     keep = (log_rho >= _log_bound(alpha)) & (log_rho <= math.log(beta))
     return _finish(torch.where(keep, log_rho.exp(), 0.0), mask, None, ~keep)
 
@@ -139,7 +125,7 @@ def token_rejection(
     (combine with ``token_tis`` for that). ``masked_frac``: fraction of valid tokens rejected.
     """
     _check_interval("low", low, "high", high)
-    log_rho = _log_rho(old_logp, infer_logp, mask)
+    log_rho = log_ratio(old_logp, infer_logp, mask, what="correction")
     keep = (log_rho >= _log_bound(low)) & (log_rho <= math.log(high))
     return _finish(keep.float(), mask, None, ~keep)
 
@@ -155,7 +141,7 @@ def geo_rejection(
     sequence (no ``rho`` factor). ``masked_frac``: fraction of valid tokens in rejected sequences.
     """
     _check_interval("low", low, "high", high)
-    log_rho = _log_rho(old_logp, infer_logp, mask)
+    log_rho = log_ratio(old_logp, infer_logp, mask, what="correction")
     count = mask.sum(dim=-1, keepdim=True).clamp(min=1)
     log_geo = (log_rho.sum(dim=-1, keepdim=True) / count).expand_as(log_rho)
     keep = (log_geo >= _log_bound(low)) & (log_geo <= math.log(high))

@@ -13,20 +13,16 @@ import math
 import torch
 from torch import Tensor
 
+from lit_moe_rl.losses import masked_mean
+
 _CHUNK_TOKENS = 8192  # routing_agreement compares at most this many tokens at once (bounds memory)
 
 
-def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``x`` over ``mask`` (0 when the mask is empty); garbage outside the mask is ignored."""
-    total = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum()
-    return total / mask.sum().clamp(min=1).to(x.dtype)
-
-
-def _log_ratio(train_logp: Tensor, infer_logp: Tensor, mask: Tensor) -> Tensor:
+def log_ratio(train_logp: Tensor, infer_logp: Tensor, mask: Tensor, *, what: str = "metrics") -> Tensor:
     """Detached float32 ``log r = log pi_train - log pi_infer``, 0 at masked positions."""
     if not train_logp.shape == infer_logp.shape == mask.shape:
         raise ValueError(
-            f"metrics: shapes differ: train_logp {tuple(train_logp.shape)}, "
+            f"{what}: shapes differ: train_logp {tuple(train_logp.shape)}, "
             f"infer_logp {tuple(infer_logp.shape)}, mask {tuple(mask.shape)}"
         )
     diff = train_logp.detach().float() - infer_logp.detach().float()
@@ -40,8 +36,8 @@ def train_infer_kl(train_logp: Tensor, infer_logp: Tensor, mask: Tensor) -> Tens
     policy mu, so it estimates ``KL(mu || pi_train)``, although the paper writes D_KL(pi_train; pi_infer).
     Choice: ``log r`` is clamped to [-20, 20] so one degenerate token cannot produce inf.
     """
-    log_r = _log_ratio(train_logp, infer_logp, mask).clamp(-20.0, 20.0)
-    return _masked_mean(torch.expm1(log_r) - log_r, mask)
+    log_r = log_ratio(train_logp, infer_logp, mask).clamp(-20.0, 20.0)
+    return masked_mean(torch.expm1(log_r) - log_r, mask)
 
 
 def extreme_token_fraction(train_logp: Tensor, infer_logp: Tensor, mask: Tensor, tau: float) -> Tensor:
@@ -51,14 +47,14 @@ def extreme_token_fraction(train_logp: Tensor, infer_logp: Tensor, mask: Tensor,
     """
     if not tau > 1:
         raise ValueError(f"metrics: tau must be > 1, got {tau}")
-    log_r = _log_ratio(train_logp, infer_logp, mask)
-    return _masked_mean((log_r.abs() > math.log(tau)).float(), mask)
+    log_r = log_ratio(train_logp, infer_logp, mask)
+    return masked_mean((log_r.abs() > math.log(tau)).float(), mask)
 
 
 def logp_diff_stats(train_logp: Tensor, infer_logp: Tensor, mask: Tensor) -> dict[str, Tensor]:
     """Mean and max of ``|log pi_train - log pi_infer|`` over valid tokens (both 0 when empty)."""
-    absdiff = _log_ratio(train_logp, infer_logp, mask).abs()
-    return {"logp_absdiff_mean": _masked_mean(absdiff, mask), "logp_absdiff_max": absdiff.amax()}
+    absdiff = log_ratio(train_logp, infer_logp, mask).abs()
+    return {"logp_absdiff_mean": masked_mean(absdiff, mask), "logp_absdiff_max": absdiff.amax()}
 
 
 def _routed_tokens(routes: Tensor, valid: Tensor | None) -> Tensor:

@@ -38,7 +38,6 @@ class SFTModule(L.LightningModule):
         warmup_steps: int = 20,
         max_new_tokens: int = 16,
         export_dir: str | None = None,
-        seed: int = 0,
     ) -> None:
         """
         Args:
@@ -51,7 +50,6 @@ class SFTModule(L.LightningModule):
             warmup_steps: Linear warm-up steps.
             max_new_tokens: Completion budget of the greedy validation.
             export_dir: Where to save the trained model as a HF folder at the end (None = don't).
-            seed: Seed for the random init.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -65,7 +63,7 @@ class SFTModule(L.LightningModule):
         if self.policy is None:
             hp = self.hparams
             self.policy, self.tokenizer = load_policy(
-                hp.pretrained, hp.config, tokenizer=hp.tokenizer, seed=hp.seed
+                hp.pretrained, hp.config, tokenizer=hp.tokenizer, seed=torch.initial_seed()
             )
 
     def encode(self, prompts: list[str], completions: list[str]) -> tuple[Tensor, Tensor, Tensor]:
