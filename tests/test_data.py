@@ -207,3 +207,31 @@ def test_datamodule_errors(tmp_path: Path) -> None:
         PromptDataModule(source="file", path=str(small), num_val=1).setup()
     with pytest.raises(ValueError, match=r"^data.num_val: found only"):
         PromptDataModule(num_train=50, num_val=50, min_numbers=2, max_numbers=2, max_number=2).setup()
+
+
+def _keys(rows: list[dict]) -> set:
+    return {(tuple(sorted(r["numbers"])), r["target"]) for r in rows}
+
+
+def test_validation_is_an_unbiased_sample_whatever_the_training_size() -> None:
+    """Validation is drawn first (the first distinct instances of its own stream), so it does not
+    depend on num_train; training avoids it. A small space must not tilt validation to rare instances."""
+    small = dict(template="compact", min_numbers=3, max_numbers=3, max_number=20, max_target=100, num_val=64)
+    a = PromptDataModule(num_train=100, **small)
+    b = PromptDataModule(num_train=5000, **small)
+    a.setup()
+    b.setup()
+    assert [r["prompt"] for r in a.val_rows] == [r["prompt"] for r in b.val_rows]
+    assert not _keys(b.val_rows) & _keys(b.train_rows)
+    assert len(b.train_rows) == 5000
+
+
+def test_val_seed_lets_a_warm_start_share_the_held_out_prompts() -> None:
+    small = dict(template="compact", min_numbers=3, max_numbers=3, max_number=20, max_target=100, num_val=32)
+    rl = PromptDataModule(seed=0, num_train=200, **small)
+    sft = PromptDataModule(seed=1, val_seed=0, num_train=2000, **small)
+    rl.setup()
+    sft.setup()
+    assert [r["prompt"] for r in rl.val_rows] == [r["prompt"] for r in sft.val_rows]
+    assert not _keys(rl.val_rows) & _keys(sft.train_rows)
+    assert [r["prompt"] for r in rl.train_rows[:5]] != [r["prompt"] for r in sft.train_rows[:5]]

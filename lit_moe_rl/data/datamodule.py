@@ -12,7 +12,6 @@ from lit_moe_rl.data.countdown import (
     TEMPLATES,
     check_settings,
     format_prompt,
-    generate_countdown,
     iter_countdown,
 )
 from lit_moe_rl.data.files import load_prompt_file
@@ -52,6 +51,8 @@ class PromptDataModule(L.LightningDataModule):
         batch_size: prompts per training step (each gets the rollout's group of completions).
         val_batch_size: prompts per validation batch.
         seed: seed of the Countdown generator and of the training-order shuffle.
+        val_seed: seed of the held-out Countdown stream (default: ``seed``); a warm start trained on
+            another ``seed`` keeps the same ``val_seed`` so it never sees the RL run's held-out prompts.
         shuffle: shuffle the training prompts every epoch.
     """
 
@@ -71,6 +72,7 @@ class PromptDataModule(L.LightningDataModule):
         batch_size: int = 8,
         val_batch_size: int = 64,
         seed: int = 0,
+        val_seed: int | None = None,
         shuffle: bool = True,
     ) -> None:
         super().__init__()
@@ -90,6 +92,7 @@ class PromptDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size
         self.seed = seed
+        self.val_seed = val_seed
         self.shuffle = shuffle
         self.train_rows: list[dict[str, Any]] | None = None
         self.sampler: ResumableSampler | None = None
@@ -154,28 +157,26 @@ class PromptDataModule(L.LightningDataModule):
         return rows
 
     def _countdown_rows(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """Training instances from ``seed``, held-out validation instances from a separate stream."""
+        """Held-out validation instances first, then training instances that avoid them.
+
+        Validation is an i.i.d. sample of the generator's distribution (distinct instances from a
+        separate stream); training draws from ``seed`` and skips every validation instance. The other
+        way round (filtering validation against training) would bias validation towards rare, hard
+        instances whenever training covers much of a small instance space.
+        """
         settings = dict(
             min_numbers=self.min_numbers,
             max_numbers=self.max_numbers,
             max_number=self.max_number,
             max_target=self.max_target,
         )
-        train = generate_countdown(self.num_train, seed=self.seed, **settings)
-        seen = {_instance_key(row) for row in train}
-        val: list[dict[str, Any]] = []
-        max_draws = _VAL_DRAWS_PER_ROW * (self.num_val + 1)
-        for row in islice(iter_countdown(seed=f"val-{self.seed}", **settings), max_draws):
-            if len(val) == self.num_val:
-                break
-            if _instance_key(row) not in seen:
-                seen.add(_instance_key(row))
-                val.append(row)
-        if len(val) < self.num_val:
-            raise ValueError(
-                f"data.num_val: found only {len(val)} Countdown instances not in training; lower data.num_val "
-                "or data.num_train, or raise data.max_number"
-            )
+        val_seed = self.seed if self.val_seed is None else self.val_seed
+        val = _distinct(iter_countdown(seed=f"val-{val_seed}", **settings), self.num_val)
+        held_out = {_instance_key(row) for row in val}
+        rows = (
+            row for row in iter_countdown(seed=self.seed, **settings) if _instance_key(row) not in held_out
+        )
+        train = list(islice(rows, self.num_train))
         return self._with_prompts(train), self._with_prompts(val)
 
     def _with_prompts(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -236,3 +237,20 @@ def _validate(args: dict[str, Any]) -> None:
         check_settings(
             args["min_numbers"], args["max_numbers"], args["max_number"], max_target=args["max_target"]
         )
+
+
+def _distinct(rows: Any, n: int) -> list[dict[str, Any]]:
+    """The first ``n`` rows of ``rows`` with distinct instances (numbers, target)."""
+    out: list[dict[str, Any]] = []
+    seen: set = set()
+    for row in islice(rows, _VAL_DRAWS_PER_ROW * (n + 1)):
+        if len(out) == n:
+            break
+        if _instance_key(row) not in seen:
+            seen.add(_instance_key(row))
+            out.append(row)
+    if len(out) < n:
+        raise ValueError(
+            f"data.num_val: found only {len(out)} distinct Countdown instances; raise data.max_number"
+        )
+    return out
