@@ -173,7 +173,10 @@ class MoERLModule(L.LightningModule):
                 "batch has no 'rollout': add lit_moe_rl.callbacks.RolloutCallback to trainer.callbacks"
             )
         metrics = dict(rollout.extras)
-        if rollout.num_sequences == 0:
+        if rollout.num_sequences == 0:  # DAPO dropped every group: a step with no gradient, still counted
+            self.skipped_steps += 1
+            self.optimizers().step()
+            self.lr_schedulers().step()
             metrics["policy/skipped_steps"] = float(self.skipped_steps)
             self.log_dict(metrics, batch_size=1)
             return
@@ -269,7 +272,11 @@ class MoERLModule(L.LightningModule):
         """Accumulate gradients over the micro-batches of ``rows``, clip, step (or skip if non-finite)."""
         opt = self.optimizers()
         mask = rollout.response_mask[rows.to(rollout.response_mask.device)]
-        norms = dict(num_tokens=float(mask.sum()), num_seqs=float(len(rows)), norm_const=float(rollout.max_response_len or mask.shape[1]))
+        norms = dict(
+            num_tokens=float(mask.sum()),
+            num_seqs=float(len(rows)),
+            norm_const=float(rollout.max_response_len or mask.shape[1]),
+        )
         stats: dict[str, float] = defaultdict(float)
         finite = True
         for micro_rows in self.micro_batches(rows):

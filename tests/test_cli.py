@@ -204,3 +204,20 @@ def test_validate_subcommand_reports_held_out_reward(tmp_path, capsys):
     args = [a for a in TINY_ARGS if "progress_bar" not in a and "model_summary" not in a]
     main(["validate", f"--trainer.default_root_dir={tmp_path}", '--model.config={"family": "olmoe"}', *args])
     assert "val/reward" in capsys.readouterr().out
+
+
+def constant_reward(completion: str, sample: dict) -> float:
+    return 0.5
+
+
+def test_dapo_dropping_every_group_still_ends_the_run(tmp_path):
+    rows = train_rows(
+        run_fit(
+            tmp_path,
+            "--model.algorithm=lit_moe_rl.algorithms.DAPO",
+            "--rollout.reward=tests.test_cli:constant_reward",
+        )
+    )
+    assert len(rows) == 2
+    assert [r["rollout/kept_frac"] for r in rows] == [0.0, 0.0]
+    assert rows[-1]["policy/skipped_steps"] == 2.0
