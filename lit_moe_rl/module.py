@@ -66,6 +66,7 @@ class MoERLModule(L.LightningModule):
         ] = "none",
         correction_args: dict[str, float] | None = None,
         track_router_shift: bool = False,
+        old_logp_pass: Literal["auto", "always"] = "auto",
     ) -> None:
         """
         Args:
@@ -87,6 +88,9 @@ class MoERLModule(L.LightningModule):
             lora: LoRA settings passed to ``peft.LoraConfig`` (None = full fine-tuning).
             correction: Off-policy correction on rho = pi_old / mu (ALGORITHMS.md §2.7-2.8).
             correction_args: Its parameters, e.g. ``{cap: 2.0}`` for TIS, ``{alpha: 0.5, beta: 5.0}`` for IcePop.
+            old_logp_pass: ``auto`` skips the separate π_old forward when it is provably redundant (one
+                mini-batch, no replay, no router-shift tracking, no reference model, no correction): the
+                update's own forward, detached, is π_old (the ratio is exactly 1). ``always`` recomputes.
             track_router_shift: Measure RSPO's router shift (``rspo/*``) even when the algorithm does not
                 weight by it (RouterShiftCallback turns this on).
         """
@@ -110,6 +114,7 @@ class MoERLModule(L.LightningModule):
         self._forward_contexts: list[ForwardContext] = []
         self.reference: Any = None  # set by ReferenceKLCallback: provides reference_logprobs(module, micro)
         self.skipped_steps = 0
+        self._fused_old: list[tuple[Tensor, Tensor, Tensor]] = []  # (rows, logp, entropy) of a fused pass
 
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:
@@ -183,8 +188,12 @@ class MoERLModule(L.LightningModule):
         t0 = time.perf_counter()
         rollout = rollout.to(self.device, skip=("routes", "old_routes", "old_router_logp"))
         batch["rollout"] = rollout  # callbacks' on_train_batch_end sees old_logp, old_topk, ...
-        metrics.update(self.compute_old_logprobs(rollout))
-        metrics.update(self.policy_update(rollout))
+        if self.fuses_old_pass:
+            metrics.update(self.policy_update(rollout))
+            metrics.update(self.collect_fused_old_logprobs(rollout))
+        else:
+            metrics.update(self.compute_old_logprobs(rollout))
+            metrics.update(self.policy_update(rollout))
         update_s = time.perf_counter() - t0
         metrics["perf/update_s"] = update_s
         tokens = float(rollout.attention_mask.sum())
@@ -193,6 +202,30 @@ class MoERLModule(L.LightningModule):
 
     def micro_batches(self, rows: Tensor) -> list[Tensor]:
         return list(rows.split(self.hparams.micro_batch_size))
+
+    @property
+    def fuses_old_pass(self) -> bool:
+        """True when π_old can be read off the (single) update forward instead of a separate pass."""
+        hp = self.hparams
+        return (
+            hp.old_logp_pass == "auto"
+            and hp.mini_batches == 1
+            and not self._forward_contexts
+            and not self.tracks_router_shift
+            and self.reference is None
+            and hp.correction == "none"
+        )
+
+    def collect_fused_old_logprobs(self, rollout: Rollout) -> dict[str, float]:
+        """π_old from the update forward (detached, taken before the step) into ``rollout``, and its metrics."""
+        rows = torch.cat([r for r, _, _ in self._fused_old]).to(rollout.response_mask.device)
+        old = torch.empty_like(rollout.response_mask, dtype=torch.float32)
+        entropy = torch.empty_like(old)
+        old[rows] = torch.cat([lp for _, lp, _ in self._fused_old]).float()
+        entropy[rows] = torch.cat([e for _, _, e in self._fused_old]).float()
+        self._fused_old.clear()
+        rollout.old_logp = old
+        return self.old_pass_metrics(rollout, entropy)
 
     @property
     def tracks_router_shift(self) -> bool:
@@ -228,14 +261,22 @@ class MoERLModule(L.LightningModule):
         rollout.old_logp = torch.cat(old)
         if topk:
             rollout.old_topk, rollout.old_router_logp = torch.cat(topk), torch.cat(router_logp)
-        metrics = {"policy/entropy": float(masked_mean(torch.cat(ent), rollout.response_mask))}
         if ref:
             rollout.ref_logp = torch.cat(ref)
-            kl = kl_estimate(rollout.old_logp, rollout.ref_logp, "k3", mask=rollout.response_mask)
-            metrics["ref/kl"] = float(masked_mean(kl, rollout.response_mask))
+        metrics = self.old_pass_metrics(rollout, torch.cat(ent))
         if rollout.infer_logp is not None:
-            metrics.update(mismatch_metrics(rollout.old_logp, rollout.infer_logp, rollout.response_mask))
             metrics.update(self.apply_correction(rollout))
+        return metrics
+
+    def old_pass_metrics(self, rollout: Rollout, entropy: Tensor) -> dict[str, float]:
+        """``policy/entropy`` of π_old, ``ref/kl`` and the train-inference ``mismatch/*`` metrics."""
+        mask = rollout.response_mask
+        metrics = {"policy/entropy": float(masked_mean(entropy, mask))}
+        if rollout.ref_logp is not None:
+            kl = kl_estimate(rollout.old_logp, rollout.ref_logp, "k3", mask=mask)
+            metrics["ref/kl"] = float(masked_mean(kl, mask))
+        if rollout.infer_logp is not None:
+            metrics.update(mismatch_metrics(rollout.old_logp, rollout.infer_logp, mask))
         return metrics
 
     def apply_correction(self, rollout: Rollout) -> dict[str, float]:
@@ -306,8 +347,13 @@ class MoERLModule(L.LightningModule):
         self, micro: Rollout, capture: Any, *, num_tokens: float, num_seqs: float, norm_const: float
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The algorithm's loss on one micro-batch, normalised by the mini-batch's global counts."""
-        old_logp = micro.require("old_logp", "the module's old-log-prob pass")
-        logp, _ = self.sequence_logprobs(micro)
+        fused = self.fuses_old_pass
+        logp, entropy = self.sequence_logprobs(micro, with_entropy=fused)
+        if fused:  # the single update forward is pi_old: ratio exactly 1, as on the first mini-batch
+            old_logp = logp.detach()
+            self._fused_old.append((micro.rows, old_logp, entropy))
+        else:
+            old_logp = micro.require("old_logp", "the module's old-log-prob pass")
         log_weight, shift_metrics = self.router_shift_weight(micro, capture)
         loss, stats = self.algorithm.objective(
             logp,

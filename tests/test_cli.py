@@ -221,3 +221,12 @@ def test_dapo_dropping_every_group_still_ends_the_run(tmp_path):
     assert len(rows) == 2
     assert [r["rollout/kept_frac"] for r in rows] == [0.0, 0.0]
     assert rows[-1]["policy/skipped_steps"] == 2.0
+
+
+def test_fused_old_pass_matches_a_separate_one(tmp_path):
+    """With one mini-batch, pi_old read off the update forward equals a separate recompute."""
+    fused = train_rows(run_fit(tmp_path / "auto", steps=3))
+    separate = train_rows(run_fit(tmp_path / "always", "--model.old_logp_pass=always", steps=3))
+    for key in ("reward/mean", "policy/loss", "policy/grad_norm", "policy/entropy", "mismatch/train_infer_kl"):
+        assert [r[key] for r in fused] == pytest.approx([r[key] for r in separate], rel=1e-4, abs=1e-6), key
+    assert all(r["policy/ppo_kl"] == 0.0 for r in fused)
