@@ -135,6 +135,13 @@ class MoERLModule(L.LightningModule):
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.policy.config.use_cache = False
 
+    def on_fit_start(self) -> None:
+        """Fail before the first rollout on a KL term without a reference (callbacks' hooks ran first)."""
+        if self.algorithm.kl_coef > 0 and self.reference is None:
+            raise ValueError(
+                "algorithm.kl_coef: > 0 needs a reference model: add lit_moe_rl.callbacks.ReferenceKLCallback"
+            )
+
     def add_forward_context(self, factory: ForwardContext) -> None:
         """Register ``factory(phase, micro_rollout)``, entered around every policy forward."""
         self._forward_contexts.append(factory)

@@ -227,6 +227,34 @@ def test_fused_old_pass_matches_a_separate_one(tmp_path):
     """With one mini-batch, pi_old read off the update forward equals a separate recompute."""
     fused = train_rows(run_fit(tmp_path / "auto", steps=3))
     separate = train_rows(run_fit(tmp_path / "always", "--model.old_logp_pass=always", steps=3))
-    for key in ("reward/mean", "policy/loss", "policy/grad_norm", "policy/entropy", "mismatch/train_infer_kl"):
+    for key in (
+        "reward/mean",
+        "policy/loss",
+        "policy/grad_norm",
+        "policy/entropy",
+        "mismatch/train_infer_kl",
+    ):
         assert [r[key] for r in fused] == pytest.approx([r[key] for r in separate], rel=1e-4, abs=1e-6), key
     assert all(r["policy/ppo_kl"] == 0.0 for r in fused)
+
+
+def test_reference_kl_term_is_logged_and_trains(tmp_path):
+    rows = train_rows(
+        run_fit(
+            tmp_path,
+            "--trainer.callbacks+=lit_moe_rl.callbacks.ReferenceKLCallback",
+            "--model.algorithm=lit_moe_rl.algorithms.GRPO",
+            "--model.algorithm.kl_coef=0.1",
+            steps=3,
+        )
+    )
+    assert rows[0]["ref/kl"] == pytest.approx(0.0, abs=1e-7)  # pi_old is the reference before any step
+    assert rows[-1]["ref/kl"] > 0.0
+    assert all("policy/kl_loss" in r for r in rows)
+
+
+def test_kl_term_without_reference_fails_before_training(capsys, tmp_path):
+    err = _error_of(
+        capsys, tmp_path, "--model.algorithm=lit_moe_rl.algorithms.GRPO", "--model.algorithm.kl_coef=0.1"
+    )
+    assert "ReferenceKLCallback" in err

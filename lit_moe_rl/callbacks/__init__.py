@@ -7,4 +7,11 @@ from lit_moe_rl.callbacks.router_shift import RouterShiftCallback
 from lit_moe_rl.callbacks.samples import SampleTableCallback
 from lit_moe_rl.callbacks.summary import RunSummary
 
-__all__ = ["HFExportCallback", "ReferenceKLCallback", "RolloutCallback", "RouterShiftCallback", "RunSummary", "SampleTableCallback"]
+__all__ = [
+    "HFExportCallback",
+    "ReferenceKLCallback",
+    "RolloutCallback",
+    "RouterShiftCallback",
+    "RunSummary",
+    "SampleTableCallback",
+]
