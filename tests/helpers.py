@@ -50,6 +50,21 @@ def run_fit(tmp_path: Path, *extra: str, steps: int = 2, family: str = "qwen3_mo
     return latest_metrics(save_dir)
 
 
+def save_dense_model(path: Path) -> Path:
+    """A tiny dense (no MoE layer) Qwen3 with the char tokenizer, saved at ``path``."""
+    import transformers
+
+    from lit_moe_rl.policy import char_tokenizer
+
+    config = transformers.Qwen3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
 def latest_metrics(save_dir: Path) -> Path:
     files = sorted(glob.glob(f"{save_dir}/**/metrics.csv", recursive=True), key=os.path.getmtime)
     assert files, f"no metrics.csv under {save_dir}"

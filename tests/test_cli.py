@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from lit_moe_rl.tiny import FAMILIES
-from tests.helpers import latest_metrics, read_metrics, run_fit, train_rows
+from tests.helpers import latest_metrics, read_metrics, run_fit, save_dense_model, train_rows
 
 LOGGED = [
     "reward/mean",
@@ -92,15 +92,7 @@ def test_empty_dataset_is_an_error(capsys, tmp_path):
 
 
 def test_dense_model_with_router_shift_is_an_error(capsys, tmp_path):
-    dense = tmp_path / "dense"
-    config = transformers.Qwen3Config(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(dense)
-    from lit_moe_rl.policy import char_tokenizer
-
-    char_tokenizer().save_pretrained(dense)
+    dense = save_dense_model(tmp_path / "dense")
     with pytest.raises(SystemExit):
         run_fit(
             tmp_path, f"--model.pretrained={dense}", "--model.config=null", "--model.track_router_shift=true"

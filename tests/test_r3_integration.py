@@ -15,18 +15,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import transformers
 import yaml
 
 from lit_moe_rl.callbacks.rollout import RolloutCallback
 from lit_moe_rl.callbacks.routing_replay import RoutingReplayCallback
 from lit_moe_rl.data.countdown import format_prompt, generate_countdown
 from lit_moe_rl.module import MoERLModule
-from lit_moe_rl.policy import char_tokenizer
 from lit_moe_rl.rollout.engine import HFEngine
 from lit_moe_rl.routing.record import record_routes
 from lit_moe_rl.routing.store import RouteStore
-from tests.helpers import read_metrics, run_fit, train_rows
+from tests.helpers import read_metrics, run_fit, save_dense_model, train_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 R3_CONFIG = yaml.safe_load((ROOT / "configs" / "tiny_r3.yaml").read_text())
@@ -224,13 +222,7 @@ def test_fit_with_r2_logs_the_routing_metrics(tmp_path):
 
 
 def test_dense_model_with_r3_is_an_error_at_start_up(capsys, tmp_path):
-    dense = tmp_path / "dense"
-    config = transformers.Qwen3Config(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(dense)
-    char_tokenizer().save_pretrained(dense)
+    dense = save_dense_model(tmp_path / "dense")
     with pytest.raises(SystemExit):
         run_fit(tmp_path, f"--model.pretrained={dense}", "--model.config=null", REPLAY)
     err = capsys.readouterr().err
