@@ -31,7 +31,7 @@ from lit_moe_rl.batch import Rollout
 from lit_moe_rl.corrections import apply_correction
 from lit_moe_rl.losses import aggregate, kl_estimate, masked_mean
 from lit_moe_rl.metrics import extreme_token_fraction, logp_diff_stats, train_infer_kl
-from lit_moe_rl.policy import load_policy, token_logprobs
+from lit_moe_rl.policy import load_balancing_loss, load_policy, token_logprobs
 from lit_moe_rl.routing.checks import require_moe
 from lit_moe_rl.routing.record import capture_router_logits, gather_router_logp
 from lit_moe_rl.routing.shift import router_shift, shift_stats, topk_set_changed
@@ -84,7 +84,8 @@ class MoERLModule(L.LightningModule):
             grad_clip: Max global gradient norm (0 = no clipping).
             logprob_chunk_size: Response positions per LM-head chunk when computing log-probs.
             gradient_checkpointing: Recompute decoder activations in the backward pass.
-            router_aux_loss_coef: Load-balancing aux loss weight during RL (0 = off, as in R3).
+            router_aux_loss_coef: Load-balancing aux loss weight during RL (0 = off, as in R3). Under
+                routing replay HF's aux loss still sees the router's native top-K, not the replayed ids.
             lora: LoRA settings passed to ``peft.LoraConfig`` (None = full fine-tuning).
             correction: Off-policy correction on rho = pi_old / mu (ALGORITHMS.md §2.7-2.8).
             correction_args: Its parameters, e.g. ``{cap: 2.0}`` for TIS, ``{alpha: 0.5, beta: 5.0}`` for IcePop.
@@ -114,6 +115,7 @@ class MoERLModule(L.LightningModule):
         self._forward_contexts: list[ForwardContext] = []
         self.reference: Any = None  # set by ReferenceKLCallback: provides reference_logprobs(module, micro)
         self.skipped_steps = 0
+        self._aux_loss: Any = None  # the family's load-balancing loss when router_aux_loss_coef > 0
         self._fused_old: list[tuple[Tensor, Tensor, Tensor]] = []  # (rows, logp, entropy) of a fused pass
 
     # ------------------------------------------------------------------ model
@@ -131,6 +133,7 @@ class MoERLModule(L.LightningModule):
             self.policy = get_peft_model(self.policy, LoraConfig(**hp.lora))
         if self.tracks_router_shift:
             require_moe(self.policy, "router_shift")
+        self._aux_loss = load_balancing_loss(self.policy) if hp.router_aux_loss_coef > 0 else None
         if hp.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.policy.config.use_cache = False
@@ -154,10 +157,12 @@ class MoERLModule(L.LightningModule):
             yield
 
     def sequence_logprobs(
-        self, micro: Rollout, *, with_entropy: bool = False
-    ) -> tuple[Tensor, Tensor | None]:
-        """Per-token log-probs ``[n, R]`` of ``micro``'s response tokens under the current policy."""
-        logp, entropy, _ = token_logprobs(
+        self, micro: Rollout, *, with_entropy: bool = False, router_logits: bool = False
+    ) -> tuple[Tensor, Tensor | None, Any]:
+        """Per-token log-probs ``[n, R]`` of ``micro``'s response tokens under the current policy,
+        their entropies (when asked) and the decoder outputs (``router_logits`` when asked)."""
+        extra = {"output_router_logits": True} if router_logits else {}
+        return token_logprobs(
             self.policy,
             micro.input_ids,
             micro.attention_mask,
@@ -165,8 +170,8 @@ class MoERLModule(L.LightningModule):
             temperature=micro.temperature,
             chunk_size=self.hparams.logprob_chunk_size,
             with_entropy=with_entropy,
+            **extra,
         )
-        return logp, entropy
 
     # ------------------------------------------------------------- optimiser
     def configure_optimizers(self) -> Any:
@@ -256,7 +261,7 @@ class MoERLModule(L.LightningModule):
         for rows in self.micro_batches(torch.arange(rollout.num_sequences)):
             micro = rollout.select(rows)
             with self.forward_context("old", micro), self._router_capture(micro) as cap:
-                logp, entropy = self.sequence_logprobs(micro, with_entropy=True)
+                logp, entropy, _ = self.sequence_logprobs(micro, with_entropy=True)
             old.append(logp)
             ent.append(entropy)
             if self.reference is not None:
@@ -355,7 +360,9 @@ class MoERLModule(L.LightningModule):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The algorithm's loss on one micro-batch, normalised by the mini-batch's global counts."""
         fused = self.fuses_old_pass
-        logp, entropy = self.sequence_logprobs(micro, with_entropy=fused)
+        logp, entropy, out = self.sequence_logprobs(
+            micro, with_entropy=fused, router_logits=self._aux_loss is not None
+        )
         if fused:  # the single update forward is pi_old: ratio exactly 1, as on the first mini-batch
             old_logp = logp.detach()
             self._fused_old.append((micro.rows, old_logp, entropy))
@@ -379,6 +386,10 @@ class MoERLModule(L.LightningModule):
             kl_loss = aggregate(kl, micro.response_mask, "token-mean", num_tokens=num_tokens)
             loss = loss + self.algorithm.kl_coef * kl_loss
             stats["kl_loss"] = kl_loss.detach()
+        if self._aux_loss is not None:  # a micro-batch mean, weighted by its share of the mini-batch
+            aux = self._aux_loss(out.router_logits, micro.attention_mask)
+            loss = loss + self.hparams.router_aux_loss_coef * aux * (micro.num_sequences / num_seqs)
+            stats["aux_loss"] = aux.detach()
         return loss, stats | shift_metrics
 
     def router_shift_weight(self, micro: Rollout, capture: Any) -> tuple[Tensor | None, dict[str, Tensor]]:

@@ -124,6 +124,26 @@ def note_aux_loss(config: transformers.PretrainedConfig) -> None:
         )
 
 
+def load_balancing_loss(model: nn.Module) -> Any:
+    """``(router_logits, attention_mask) -> aux loss`` with the family's own HF load-balancing loss.
+
+    Raises a one-line error naming the setting for families without one (DeepSeek-V3 balances with its
+    selection bias instead).
+    """
+    import sys
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    fn = getattr(sys.modules[type(base).__module__], "load_balancing_loss_func", None)
+    if fn is None:
+        raise ValueError(
+            f"model.router_aux_loss_coef: {base.config.model_type} has no load-balancing loss in transformers"
+        )
+    from lit_moe_rl.routing.adapters import moe_layout
+
+    _, top_k, num_experts = moe_layout(model)
+    return lambda router_logits, attention_mask: fn(router_logits, num_experts, top_k, attention_mask)
+
+
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     """Position ids as ``generate`` computes them for left-padded batches."""
     pos = attention_mask.long().cumsum(-1) - 1

@@ -250,3 +250,15 @@ def test_kl_term_without_reference_fails_before_training(capsys, tmp_path):
         capsys, tmp_path, "--model.algorithm=lit_moe_rl.algorithms.GRPO", "--model.algorithm.kl_coef=0.1"
     )
     assert "ReferenceKLCallback" in err
+
+
+def test_router_aux_loss_is_off_unless_asked_and_then_trains(tmp_path):
+    off = train_rows(run_fit(tmp_path / "off"))
+    assert "policy/aux_loss" not in off[0]
+    on = train_rows(run_fit(tmp_path / "on", "--model.router_aux_loss_coef=0.01"))
+    assert all(r["policy/aux_loss"] > 0 for r in on)
+
+
+def test_router_aux_loss_on_a_family_without_one_is_an_error(capsys, tmp_path):
+    err = _error_of(capsys, tmp_path, "--model.router_aux_loss_coef=0.01", family="deepseek_v3")
+    assert "model.router_aux_loss_coef" in err
