@@ -117,19 +117,26 @@ class RouteRecorder(_PerCallHooks):
 
 
 @contextmanager
+def _router_hooks(routers: list[MoERouter], state: _PerCallHooks) -> Iterator[None]:
+    """Install ``state``'s forward hook on every router (and the block-shape pre-hooks) for the block."""
+    handles = track_block_shapes(routers, state._block_shapes)
+    handles += [r.module.register_forward_hook(state.hook(r)) for r in routers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
 def record_routes(model: nn.Module) -> Iterator[RouteRecorder]:
     """``with record_routes(model) as rec: model.generate(...)``; then ``rec.routes`` is
     ``[B, P + steps, L, K]``: the prefill ``[B, P]`` then one position per KV-cache decode step.
     Feed it to :func:`align_generation_routes` to get the training layout."""
     routers = require_moe(model, "record_routes")
     recorder = RouteRecorder(routers)
-    handles = track_block_shapes(routers, recorder._block_shapes)
-    handles += [r.module.register_forward_hook(recorder.hook(r)) for r in routers]
-    try:
+    with _router_hooks(routers, recorder):
         yield recorder
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def align_generation_routes(
@@ -233,13 +240,8 @@ def capture_router_logits(
         raise ValueError(f"capture_router_logits: kind must be 'log_softmax' or 'log_sigmoid', got {kind!r}")
     routers = require_moe(model, "capture_router_logits")
     capture = RouterLogitsCapture(routers, positions, kind)
-    handles = track_block_shapes(routers, capture._block_shapes)
-    handles += [r.module.register_forward_hook(capture.hook(r)) for r in routers]
-    try:
+    with _router_hooks(routers, capture):
         yield capture
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def gather_router_logp(router_logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
