@@ -34,8 +34,6 @@ class Algorithm:
     """Base: GRPO advantages; subclasses define :meth:`objective`."""
 
     name = "base"
-    # the global normaliser each objective needs when micro-batches are accumulated
-    normaliser: Literal["tokens", "seqs"] = "tokens"
 
     def __init__(
         self,
@@ -151,7 +149,6 @@ class GRPO(Algorithm):
             raise ValueError(f"algorithm.agg: must be one of {', '.join(losses.AGG_MODES)}, got {agg!r}")
         self.agg = agg
         self.clip_ratio_c = clip_ratio_c
-        self.normaliser = "tokens" if agg == "token-mean" else "seqs"
 
     def objective(
         self, logp, old_logp, advantages, mask, *, log_weight, token_weight, num_tokens, num_seqs, norm_const
@@ -235,7 +232,6 @@ class DrGRPO(GRPO):
 class SequenceObjective(Algorithm):
     """Shared by GSPO and GMPO: a per-sequence objective normalised by the global sequence count."""
 
-    normaliser = "seqs"
     loss_fn: Callable[..., tuple[Tensor, dict[str, Tensor]]]
 
     def objective(

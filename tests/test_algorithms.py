@@ -50,10 +50,10 @@ def test_defaults_follow_the_papers():
     dapo = DAPO()
     assert (dapo.clip_low, dapo.clip_high, dapo.dynamic_sampling) == (0.2, 0.28, True)
     drgrpo = DrGRPO()
-    assert drgrpo.agg == "seq-mean-token-sum-norm" and drgrpo.normaliser == "seqs"
+    assert drgrpo.agg == "seq-mean-token-sum-norm"
     assert not drgrpo.norm_adv_by_std
-    assert (GSPO().clip_low, GSPO().clip_high, GSPO.normaliser) == (3e-4, 4e-4, "seqs")
-    assert (GMPO().clip_low, GMPO().clip_high, GMPO.normaliser) == (0.4, 0.4, "seqs")
+    assert (GSPO().clip_low, GSPO().clip_high) == (3e-4, 4e-4)
+    assert (GMPO().clip_low, GMPO().clip_high) == (0.4, 0.4)
     rspo = RSPO()
     assert (rspo.clip_low, rspo.clip_high, rspo.router_shift_floor) == (0.4, 0.4, 0.8)
     assert rspo.router_shift and rspo.router_shift_layer_reduce == "mean" and isinstance(rspo, GMPO)
