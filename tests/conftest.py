@@ -6,9 +6,17 @@ two threads 10x or more slower than one.
 
 import os
 
+import pytest
 import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def cli_argv(monkeypatch):
+    """Tests call ``lit_moe_rl.cli.main([...])`` in-process: pytest's own arguments in ``sys.argv`` would
+    make LightningCLI warn that both were given (a line on stderr a real run never prints)."""
+    monkeypatch.setattr("sys.argv", ["lit-moe-rl"])

@@ -43,8 +43,10 @@ class RolloutCallback(Callback):
             seed: Sampling seed; each step samples with ``seed + global_step``, so a resumed run
                 samples what an uninterrupted one would.
         """
-        if group_size < 1:
-            raise ValueError(f"rollout.group_size: must be >= 1, got {group_size}")
+        if group_size < 2:
+            raise ValueError(
+                f"rollout.group_size: group-relative advantages need >= 2 completions per prompt, got {group_size}"
+            )
         if val_samples < 1:
             raise ValueError(f"rollout.val_samples: must be >= 1, got {val_samples}")
         self.engine = engine if engine is not None else HFEngine()
@@ -54,13 +56,6 @@ class RolloutCallback(Callback):
         self.val_samples = val_samples
         self.seed = seed
         self.record_routes = False  # switched on by RoutingReplayCallback (R3)
-
-    @override
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self.group_size < 2:
-            raise ValueError(
-                f"rollout.group_size: group-relative advantages need >= 2 completions per prompt, got {self.group_size}"
-            )
 
     def _bind(self, pl_module: L.LightningModule) -> None:
         self.engine.bind(pl_module.policy, pl_module.tokenizer)
