@@ -132,3 +132,21 @@ def test_quickstart_tokenizer_adds_no_special_tokens() -> None:
     old = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     assert enc["input_ids"].equal(old["input_ids"]) and enc["attention_mask"].equal(old["attention_mask"])
     assert tok.bos_token_id not in enc["input_ids"].tolist()[0]
+
+
+def test_chat_rows_from_the_datamodule_encode(tmp_path) -> None:
+    """A JSONL of chat-message prompts -> DataModule batch -> encoded prompts, rendered by the template."""
+    import json
+
+    from lit_moe_rl.data import PromptDataModule
+
+    rows = [{"prompt": [{"role": "user", "content": f"{i}+1?"}], "answer": i + 1} for i in range(4)]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dm = PromptDataModule(source="file", path=str(path), num_val=1, batch_size=3, shuffle=False)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    tok = char_tok(chat_template=CHAT_TEMPLATE)
+    enc = encode_prompts(tok, batch["prompt"], max_prompt_len=None)
+    texts = tok.batch_decode(enc["input_ids"], skip_special_tokens=False)
+    assert texts == [f"<bos><|user|>{i}+1?\n<|assistant|>" for i in range(3)]
