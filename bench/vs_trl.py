@@ -13,6 +13,8 @@ checkpointing off -- alternate ``repeats`` times so that load from other process
 A step's time is the wall time between two consecutive optimizer-step ends (generation, reward,
 update, logging: everything); the figure is the median over steps 2..N of all repeats. The faster
 TRL variant counts for the ratio (``TRL s/step / lit s/step``, > 1 means lit-moe-rl is faster).
+On a machine that other jobs share, pass ``--threads 1``: OpenMP threads that spin while other
+processes hold the cores make a 2-thread step several times slower, and unevenly so.
 
 Settings matched (each trainer's name for it):
 

@@ -150,3 +150,15 @@ def test_chat_rows_from_the_datamodule_encode(tmp_path) -> None:
     enc = encode_prompts(tok, batch["prompt"], max_prompt_len=None)
     texts = tok.batch_decode(enc["input_ids"], skip_special_tokens=False)
     assert texts == [f"<bos><|user|>{i}+1?\n<|assistant|>" for i in range(3)]
+
+
+def test_split_lead_cases() -> None:
+    """(tokenizer prefix, template BOS) -> the lead kept in front and the body that may be truncated."""
+    from lit_moe_rl.rollout.prompts import split_lead
+
+    assert split_lead([5, 6], [1, 5, 6], bos_token_id=1) == ([1], [5, 6])  # tokenizer adds BOS
+    assert split_lead([1, 5, 6], [1, 1, 5, 6], bos_token_id=1) == ([1], [5, 6])  # template rendered it too
+    assert split_lead([1, 5, 6], [1, 5, 6], bos_token_id=1) == ([1], [5, 6])  # only the template renders it
+    assert split_lead([5, 6], [5, 6, 2], bos_token_id=1) == ([], [5, 6])  # a trailing EOS is dropped
+    assert split_lead([5, 6], [5, 6], bos_token_id=None) == ([], [5, 6])
+    assert split_lead([5, 6], [1, 7, 8], bos_token_id=1) == ([], [1, 7, 8])  # specials changed the split

@@ -88,10 +88,13 @@ def split_lead(body: list[int], full: list[int], bos_token_id: int | None) -> tu
     ``add_special_tokens=True`` encoding), and ``body`` without them if it already starts with them.
 
     With no tokenizer prefix, a BOS the text itself starts with (rendered by a chat template) is the lead,
-    so that left truncation keeps it.
+    so that left truncation keeps it. Should the special tokens change how the text itself splits (``body``
+    is not a run of ``full``), ``full`` is kept whole, as the tokenizer encodes it.
     """
     start = _find(full, body)
-    prefix = full[:start] if start is not None else []
+    if start is None:  # the special tokens changed how the text splits: keep the tokenizer's own encoding
+        return [], full
+    prefix = full[:start]
     if prefix and body[: len(prefix)] == prefix:
         return prefix, body[len(prefix) :]
     if not prefix and bos_token_id is not None and body[:1] == [bos_token_id]:
