@@ -265,13 +265,16 @@ def main(argv: list[str] | None = None) -> None:
 def report(results: dict[str, dict[str, list[float]]], args: argparse.Namespace) -> None:
     """Each trainer's median s/step, then ``ratio lit/TRL throughput=X.XX`` (the faster TRL counts)."""
     print(
-        f"workload: 4 prompts x {GROUP} completions x <= {MAX_NEW_TOKENS} tokens, fp32, {args.threads} threads; "
+        f"workload: {PROMPTS_PER_STEP} prompts x {GROUP} completions x <= {MAX_NEW_TOKENS} tokens, fp32, {args.threads} threads; "
         f"median over steps 2..{args.steps} of {args.repeats} run(s) each"
     )
     median = {name: statistics.median(r["step_s"]) for name, r in results.items()}
     for name, r in results.items():
         length = statistics.mean(r["lengths"]) if r["lengths"] else float("nan")
-        print(f"{name:<20} s/step={median[name]:.3f}  (tokens per completion {length:.1f})")
+        tokens_per_s = PROMPTS_PER_STEP * GROUP * length / median[name]
+        print(
+            f"{name:<20} s/step={median[name]:.3f}  (tokens per completion {length:.1f}, ~{tokens_per_s:.0f} tokens/s)"
+        )
     trl = min(median["TRL (defaults)"], median["TRL (no grad ckpt)"])
     print(f"ratio lit/TRL throughput={trl / median['lit-moe-rl']:.2f}")
 
