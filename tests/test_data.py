@@ -235,3 +235,55 @@ def test_val_seed_lets_a_warm_start_share_the_held_out_prompts() -> None:
     assert [r["prompt"] for r in rl.val_rows] == [r["prompt"] for r in sft.val_rows]
     assert not _keys(rl.val_rows) & _keys(sft.train_rows)
     assert [r["prompt"] for r in rl.train_rows[:5]] != [r["prompt"] for r in sft.train_rows[:5]]
+
+
+CHAT_ROWS = [
+    {
+        "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"{i}+1?"}],
+        "answer": i + 1,
+    }
+    for i in range(6)
+]
+
+
+def test_saved_dataset_folder_round_trip(tmp_path: Path) -> None:
+    """A real ``Dataset.save_to_disk`` folder (several shards, a shuffled selection) reads back row for row."""
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_list(CHAT_ROWS)
+    ds.save_to_disk(str(tmp_path / "ds"), num_shards=3)
+    assert load_prompt_file(tmp_path / "ds") == CHAT_ROWS
+    picked = ds.shuffle(seed=0).select(range(4))
+    picked.save_to_disk(str(tmp_path / "picked"))
+    assert load_prompt_file(tmp_path / "picked") == picked.to_list()
+    datasets.DatasetDict(train=ds, test=picked).save_to_disk(str(tmp_path / "dict"))
+    with pytest.raises(
+        ValueError, match=r"^data.path: .*DatasetDict; point at one split folder: .*dict/train'"
+    ):
+        load_prompt_file(tmp_path / "dict")
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(ValueError, match=r"^data.path: .* without state.json"):
+        load_prompt_file(tmp_path / "empty_dir")
+
+
+def test_datamodule_reads_a_saved_dataset_folder(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list(CHAT_ROWS).save_to_disk(str(tmp_path / "train"))
+    dm = PromptDataModule(source="file", path=str(tmp_path / "train"), num_val=2, batch_size=2)
+    dm.setup()
+    assert [r["prompt"] for r in dm.val_rows or []] == [r["prompt"] for r in CHAT_ROWS[4:]]
+
+
+def test_datamodule_passes_chat_message_prompts_through(tmp_path: Path) -> None:
+    path = _write_jsonl(tmp_path / "chat.jsonl", CHAT_ROWS)
+    dm = PromptDataModule(source="file", path=str(path), num_val=2, batch_size=2, shuffle=False)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["prompt"] == [CHAT_ROWS[0]["prompt"], CHAT_ROWS[1]["prompt"]]
+    assert [s["answer"] for s in batch["samples"]] == [1, 2]
+    assert next(iter(dm.val_dataloader()))["prompt"] == [r["prompt"] for r in CHAT_ROWS[4:]]
+    bad = _write_jsonl(tmp_path / "bad.jsonl", [{"prompt": [{"content": "no role"}]}] * 4)
+    with pytest.raises(ValueError, match=r"^data.path: .*bad.jsonl' row 1: 'prompt' message 0 is not"):
+        PromptDataModule(source="file", path=str(bad), num_val=1, batch_size=1).setup()
+    number = _write_jsonl(tmp_path / "number.jsonl", [{"prompt": 3}] * 4)
+    with pytest.raises(ValueError, match=r"row 1: 'prompt' is a int, expected the prompt text or"):
+        PromptDataModule(source="file", path=str(number), num_val=1, batch_size=1).setup()

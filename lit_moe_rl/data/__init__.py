@@ -1,4 +1,5 @@
-"""Prompt data: a synthetic Countdown generator, JSONL/Parquet prompt files, and the DataModule.
+"""Prompt data: a synthetic Countdown generator, JSONL/Parquet prompt files or ``datasets`` folders, and the
+DataModule.
 
 ``PromptDataModule`` and ``collate_prompts`` are imported on first access, so the generator and
 file loader can be used without importing Lightning (several seconds).

@@ -16,19 +16,22 @@ from lit_moe_rl.data.countdown import (
 )
 from lit_moe_rl.data.files import load_prompt_file
 from lit_moe_rl.data.sampler import ResumableSampler
+from lit_moe_rl.rollout.prompts import prompt_error
 
 _VAL_DRAWS_PER_ROW = 200
 
 
 def collate_prompts(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """A batch ``{"prompt": list[str] [B], "samples": list[dict] [B]}``; each sample is a copy of its row."""
+    """A batch ``{"prompt": list[str | list[dict]] [B], "samples": list[dict] [B]}``; each sample is a copy of
+    its row. A prompt is its text or a list of chat messages, passed through as it is."""
     return {"prompt": [row["prompt"] for row in rows], "samples": [dict(row) for row in rows]}
 
 
 class PromptDataModule(L.LightningDataModule):
-    """Prompts for RL: synthetic Countdown instances or a JSONL / Parquet file of prompt rows.
+    """Prompts for RL: synthetic Countdown instances, or prompt rows from a JSONL / Parquet file or a Hugging
+    Face ``datasets`` folder (``Dataset.save_to_disk``).
 
-    Each batch is ``{"prompt": list[str], "samples": list[dict]}``: the prompt strings and the full
+    Each batch is ``{"prompt": list[str | list[dict]], "samples": list[dict]}``: the prompts and the full
     rows (``prompt`` plus every other field, e.g. ``numbers``/``target``/``solution`` for Countdown
     or ``answer`` for math), which the reward function receives as ``sample``. Validation prompts
     are held out: Countdown draws them from a separate random stream and drops every (numbers,
@@ -37,9 +40,12 @@ class PromptDataModule(L.LightningDataModule):
 
     Args:
         source: ``"countdown"`` generates instances; ``"file"`` reads ``path``.
-        path: the training prompt file (``.jsonl``, ``.json`` or ``.parquet``) when ``source=file``.
-        val_path: a separate validation file; without it the last ``num_val`` rows of ``path`` are held out.
-        prompt_key: the field of a file row holding the prompt text (copied to ``prompt``).
+        path: the training prompts when ``source=file``: a ``.jsonl``, ``.json`` or ``.parquet`` file, or a
+            ``datasets`` folder written by ``Dataset.save_to_disk`` (one split).
+        val_path: a separate validation file or folder; without it the last ``num_val`` rows of ``path``
+            are held out.
+        prompt_key: the field of a row holding the prompt (copied to ``prompt``): its text, or a list of chat
+            messages ``[{"role": ..., "content": ...}]`` that the tokenizer's chat template renders.
         template: Countdown prompt template: ``tinyzero`` (TinyZero base prompt), ``qwen-instruct``
             (the same in ChatML) or ``compact`` (``"3 5 7 => 22 ="``, for character-level models).
         num_train: number of Countdown training instances.
@@ -198,17 +204,15 @@ class PromptDataModule(L.LightningDataModule):
         return rows[:cut], rows[cut:]
 
     def _load(self, path: str, setting: str) -> list[dict[str, Any]]:
-        """Non-empty rows of a prompt file, each with its prompt text under ``prompt``."""
+        """Non-empty rows of a prompt file, each with its prompt (text or chat messages) under ``prompt``."""
         rows = load_prompt_file(path, prompt_key=self.prompt_key, setting=setting)
         if not rows:
             raise ValueError(f"{setting}: '{path}' has no rows")
         for number, row in enumerate(rows, start=1):
             prompt = row[self.prompt_key]
-            if not isinstance(prompt, str):
-                raise ValueError(
-                    f"{setting}: '{path}' row {number}: {self.prompt_key!r} is a {type(prompt).__name__}, "
-                    "expected the prompt text (apply any chat template when writing the file)"
-                )
+            error = prompt_error(prompt)
+            if error is not None:
+                raise ValueError(f"{setting}: '{path}' row {number}: {self.prompt_key!r} {error}")
             row["prompt"] = prompt
         return rows
 
