@@ -1,0 +1,128 @@
+"""The rollout engine's decode loop: the model's own forward with a KV cache, one sampled token per step.
+
+Choices made here (and why):
+
+* **Prefill once per prompt.** The ``B`` prompts run one prefill, then the KV cache and the last
+  hidden state are repeated ``n`` times (HF ``generate`` expands to ``B*n`` rows *before* prefill).
+  The ``n`` completions of a prompt then share its prefill exactly, so their prompt routes (R3) are
+  identical by construction.
+* **Only ``[A, V]`` logits are alive.** Decoder and LM head are called separately (as
+  :func:`lit_moe_rl.policy.token_logprobs` does), and the head only sees the last position; each
+  step samples and keeps the sampled token's log-prob (:mod:`lit_moe_rl.rollout.sampling`).
+* **Finished rows leave the batch.** A row that sampled any EOS id is dropped from the active rows
+  and its KV cache (``batch_select_indices``); the loop ends when no row is left or after
+  ``max_new_tokens``. Nothing runs past a row's EOS.
+* **Positions and masks as ``generate`` builds them for left-padded prompts:** a 2-D attention
+  mask that grows by one column per step, position ids ``cumsum(mask) - 1`` for the prompt and
+  ``last + 1`` per step (:func:`lit_moe_rl.policy.position_ids_from_mask`, the trainer's rule).
+* **R3 inside the loop.** With a :class:`~lit_moe_rl.routing.record.RouteRecorder`, every forward's
+  routes are written at the rows and positions that call fed, into ``[N, P + R, L, K]`` filled with
+  -1: left padding, the last sampled token of each row (never fed forward) and positions after a
+  row's EOS keep -1 ("no route").
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers import DynamicCache
+
+from lit_moe_rl.policy import position_ids_from_mask
+from lit_moe_rl.rollout.sampling import SamplingParams, sample_step
+
+__all__ = ["Decoded", "decode"]
+
+
+@dataclass
+class Decoded:
+    """What :func:`decode` sampled for ``N = B * n`` rows (prompt-major)."""
+
+    tokens: Tensor  # [N, R] long: sampled tokens, pad after a row's first EOS
+    logp: Tensor  # [N, R] float32: μ of each sampled token, 0 where none was sampled
+    routes: Tensor | None  # [N, P + R, L, K] route ids, -1 = no route (when a recorder was given)
+
+
+def _cache_kwarg(decoder: nn.Module) -> str:
+    """Name of the decoder's KV-cache argument (``cache`` since transformers 5.2x, ``past_key_values`` before)."""
+    params = inspect.signature(decoder.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+class _Stepper:
+    """Runs the decoder on some rows and returns the last position's hidden state ``[A, H]``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.decoder = model.get_decoder()
+        self.head = model.get_output_embeddings()
+        self.cache = DynamicCache(config=model.config)
+        self.cache_kwarg = _cache_kwarg(self.decoder)
+
+    def __call__(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
+        out = self.decoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            **{self.cache_kwarg: self.cache},
+        )
+        return out.last_hidden_state[:, -1]
+
+
+@torch.no_grad()
+def decode(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    *,
+    n: int,
+    max_new_tokens: int,
+    params: SamplingParams,
+    eos_token_ids: list[int],
+    pad_token_id: int,
+    recorder=None,
+) -> Decoded:
+    """Sample ``max_new_tokens`` at most for each of the ``n`` copies of every left-padded prompt.
+
+    ``input_ids``/``attention_mask`` are ``[B, P]``; rows ``[i*n, (i+1)*n)`` of the output belong to
+    prompt ``i``. ``recorder`` is an active :class:`~lit_moe_rl.routing.record.RouteRecorder` (R3).
+    """
+    batch, prompt_len = input_ids.shape
+    rows, device = batch * n, input_ids.device
+    eos = torch.tensor(sorted(set(eos_token_ids)), device=device)
+    step = _Stepper(model)
+    positions = position_ids_from_mask(attention_mask)
+    hidden = step(input_ids, attention_mask, positions).repeat_interleave(n, dim=0)  # [N, H]
+    routes = None
+    if recorder is not None:
+        prompt_routes = recorder.take()  # [B, P, L, K]
+        routes = prompt_routes.new_full((rows, prompt_len + max_new_tokens, *prompt_routes.shape[2:]), -1)
+        routes[:, :prompt_len] = prompt_routes.repeat_interleave(n, dim=0)
+        routes[:, :prompt_len][attention_mask.repeat_interleave(n, dim=0) == 0] = -1
+    step.cache.batch_repeat_interleave(n)
+    mask = attention_mask.repeat_interleave(n, dim=0)  # [A, P + t]
+    next_pos = positions[:, -1:].repeat_interleave(n, dim=0) + 1  # [A, 1]
+    active = torch.arange(rows, device=device)  # rows still generating
+    tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    logp = torch.zeros((rows, max_new_tokens), dtype=torch.float32, device=device)
+    for t in range(max_new_tokens):
+        token, token_logp = sample_step(step.head(hidden), params)  # [A], [A]
+        tokens[active, t] = token
+        logp[active, t] = token_logp
+        if t == max_new_tokens - 1:
+            break
+        keep = ~torch.isin(token, eos)
+        if not bool(keep.all()):
+            kept = keep.nonzero().squeeze(-1)
+            if kept.numel() == 0:
+                break
+            active, token, mask, next_pos = active[kept], token[kept], mask[kept], next_pos[kept]
+            step.cache.batch_select_indices(kept)
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        hidden = step(token[:, None], mask, next_pos)
+        if recorder is not None:
+            routes[active, prompt_len + t] = recorder.take()[:, 0].to(routes.device)
+        next_pos = next_pos + 1
+    return Decoded(tokens=tokens, logp=logp, routes=routes)
