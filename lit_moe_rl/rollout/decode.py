@@ -9,15 +9,17 @@ Choices made here (and why):
 * **Only ``[A, V]`` logits are alive.** Decoder and LM head are called separately (as
   :func:`lit_moe_rl.policy.token_logprobs` does), and the head only sees the last position; each
   step samples and keeps the sampled token's log-prob (:mod:`lit_moe_rl.rollout.sampling`).
-* **Finished rows leave the batch.** A row that sampled any EOS id is dropped from the active rows
-  and its KV cache (``batch_select_indices``); the loop ends when no row is left or after
-  ``max_new_tokens``. Nothing runs past a row's EOS.
+* **Finished rows leave the batch.** A row that sampled any EOS id is dropped from the batch and
+  its KV cache (``batch_select_indices``); the loop ends when no row is left or after
+  ``max_new_tokens``. Nothing runs past a row's EOS. When routes are recorded, a finished row is
+  fed its EOS once more before it leaves, so that every real token but the row's last position
+  has a route, as HF ``generate`` recorded them (its logits are discarded).
 * **Positions and masks as ``generate`` builds them for left-padded prompts:** a 2-D attention
   mask that grows by one column per step, position ids ``cumsum(mask) - 1`` for the prompt and
   ``last + 1`` per step (:func:`lit_moe_rl.policy.position_ids_from_mask`, the trainer's rule).
 * **R3 inside the loop.** With a :class:`~lit_moe_rl.routing.record.RouteRecorder`, every forward's
   routes are written at the rows and positions that call fed, into ``[N, P + R, L, K]`` filled with
-  -1: left padding, the last sampled token of each row (never fed forward) and positions after a
+  -1: left padding, the last position (its token is never fed forward) and positions after a
   row's EOS keep -1 ("no route").
 """
 
@@ -104,21 +106,28 @@ def decode(
     step.cache.batch_repeat_interleave(n)
     mask = attention_mask.repeat_interleave(n, dim=0)  # [A, P + t]
     next_pos = positions[:, -1:].repeat_interleave(n, dim=0) + 1  # [A, 1]
-    active = torch.arange(rows, device=device)  # rows still generating
+    active = torch.arange(rows, device=device)  # rows in the batch
+    live = torch.ones(rows, dtype=torch.bool, device=device)  # rows of the batch still sampling
     tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     logp = torch.zeros((rows, max_new_tokens), dtype=torch.float32, device=device)
     for t in range(max_new_tokens):
         token, token_logp = sample_step(step.head(hidden), params)  # [A], [A]
-        tokens[active, t] = token
-        logp[active, t] = token_logp
-        if t == max_new_tokens - 1:
+        tokens[active[live], t] = token[live]
+        logp[active[live], t] = token_logp[live]
+        ended = live & torch.isin(token, eos)
+        keep = live if recorder is not None else live & ~ended  # R3: an EOS is fed once for its route
+        live = live & ~ended
+        if t == max_new_tokens - 1 or not bool(keep.any()):
             break
-        keep = ~torch.isin(token, eos)
         if not bool(keep.all()):
             kept = keep.nonzero().squeeze(-1)
-            if kept.numel() == 0:
-                break
-            active, token, mask, next_pos = active[kept], token[kept], mask[kept], next_pos[kept]
+            active, token, live, mask, next_pos = (
+                active[kept],
+                token[kept],
+                live[kept],
+                mask[kept],
+                next_pos[kept],
+            )
             step.cache.batch_select_indices(kept)
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
         hidden = step(token[:, None], mask, next_pos)
