@@ -9,7 +9,7 @@ inference engines:
 * the model class's ``_keep_in_fp32_modules_strict`` (bf16 and fp16) and ``_keep_in_fp32_modules``
   (fp16 only) stay float32: DeepSeek-V3's router ``gate.weight`` and ``e_score_correction_bias``.
 
-:func:`inference_copy` applies that rule tensor by tensor while copying (HF's own dtype plan and
+:func:`inference_copy` applies that rule tensor by tensor while copying (HF's own rule and
 pattern matching; no disk round trip, never two full-precision copies alive), and :func:`sync_into`
 copies values while keeping each target tensor's dtype.
 """
@@ -17,12 +17,12 @@ copies values while keeping each target tensor's dtype.
 from __future__ import annotations
 
 import copy
+import re
 
 import torch
 from torch import nn
-from transformers.core_model_loading import build_glob_alternation
 
-__all__ = ["inference_copy", "sync_into", "target_dtypes"]
+__all__ = ["fp32_patterns", "inference_copy", "sync_into", "target_dtypes"]
 
 
 def _pretrained(model: nn.Module) -> nn.Module:
@@ -38,25 +38,34 @@ def _non_persistent_buffers(model: nn.Module) -> set[str]:
     return names
 
 
+def fp32_patterns(model: nn.Module, dtype: torch.dtype) -> list[str]:
+    """Name patterns HF keeps in float32 when loading in ``dtype`` (its ``_get_dtype_plan`` rule):
+    ``_keep_in_fp32_modules_strict`` for bf16 and fp16, ``_keep_in_fp32_modules`` for fp16 only."""
+    base = _pretrained(model)
+    patterns = []
+    if dtype in (torch.float16, torch.bfloat16):
+        patterns += list(getattr(base, "_keep_in_fp32_modules_strict", None) or [])
+    if dtype == torch.float16:
+        patterns += list(getattr(base, "_keep_in_fp32_modules", None) or [])
+    return [p.replace("*", ".*") for p in patterns]  # HF matches each glob with re.search
+
+
 def target_dtypes(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.dtype]:
     """``name -> dtype`` of every floating parameter and buffer as ``from_pretrained(dtype=dtype)`` gives it.
 
     Non-persistent buffers keep their dtype (HF computes them at init, never loads them); names that
-    match the class's fp32 dtype plan get float32; every other floating tensor gets ``dtype``.
+    match :func:`fp32_patterns` get float32; every other floating tensor gets ``dtype``.
     """
-    base = _pretrained(model)
-    plan = base._get_dtype_plan(dtype) if hasattr(base, "_get_dtype_plan") else {}
-    pattern, group_to_glob, _ = build_glob_alternation(list(plan)) if plan else (None, {}, {})
+    keep_fp32 = re.compile("|".join(fp32_patterns(model, dtype)) or r"(?!)")
     keep = _non_persistent_buffers(model)
     dtypes = {}
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if not tensor.is_floating_point():
             continue
-        match = pattern.search(name) if pattern is not None else None
         if name in keep:
             dtypes[name] = tensor.dtype
-        elif match is not None:
-            dtypes[name] = plan[group_to_glob[match.lastgroup]]
+        elif keep_fp32.search(name):
+            dtypes[name] = torch.float32
         else:
             dtypes[name] = dtype
     return dtypes
