@@ -42,7 +42,7 @@ __all__ = ["Decoded", "decode"]
 class Decoded:
     """What :func:`decode` sampled for ``N = B * n`` rows (prompt-major)."""
 
-    tokens: Tensor  # [N, R] long: sampled tokens, pad after a row's first EOS
+    tokens: Tensor  # [N, R] long: sampled tokens, pad after a row's first EOS; R = the longest row
     logp: Tensor  # [N, R] float32: μ of each sampled token, 0 where none was sampled
     routes: Tensor | None  # [N, P + R, L, K] route ids, -1 = no route (when a recorder was given)
 
@@ -134,4 +134,6 @@ def decode(
         if recorder is not None:
             routes[active, prompt_len + t] = recorder.take()[:, 0].to(routes.device)
         next_pos = next_pos + 1
-    return Decoded(tokens=tokens, logp=logp, routes=routes)
+    steps = t + 1  # the longest row's length: R of the output
+    routes = None if routes is None else routes[:, : prompt_len + steps]
+    return Decoded(tokens=tokens[:, :steps], logp=logp[:, :steps], routes=routes)
