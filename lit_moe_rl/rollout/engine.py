@@ -159,7 +159,6 @@ class HFEngine(RolloutEngine):
         """Every id that ends a completion: ``generation_config.eos_token_id`` (int or list) and the tokenizer's."""
         return eos_token_ids(self.model, self.tokenizer)
 
-    @torch.no_grad()
     def generate(
         self, prompts: list[str], *, n: int, greedy: bool = False, record_routes: bool = False
     ) -> Generation:
@@ -172,7 +171,7 @@ class HFEngine(RolloutEngine):
         eos = self.eos_token_ids()
         try:
             enc = self._encode(prompts, next(model.parameters()).device)
-            with _maybe_record(model, record_routes) as rec:
+            with torch.inference_mode(), _maybe_record(model, record_routes) as rec:
                 out = decode(
                     model, enc["input_ids"], enc["attention_mask"], n=n, max_new_tokens=self.max_new_tokens,
                     params=params, eos_token_ids=eos, pad_token_id=self.tokenizer.pad_token_id, recorder=rec,
@@ -195,7 +194,9 @@ class HFEngine(RolloutEngine):
             prompt_len=prompt_ids.shape[1],
             infer_logp=out.logp.masked_fill(~response_mask, 0.0),
             truncated=truncated,
-            routes=out.routes,
+            routes=None
+            if out.routes is None
+            else out.routes.clone(),  # a normal tensor, not an inference one
         )
 
 
