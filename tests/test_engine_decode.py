@@ -177,3 +177,10 @@ def test_generation_tensors_are_ordinary_tensors_the_trainer_can_backprop_throug
     logp, _, _ = token_logprobs(model, gen.input_ids, gen.attention_mask, gen.prompt_len)
     logp[gen.response_mask].sum().backward()
     assert model.lm_head.weight.grad is not None
+
+
+def test_right_padded_prompts_are_refused():
+    model, tok = load_policy(config={"family": "qwen3_moe"})
+    tok.padding_side = "right"
+    with pytest.raises(ValueError, match="prompts must be left-padded"):
+        _engine(model, tok).generate(PROMPTS, n=1)

@@ -93,6 +93,8 @@ def decode(
     ``input_ids``/``attention_mask`` are ``[B, P]``; rows ``[i*n, (i+1)*n)`` of the output belong to
     prompt ``i``. ``recorder`` is an active :class:`~lit_moe_rl.routing.record.RouteRecorder` (R3).
     """
+    if not bool(attention_mask[:, -1].all()):
+        raise ValueError("rollout.engine: prompts must be left-padded (tokenizer.padding_side='left')")
     batch, prompt_len = input_ids.shape
     rows, device = batch * n, input_ids.device
     eos = torch.tensor(sorted(set(eos_token_ids)), device=device)

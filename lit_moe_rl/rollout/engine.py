@@ -29,15 +29,15 @@ class Generation:
     """Output of one :meth:`RolloutEngine.generate` call (``N = len(prompts) * n`` rows).
 
     ``input_ids`` follows the layout of :mod:`lit_moe_rl.batch`: prompt left-padded to ``prompt_len``,
-    response right-padded to ``R``.
+    response right-padded to ``R`` (the longest response, at most ``max_new_tokens``).
     """
 
     input_ids: Tensor  # [N, P+R] long
     attention_mask: Tensor  # [N, P+R] long
     response_mask: Tensor  # [N, R] bool, up to and including EOS
     prompt_len: int  # P
-    infer_logp: Tensor  # [N, R] float32: the engine's log-prob of each sampled token (mu)
-    truncated: Tensor  # [N] bool: no EOS within max_new_tokens
+    infer_logp: Tensor  # [N, R] float32: log mu of each sampled token (engine's logp_of), 0 off the mask
+    truncated: Tensor  # [N] bool: no EOS id within max_new_tokens
     routes: Tensor | None = None  # [N, P+R, L, K] int8/int16, -1 = no route (when recorded)
 
 
