@@ -184,3 +184,16 @@ def test_right_padded_prompts_are_refused():
     tok.padding_side = "right"
     with pytest.raises(ValueError, match="prompts must be left-padded"):
         _engine(model, tok).generate(PROMPTS, n=1)
+
+
+@pytest.mark.parametrize("record", [False, True])
+def test_output_is_as_long_as_the_longest_response(record):
+    torch.manual_seed(0)
+    model, tok = load_policy(config={"family": "qwen3_moe", "vocab_size": 24})
+    torch.manual_seed(1)
+    gen = _engine(model, tok, max_new_tokens=200).generate(PROMPTS, n=4, record_routes=record)
+    assert not gen.truncated.any()  # every row ended with EOS before max_new_tokens
+    assert gen.response_mask.shape[1] == int(gen.response_mask.sum(-1).max())
+    assert gen.input_ids.shape[1] == gen.prompt_len + gen.response_mask.shape[1]
+    if record:
+        assert gen.routes.shape[1] == gen.input_ids.shape[1]

@@ -114,10 +114,14 @@ def decode(
     live = torch.ones(rows, dtype=torch.bool, device=device)  # rows of the batch still sampling
     tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     logp = torch.zeros((rows, max_new_tokens), dtype=torch.float32, device=device)
+    steps = 0  # columns sampled so far: R of the output
     for t in range(max_new_tokens):
+        if not bool(live.any()):
+            break  # the batch only held rows fed their EOS for its route
         token, token_logp = sample_step(step.head(hidden), params)  # [A], [A]
         tokens[active[live], t] = token[live]
         logp[active[live], t] = token_logp[live]
+        steps = t + 1
         ended = live & torch.isin(token, eos)
         keep = live if recorder is not None else live & ~ended  # R3: an EOS is fed once for its route
         live = live & ~ended
@@ -138,6 +142,5 @@ def decode(
         if recorder is not None:
             routes[active, prompt_len + t] = recorder.take()[:, 0].to(routes.device)
         next_pos = next_pos + 1
-    steps = t + 1  # the longest row's length: R of the output
     routes = None if routes is None else routes[:, : prompt_len + steps]
     return Decoded(tokens=tokens[:, :steps], logp=logp[:, :steps], routes=routes)
