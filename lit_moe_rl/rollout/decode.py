@@ -73,6 +73,33 @@ class _Stepper:
         return out.last_hidden_state[:, -1]
 
 
+@dataclass
+class _Batch:
+    """The rows still in the decode batch (``A`` of them) and what each needs for its next forward."""
+
+    rows: Tensor  # [A] long: output row of each batch row
+    live: Tensor  # [A] bool: still sampling (False: fed its EOS once more for R3, then leaves)
+    mask: Tensor  # [A, P + t] attention mask
+    next_pos: Tensor  # [A, 1] position id of the next token fed
+
+    def keep(self, kept: Tensor, step: _Stepper) -> None:
+        """Keep batch rows ``kept`` (and their KV cache)."""
+        self.rows, self.live, self.mask, self.next_pos = (
+            t[kept] for t in (self.rows, self.live, self.mask, self.next_pos)
+        )
+        step.cache.batch_select_indices(kept)
+
+
+def _prompt_routes(recorder, attention_mask: Tensor, n: int, width: int) -> Tensor:
+    """``[B*n, width, L, K]`` filled with -1 but for the prefill's routes at non-padding prompt positions."""
+    prompt = recorder.take().repeat_interleave(n, dim=0)  # [N, P, L, K]
+    routes = prompt.new_full((prompt.shape[0], width, *prompt.shape[2:]), -1)
+    routes[:, : prompt.shape[1]] = prompt.masked_fill(
+        attention_mask.repeat_interleave(n, 0)[..., None, None] == 0, -1
+    )
+    return routes
+
+
 @torch.inference_mode()
 def decode(
     model: nn.Module,
@@ -95,52 +122,44 @@ def decode(
     """
     if not bool(attention_mask[:, -1].all()):
         raise ValueError("rollout.engine: prompts must be left-padded (tokenizer.padding_side='left')")
-    batch, prompt_len = input_ids.shape
-    rows, device = batch * n, input_ids.device
+    prompt_len, rows, device = input_ids.shape[1], input_ids.shape[0] * n, input_ids.device
     eos = torch.tensor(sorted(set(eos_token_ids)), device=device)
     step = _Stepper(model)
     positions = position_ids_from_mask(attention_mask)
     hidden = step(input_ids, attention_mask, positions).repeat_interleave(n, dim=0)  # [N, H]
-    routes = None
-    if recorder is not None:
-        prompt_routes = recorder.take()  # [B, P, L, K]
-        routes = prompt_routes.new_full((rows, prompt_len + max_new_tokens, *prompt_routes.shape[2:]), -1)
-        routes[:, :prompt_len] = prompt_routes.repeat_interleave(n, dim=0)
-        routes[:, :prompt_len][attention_mask.repeat_interleave(n, dim=0) == 0] = -1
+    routes = (
+        None if recorder is None else _prompt_routes(recorder, attention_mask, n, prompt_len + max_new_tokens)
+    )
     step.cache.batch_repeat_interleave(n)
-    mask = attention_mask.repeat_interleave(n, dim=0)  # [A, P + t]
-    next_pos = positions[:, -1:].repeat_interleave(n, dim=0) + 1  # [A, 1]
-    active = torch.arange(rows, device=device)  # rows in the batch
-    live = torch.ones(rows, dtype=torch.bool, device=device)  # rows of the batch still sampling
+    batch = _Batch(
+        rows=torch.arange(rows, device=device),
+        live=torch.ones(rows, dtype=torch.bool, device=device),
+        mask=attention_mask.repeat_interleave(n, dim=0),
+        next_pos=positions[:, -1:].repeat_interleave(n, dim=0) + 1,
+    )
     tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     logp = torch.zeros((rows, max_new_tokens), dtype=torch.float32, device=device)
     steps = 0  # columns sampled so far: R of the output
     for t in range(max_new_tokens):
-        if not bool(live.any()):
+        if not bool(batch.live.any()):
             break  # the batch only held rows fed their EOS for its route
         token, token_logp = sample_step(step.head(hidden), params)  # [A], [A]
-        tokens[active[live], t] = token[live]
-        logp[active[live], t] = token_logp[live]
+        tokens[batch.rows[batch.live], t] = token[batch.live]
+        logp[batch.rows[batch.live], t] = token_logp[batch.live]
         steps = t + 1
-        ended = live & torch.isin(token, eos)
-        keep = live if recorder is not None else live & ~ended  # R3: an EOS is fed once for its route
-        live = live & ~ended
+        ended = batch.live & torch.isin(token, eos)
+        keep = batch.live if recorder is not None else batch.live & ~ended  # R3: an EOS is fed once
+        batch.live = batch.live & ~ended
         if t == max_new_tokens - 1 or not bool(keep.any()):
             break
         if not bool(keep.all()):
             kept = keep.nonzero().squeeze(-1)
-            active, token, live, mask, next_pos = (
-                active[kept],
-                token[kept],
-                live[kept],
-                mask[kept],
-                next_pos[kept],
-            )
-            step.cache.batch_select_indices(kept)
-        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-        hidden = step(token[:, None], mask, next_pos)
+            batch.keep(kept, step)
+            token = token[kept]
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((batch.mask.shape[0], 1))], dim=1)
+        hidden = step(token[:, None], batch.mask, batch.next_pos)
+        batch.next_pos = batch.next_pos + 1
         if recorder is not None:
-            routes[active, prompt_len + t] = recorder.take()[:, 0].to(routes.device)
-        next_pos = next_pos + 1
+            routes[batch.rows, prompt_len + t] = recorder.take()[:, 0].to(routes.device)
     routes = None if routes is None else routes[:, : prompt_len + steps]
     return Decoded(tokens=tokens[:, :steps], logp=logp[:, :steps], routes=routes)
