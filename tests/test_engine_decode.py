@@ -102,9 +102,10 @@ def test_finished_rows_leave_the_batch_and_the_loop_ends_with_the_last():
     assert len(sizes) == int(lengths.max()) - 1
 
 
-def test_routes_with_shrinking_batch_equal_a_full_forward():
+@pytest.mark.parametrize("family", FAMILIES)
+def test_routes_with_shrinking_batch_equal_a_full_forward(family):
     torch.manual_seed(0)
-    model, tok = load_policy(config={"family": "qwen3_moe", "vocab_size": 24})
+    model, tok = load_policy(config={"family": family, "vocab_size": 24})
     engine = _engine(model, tok, max_new_tokens=20)
     torch.manual_seed(1)
     gen = engine.generate(PROMPTS, n=4, record_routes=True)
