@@ -8,7 +8,7 @@ one: :meth:`RolloutEngine.bind` once with the policy, :meth:`RolloutEngine.gener
 from __future__ import annotations
 
 import contextlib
-import copy
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -17,6 +17,11 @@ import torch
 from torch import Tensor, nn
 
 from lit_moe_rl.policy import DTYPES
+from lit_moe_rl.rollout.decode import Decoded, decode
+from lit_moe_rl.rollout.sampling import SamplingParams
+from lit_moe_rl.rollout.weights import inference_copy, sync_into
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -24,15 +29,15 @@ class Generation:
     """Output of one :meth:`RolloutEngine.generate` call (``N = len(prompts) * n`` rows).
 
     ``input_ids`` follows the layout of :mod:`lit_moe_rl.batch`: prompt left-padded to ``prompt_len``,
-    response right-padded to ``R``.
+    response right-padded to ``R`` (the longest response, at most ``max_new_tokens``).
     """
 
     input_ids: Tensor  # [N, P+R] long
     attention_mask: Tensor  # [N, P+R] long
     response_mask: Tensor  # [N, R] bool, up to and including EOS
     prompt_len: int  # P
-    infer_logp: Tensor  # [N, R] float32: the engine's log-prob of each sampled token (mu)
-    truncated: Tensor  # [N] bool: no EOS within max_new_tokens
+    infer_logp: Tensor  # [N, R] float32: log mu of each sampled token (engine's logp_of), 0 off the mask
+    truncated: Tensor  # [N] bool: no EOS id within max_new_tokens
     routes: Tensor | None = None  # [N, P+R, L, K] int8/int16, -1 = no route (when recorded)
 
 
@@ -63,14 +68,23 @@ def response_mask_from(tokens: Tensor, eos_token_id: int | list[int]) -> tuple[T
 
 
 class HFEngine(RolloutEngine):
-    """``transformers.generate`` with a KV cache, on the trainer's device.
+    """The trainer's own Hugging Face model in a decode loop of ours (:mod:`lit_moe_rl.rollout.decode`).
 
     With ``dtype: same`` the engine shares the trainer's module (no copy, nothing to sync). With another
     dtype (``bfloat16`` rollout for an fp32 trainer: the real train/inference mismatch R3 exists to fix)
-    it keeps its own copy, refreshed by :meth:`sync_weights` after each optimizer step.
+    it keeps its own copy with the dtypes of ``from_pretrained(dtype=...)`` (RoPE ``inv_freq`` and the
+    family's fp32 modules stay float32, :mod:`lit_moe_rl.rollout.weights`), refreshed by
+    :meth:`sync_weights` after each optimizer step.
 
-    ``infer_logp`` is the log-softmax of the engine's raw logits divided by ``temperature``; top-p/top-k
-    truncation is not folded in, so that it is comparable with the trainer's tempered log-probs.
+    Sampling uses exactly ``temperature``, ``top_k`` and ``top_p`` (in that order) and nothing else:
+    the checkpoint's ``generation_config`` sampling fields (repetition_penalty, min_p, typical_p,
+    suppress_tokens, no_repeat_ngram_size, min_new_tokens, bad_words_ids, ...) are ignored, so
+    ``infer_logp`` (μ) is the distribution actually sampled from. ``logp_of`` says whether μ includes
+    the top-k/top-p truncation (``sampled``, the default: the true sampling probability, what an
+    importance weight π/μ needs) or not (``raw``: the tempered log-softmax, what the trainer computes;
+    mismatch metrics then only see numerics). Both are equal with ``top_k=0, top_p=1``.
+    Generation stops at every id of ``generation_config.eos_token_id`` (int or list) and the
+    tokenizer's EOS; the response mask ends at the first of any.
     """
 
     def __init__(
@@ -81,28 +95,38 @@ class HFEngine(RolloutEngine):
         top_k: int = 0,
         dtype: Literal["same", "float32", "bfloat16", "float16"] = "same",
         max_prompt_len: int | None = None,
+        logp_of: Literal["sampled", "raw"] = "sampled",
     ) -> None:
         """
         Args:
-            max_new_tokens: Most tokens sampled per completion.
+            max_new_tokens: Most tokens sampled per completion (>= 1).
             temperature: Sampling temperature (> 0); the trainer divides its logits by the same value.
-            top_p: Nucleus sampling mass (0, 1].
-            top_k: Keep only the top-k tokens when sampling (0 = off).
+            top_p: Nucleus sampling mass, in (0, 1]; 1 = off.
+            top_k: Keep only the k most likely tokens when sampling (>= 0; 0 = off).
             dtype: Engine weights' dtype; ``same`` shares the trainer's module.
-            max_prompt_len: Left-truncate longer prompts to this many tokens (None = no limit).
+            max_prompt_len: Left-truncate longer prompts to this many tokens (>= 1, or None = no limit).
+            logp_of: μ of the truncated distribution actually sampled (``sampled``) or of the tempered
+                distribution before top-k/top-p (``raw``).
         """
-        if max_new_tokens < 1:
-            raise ValueError(f"rollout.engine.max_new_tokens: must be >= 1, got {max_new_tokens}")
-        if temperature <= 0:
-            raise ValueError(f"rollout.engine.temperature: must be > 0, got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"rollout.engine.top_p: must be in (0, 1], got {top_p}")
+        _check(max_new_tokens >= 1, "max_new_tokens", "must be >= 1", max_new_tokens)
+        _check(temperature > 0, "temperature", "must be > 0", temperature)
+        _check(0 < top_p <= 1, "top_p", "must be in (0, 1]", top_p)
+        _check(top_k >= 0, "top_k", "must be >= 0", top_k)
+        _check(dtype == "same" or dtype in DTYPES, "dtype", f"must be 'same' or one of {list(DTYPES)}", dtype)
+        _check(
+            max_prompt_len is None or max_prompt_len >= 1,
+            "max_prompt_len",
+            "must be >= 1 or None",
+            max_prompt_len,
+        )
+        _check(logp_of in ("sampled", "raw"), "logp_of", "must be 'sampled' or 'raw'", logp_of)
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.top_p = top_p
         self.top_k = top_k
         self.dtype = dtype
         self.max_prompt_len = max_prompt_len
+        self.logp_of = logp_of
         self.model: nn.Module | None = None
         self.tokenizer: Any = None
 
@@ -112,18 +136,13 @@ class HFEngine(RolloutEngine):
 
     def bind(self, policy: nn.Module, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
-        if self.shares_policy:
-            self.model = policy
-            return
-        self.model = copy.deepcopy(policy).to(DTYPES[self.dtype]).eval().requires_grad_(False)
+        self.model = policy if self.shares_policy else inference_copy(policy, DTYPES[self.dtype])
+        note_ignored_generation_config(self.model)
 
-    @torch.no_grad()
     def sync_weights(self, policy: nn.Module) -> None:
         if self.shares_policy or self.model is None:
             return
-        target = dict(self.model.named_parameters())
-        for name, param in policy.named_parameters():
-            target[name].copy_(param.detach())
+        sync_into(self.model, policy)
 
     def _encode(self, prompts: list[str], device: torch.device) -> dict[str, Tensor]:
         enc = self.tokenizer(
@@ -136,7 +155,10 @@ class HFEngine(RolloutEngine):
         )
         return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
-    @torch.no_grad()
+    def eos_token_ids(self) -> list[int]:
+        """Every id that ends a completion: ``generation_config.eos_token_id`` (int or list) and the tokenizer's."""
+        return eos_token_ids(self.model, self.tokenizer)
+
     def generate(
         self, prompts: list[str], *, n: int, greedy: bool = False, record_routes: bool = False
     ) -> Generation:
@@ -145,51 +167,75 @@ class HFEngine(RolloutEngine):
         model = self.model
         was_training = model.training
         model.eval()
+        params = SamplingParams(self.temperature, self.top_p, self.top_k, self.logp_of, greedy)
+        eos = self.eos_token_ids()
         try:
             enc = self._encode(prompts, next(model.parameters()).device)
-            with _maybe_record(model, record_routes) as rec:
-                out = model.generate(**enc, **self._sampling_kwargs(n, greedy))
+            with torch.inference_mode(), _maybe_record(model, record_routes) as rec:
+                out = decode(
+                    model, enc["input_ids"], enc["attention_mask"], n=n, max_new_tokens=self.max_new_tokens,
+                    params=params, eos_token_ids=eos, pad_token_id=self.tokenizer.pad_token_id, recorder=rec,
+                )  # fmt: skip
         finally:
             model.train(was_training)
-        return self._to_generation(enc, out, rec)
+        return self._to_generation(enc, out, n, eos)
 
-    def _sampling_kwargs(self, n: int, greedy: bool) -> dict[str, Any]:
-        kwargs: dict[str, Any] = dict(
-            max_new_tokens=self.max_new_tokens,
-            num_return_sequences=n,
-            return_dict_in_generate=True,
-            output_logits=True,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
+    def _to_generation(self, enc: dict[str, Tensor], out: Decoded, n: int, eos: list[int]) -> Generation:
+        prompt_ids = enc["input_ids"].repeat_interleave(n, dim=0)
+        response_mask, truncated = response_mask_from(out.tokens, eos)
+        tokens = out.tokens.masked_fill(~response_mask, self.tokenizer.pad_token_id)
+        attention_mask = torch.cat(
+            [enc["attention_mask"].repeat_interleave(n, dim=0), response_mask.long()], 1
         )
-        if greedy:
-            return kwargs | dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-        return kwargs | dict(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
-
-    def _to_generation(self, enc: dict[str, Tensor], out: Any, rec: Any) -> Generation:
-        prompt_len = enc["input_ids"].shape[1]
-        sequences = out.sequences  # [N, P+R]
-        tokens = sequences[:, prompt_len:]  # [N, R]
-        logits = torch.stack(out.logits, dim=1).float() / self.temperature  # [N, R, V]
-        infer_logp = logits.log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # [N, R]
-        response_mask, truncated = response_mask_from(tokens, self.tokenizer.eos_token_id)
-        n = sequences.shape[0] // enc["input_ids"].shape[0]
-        prompt_mask = enc["attention_mask"].repeat_interleave(n, dim=0)
-        attention_mask = torch.cat([prompt_mask, response_mask.long()], dim=1)
-        input_ids = sequences.masked_fill(attention_mask == 0, self.tokenizer.pad_token_id)
-        routes = None
-        if rec is not None:
-            from lit_moe_rl.routing.record import align_generation_routes
-
-            routes = align_generation_routes(rec.routes, attention_mask, sequences.shape[1])
         return Generation(
-            input_ids=input_ids,
+            input_ids=torch.cat([prompt_ids, tokens], dim=1),
             attention_mask=attention_mask,
             response_mask=response_mask,
-            prompt_len=prompt_len,
-            infer_logp=infer_logp.masked_fill(~response_mask, 0.0),
+            prompt_len=prompt_ids.shape[1],
+            infer_logp=out.logp.masked_fill(~response_mask, 0.0),
             truncated=truncated,
-            routes=routes,
+            routes=None
+            if out.routes is None
+            else out.routes.clone(),  # a normal tensor, not an inference one
+        )
+
+
+def _check(ok: bool, name: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"rollout.engine.{name}: {rule}, got {value!r}")
+
+
+def eos_token_ids(model: nn.Module, tokenizer: Any) -> list[int]:
+    """``generation_config.eos_token_id`` (None, int or list) united with ``tokenizer.eos_token_id``."""
+    config = getattr(model, "generation_config", None)
+    ids = getattr(config, "eos_token_id", None)
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    if not ids:
+        raise ValueError("rollout.engine: neither the tokenizer nor generation_config defines an EOS token")
+    return sorted(set(ids))
+
+
+_SAMPLING_FIELDS = (
+    "repetition_penalty", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "encoder_repetition_penalty",
+    "no_repeat_ngram_size", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens", "min_new_tokens",
+    "min_length", "forced_bos_token_id", "forced_eos_token_id", "sequence_bias", "temperature", "top_k", "top_p",
+)  # fmt: skip
+
+
+def note_ignored_generation_config(model: nn.Module) -> None:
+    """Log (once per bind) the checkpoint's generation_config sampling fields the engine does not apply."""
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return
+    set_fields = config.to_diff_dict()
+    ignored = {k: set_fields[k] for k in _SAMPLING_FIELDS if set_fields.get(k) is not None}
+    if ignored:
+        log.info(
+            "rollout.engine: ignoring the checkpoint's generation_config %s; sampling uses only the engine's "
+            "temperature/top_k/top_p, so infer_logp is the distribution sampled from",
+            ignored,
         )
 
 

@@ -11,7 +11,9 @@ the trainer later replays them (:mod:`lit_moe_rl.routing.replay`). Choices made 
 * Routes are stored as the smallest signed int that holds ``-1`` (int8 up to 128 experts).
 * With ``generate(num_return_sequences=G)`` HF expands each prompt G times *before* prefill, so the
   recorded batch is ``B*G`` rows in generate's output order. Beam search (which reorders the batch
-  between steps) is not supported.
+  between steps) is not supported. A loop that changes the batch between calls (the rollout
+  engine's own decode loop drops finished rows) reads each call's routes with
+  :meth:`RouteRecorder.take`.
 
 :func:`capture_router_logits` is what RSPO (ALGORITHMS.md §4.4) stores: detached per-expert router
 log-probs and the top-K ids the experts consumed.
@@ -114,6 +116,14 @@ class RouteRecorder(_PerCallHooks):
     def routes(self) -> torch.Tensor:
         """``[B, S_total, L, K]`` ids (route_dtype), calls concatenated along time, on the routers' device."""
         return self._stacked(self._per_layer, time_dim=1)
+
+    def take(self) -> torch.Tensor:
+        """The routes of the calls since the last ``take`` (``[B, S, L, K]``), then forget them: the next
+        call may have another batch size (a decode loop whose finished rows leave the batch)."""
+        routes = self.routes
+        self._per_layer = [[] for _ in self._routers]
+        self._batch = None
+        return routes
 
 
 @contextmanager

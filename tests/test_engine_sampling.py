@@ -1,0 +1,88 @@
+"""Pure sampling math of the rollout engine, checked against values worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lit_moe_rl.rollout.sampling import (
+    SamplingParams,
+    sample_step,
+    temper,
+    token_logp,
+    top_k_filter,
+    top_p_filter,
+    truncate,
+)
+
+INF = float("-inf")
+
+
+def test_temper_divides_in_float32():
+    logits = torch.tensor([[2.0, -1.0]], dtype=torch.bfloat16)
+    out = temper(logits, 0.5)
+    assert out.dtype == torch.float32 and out.tolist() == [[4.0, -2.0]]
+
+
+def test_top_k_keeps_the_k_largest_and_ties_at_the_kth():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0], [5.0, 5.0, 5.0, 1.0]])
+    assert top_k_filter(logits, 2).tolist() == [[INF, 3.0, 2.0, INF], [5.0, 5.0, 5.0, INF]]
+    assert torch.equal(top_k_filter(logits, 0), logits)  # off
+    assert torch.equal(top_k_filter(logits, 4), logits)  # k >= V keeps all
+
+
+def test_top_p_keeps_the_smallest_nucleus_reaching_p():
+    # probs 0.5, 0.3, 0.15, 0.05 (in a shuffled order): mass before each = 0, 0.5, 0.8, 0.95
+    logits = torch.tensor([[0.15, 0.5, 0.05, 0.3]]).log()
+    assert top_p_filter(logits, 0.5).isfinite().tolist() == [[False, True, False, False]]
+    assert top_p_filter(logits, 0.6).isfinite().tolist() == [[False, True, False, True]]
+    assert top_p_filter(logits, 0.8).isfinite().tolist() == [[False, True, False, True]]
+    assert top_p_filter(logits, 0.81).isfinite().tolist() == [[True, True, False, True]]
+    assert top_p_filter(logits, 0.01).isfinite().tolist() == [[False, True, False, False]]  # >= 1 token
+    assert torch.equal(top_p_filter(logits, 1.0), logits)
+
+
+def test_truncate_applies_top_k_before_top_p():
+    logits = torch.tensor([[0.4, 0.3, 0.2, 0.1]]).log()
+    # top-k 3 renormalises to 4/9, 3/9, 2/9: mass before = 0, 0.44, 0.78 -> top-p 0.7 keeps two
+    assert truncate(logits, 3, 0.7).isfinite().tolist() == [[True, True, False, False]]
+    # top-p alone on 0.4, 0.3, 0.2, 0.1: mass before 0, 0.4, 0.7 -> keeps three at p = 0.71
+    assert truncate(logits, 0, 0.71).isfinite().tolist() == [[True, True, True, False]]
+
+
+def test_token_logp_is_the_log_softmax_at_the_token():
+    logits = torch.tensor([[0.0, math.log(3.0)], [1.0, INF]])
+    assert torch.allclose(token_logp(logits, torch.tensor([1, 0])), torch.tensor([math.log(0.75), 0.0]))
+
+
+def test_sample_step_logp_of_sampled_or_raw():
+    logits = torch.tensor([[0.4, 0.3, 0.2, 0.1]]).log().repeat(2000, 1)
+    torch.manual_seed(0)
+    tokens, sampled = sample_step(logits, SamplingParams(top_k=2, logp_of="sampled"))
+    assert set(tokens.tolist()) == {0, 1}  # only the top-2 are ever drawn
+    expected = torch.tensor([4 / 7, 3 / 7]).log()[tokens]
+    assert torch.allclose(sampled, expected)  # renormalised over what was kept
+    torch.manual_seed(0)
+    tokens_raw, raw = sample_step(logits, SamplingParams(top_k=2, logp_of="raw"))
+    assert torch.equal(tokens_raw, tokens)  # the same draws: only the reported μ differs
+    assert torch.allclose(raw, torch.tensor([0.4, 0.3]).log()[tokens])
+    assert abs((tokens == 0).float().mean().item() - 4 / 7) < 0.04
+
+
+def test_greedy_takes_the_argmax_with_its_tempered_logp():
+    logits = torch.tensor([[1.0, 2.0, 0.0]])
+    tokens, logp = sample_step(logits, SamplingParams(temperature=0.5, top_k=1, greedy=True))
+    assert tokens.tolist() == [1]
+    assert torch.allclose(logp, torch.log_softmax(logits / 0.5, -1)[:, 1])
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.7, top_p=0.9, top_k=5)])
+def test_sampling_is_deterministic_under_manual_seed(params):
+    logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(3)
+    a = sample_step(logits, params)
+    torch.manual_seed(3)
+    b = sample_step(logits, params)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
