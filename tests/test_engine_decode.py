@@ -7,7 +7,9 @@ import torch
 import transformers
 
 from lit_moe_rl.policy import load_policy, position_ids_from_mask, token_logprobs
+from lit_moe_rl.rollout.decode import decode
 from lit_moe_rl.rollout.engine import HFEngine
+from lit_moe_rl.rollout.sampling import SamplingParams
 from lit_moe_rl.routing.record import record_routes
 from lit_moe_rl.tiny import FAMILIES
 
@@ -180,11 +182,15 @@ def test_generation_tensors_are_ordinary_tensors_the_trainer_can_backprop_throug
     assert model.lm_head.weight.grad is not None
 
 
-def test_right_padded_prompts_are_refused():
+def test_right_padded_prompts_are_refused_by_the_loop_and_never_made_by_the_engine():
     model, tok = load_policy(config={"family": "qwen3_moe"})
     tok.padding_side = "right"
+    enc = tok(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
+    kwargs = dict(n=1, max_new_tokens=2, params=SamplingParams(), eos_token_ids=[2], pad_token_id=0)
     with pytest.raises(ValueError, match="prompts must be left-padded"):
-        _engine(model, tok).generate(PROMPTS, n=1)
+        decode(model, enc["input_ids"], enc["attention_mask"], **kwargs)
+    gen = _engine(model, tok).generate(PROMPTS, n=1)  # the engine left-pads whatever the tokenizer says
+    assert gen.attention_mask[:, gen.prompt_len - 1].all()
 
 
 @pytest.mark.parametrize("record", [False, True])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import string
 
 import pytest
+import torch
 import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
@@ -162,3 +163,22 @@ def test_split_lead_cases() -> None:
     assert split_lead([5, 6], [5, 6, 2], bos_token_id=1) == ([], [5, 6])  # a trailing EOS is dropped
     assert split_lead([5, 6], [5, 6], bos_token_id=None) == ([], [5, 6])
     assert split_lead([5, 6], [1, 7, 8], bos_token_id=1) == ([], [1, 7, 8])  # specials changed the split
+
+
+def test_engine_generates_from_chat_and_bos_prompts_with_the_question_kept() -> None:
+    """Through HFEngine: chat messages rendered, the tokenizer's BOS first, a long prompt cut from the left."""
+    from lit_moe_rl.policy import load_policy
+    from lit_moe_rl.rollout.engine import HFEngine
+
+    tok = char_tok(add_bos=True, chat_template=CHAT_TEMPLATE)
+    model, _ = load_policy(config={"family": "qwen3_moe", "vocab_size": len(tok)})
+    engine = HFEngine(max_new_tokens=3, max_prompt_len=8)
+    engine.bind(model, tok)
+    question = "a long preamble, then: 3+4?"
+    gen = engine.generate([[{"role": "user", "content": question}], question], n=2, greedy=True)
+    prompts = gen.input_ids[:, : gen.prompt_len]
+    assert gen.prompt_len == 8 and prompts.shape[0] == 4
+    chat, plain = prompts[0].tolist(), prompts[2].tolist()
+    assert chat == [tok.bos_token_id, *ids_of(tok, " 3+4?\n"), tok.convert_tokens_to_ids("<|assistant|>")]
+    assert plain == [tok.bos_token_id, *ids_of(tok, "n: 3+4?")]
+    assert torch.equal(prompts[0], prompts[1]) and gen.attention_mask[:, : gen.prompt_len].all()

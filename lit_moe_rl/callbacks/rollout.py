@@ -18,6 +18,7 @@ from typing_extensions import override
 from lit_moe_rl.batch import Rollout
 from lit_moe_rl.rewards import RewardFn, resolve_reward, score_batch
 from lit_moe_rl.rollout.engine import Generation, HFEngine, RolloutEngine
+from lit_moe_rl.rollout.prompts import Prompt, prompt_text
 from lit_moe_rl.routing.store import pack_routes
 
 
@@ -97,7 +98,9 @@ class RolloutCallback(Callback):
         batch["val_rewards"] = rewards.view(-1, self.val_samples).mean(-1)  # Avg@k per prompt
         batch["val_texts"] = texts
 
-    def make_rollout(self, pl_module: Any, prompts: list[str], samples: list[dict], *, step: int) -> Rollout:
+    def make_rollout(
+        self, pl_module: Any, prompts: list[Prompt], samples: list[dict], *, step: int
+    ) -> Rollout:
         """Generate, score and compute advantages for one step's prompts."""
         t0 = time.perf_counter()
         with torch.random.fork_rng(devices=_devices(pl_module)):
@@ -119,7 +122,7 @@ class RolloutCallback(Callback):
             infer_logp=gen.infer_logp,
             routes=pack_routes(gen.routes, gen.prompt_len, self.group_size),
             texts=texts,
-            prompts=[prompt for prompt in prompts for _ in range(self.group_size)],
+            prompts=[prompt_text(prompt) for prompt in prompts for _ in range(self.group_size)],
         )
         rollout.extras = rollout_metrics(gen, rewards, errors)
         keep = algorithm.keep_groups(rewards, self.group_size)

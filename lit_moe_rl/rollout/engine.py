@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from lit_moe_rl.policy import DTYPES
 from lit_moe_rl.rollout.decode import Decoded, decode
+from lit_moe_rl.rollout.prompts import Prompt, encode_prompts
 from lit_moe_rl.rollout.sampling import SamplingParams
 from lit_moe_rl.rollout.weights import inference_copy, sync_into
 
@@ -50,7 +51,7 @@ class RolloutEngine(ABC):
 
     @abstractmethod
     def generate(
-        self, prompts: list[str], *, n: int, greedy: bool = False, record_routes: bool = False
+        self, prompts: list[Prompt], *, n: int, greedy: bool = False, record_routes: bool = False
     ) -> Generation:
         """``n`` completions for every prompt, prompt-major (rows ``[i*n, (i+1)*n)`` share prompt ``i``)."""
 
@@ -144,23 +145,18 @@ class HFEngine(RolloutEngine):
             return
         sync_into(self.model, policy)
 
-    def _encode(self, prompts: list[str], device: torch.device) -> dict[str, Tensor]:
-        enc = self.tokenizer(
-            prompts,
-            return_tensors="pt",
-            padding=True,
-            add_special_tokens=False,
-            truncation=self.max_prompt_len is not None,
-            max_length=self.max_prompt_len,
-        )
-        return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+    def _encode(self, prompts: list[Prompt], device: torch.device) -> dict[str, Tensor]:
+        """Left-padded ids of strings or chat messages, BOS as the tokenizer adds it, long prompts cut
+        from the left (:func:`~lit_moe_rl.rollout.prompts.encode_prompts`)."""
+        enc = encode_prompts(self.tokenizer, prompts, max_prompt_len=self.max_prompt_len)
+        return {k: v.to(device) for k, v in enc.items()}
 
     def eos_token_ids(self) -> list[int]:
         """Every id that ends a completion: ``generation_config.eos_token_id`` (int or list) and the tokenizer's."""
         return eos_token_ids(self.model, self.tokenizer)
 
     def generate(
-        self, prompts: list[str], *, n: int, greedy: bool = False, record_routes: bool = False
+        self, prompts: list[Prompt], *, n: int, greedy: bool = False, record_routes: bool = False
     ) -> Generation:
         if self.model is None:
             raise RuntimeError("HFEngine.generate called before bind()")
