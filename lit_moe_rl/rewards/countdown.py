@@ -63,6 +63,9 @@ class CountdownReward:
     The sample must carry ``numbers`` (list of int) and ``target`` (number).
     """
 
+    thread_safe = True
+    """Pure Python with bounded work (:func:`safe_eval`): scored in threads, not worker processes."""
+
     def __init__(
         self, format: Literal["tags", "plain"] = "tags", format_score: float = 0.1, score: float = 1.0
     ):
