@@ -52,7 +52,6 @@ class MoERLCLI(OneLineCLI):
         parser.add_lightning_class_args(RolloutCallback, "rollout")
         parser.add_lightning_class_args(RunSummary, "summary")
         parser.set_defaults({"trainer.callbacks": DEFAULT_CALLBACKS})
-        parser.set_defaults({"model.algorithm": {"class_path": "lit_moe_rl.algorithms.GRPO"}})
         parser.add_argument(
             "--num_threads",
             type=int,

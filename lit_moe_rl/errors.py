@@ -23,6 +23,7 @@ _CLASS_PROBLEM = re.compile(r"Problem with given class_path '([^']+)':\s*(.*)", 
 _INVALID_CHOICE = re.compile(r"invalid choice: '([^']*)' \(choose from (.*)\)")
 _NOT_ACCEPTED = re.compile(r"Option '([^']+)' is not accepted")
 _NOT_IN_SUBCOMMAND = re.compile(r"Subcommand '\w+' does not accept option '([^']+)'")
+_ABSTRACT = re.compile(r"Expected an instantiatable class, but (\S*) ?is abstract")
 _LITERAL = re.compile(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)$")
 
 
@@ -67,6 +68,14 @@ def bad_class_path(key: str, path: str, known: Iterable[str]) -> str:
     if mod is not None and not candidates:
         candidates = [f"{module}.{n}" for n, v in vars(mod).items() if inspect.isclass(v) and n[:1] != "_"]
     return f"{key}: cannot import class {path!r}{close_matches(path, candidates)}"
+
+
+def abstract_class(key: str, path: str, known: list[str], init_args_first: bool) -> str:
+    """A base class chosen (or implied by init_args given before any class): name the concrete choices."""
+    names = ", ".join(p.rsplit(".", 1)[-1] for p in known) or "a concrete subclass"
+    if init_args_first:
+        return f"{key}: choose a class before setting its init_args (--{key}=<one of {names}>)"
+    return f"{key}: {path} is an abstract base class; choose one of {names}"
 
 
 def unknown_init_arg(key: str, class_path: str, name: str) -> str:
@@ -141,6 +150,11 @@ def parse_error(message: str, known_keys: Iterable[str], subclasses: dict[str, l
     problem = _CLASS_PROBLEM.search(text)
     if match and not_accepted and problem:
         return unknown_init_arg(match.group(1), problem.group(1), not_accepted.group(1))
+    abstract = _ABSTRACT.search(text)
+    if match and abstract:
+        bad = _BAD_PATH.search(text)
+        path = bad.group(1) if bad else abstract.group(1)
+        return abstract_class(match.group(1), path, subclasses.get(match.group(1), []), "NestedArg(" in text)
     bad_path = _BAD_PATH.search(text)
     if match and (bad_path or (problem and "has no attribute" in problem.group(2))):
         path = bad_path.group(1) if bad_path else problem.group(1)
