@@ -77,10 +77,10 @@ class CountdownReward:
 
     def __call__(self, completion: str, sample: dict[str, Any]) -> float:
         """Reward of ``completion`` for the Countdown instance ``sample``."""
+        numbers, target = _instance(sample)  # first: rows without the fields fail on every call
         equation = extract_answer(completion) if self.format == "tags" else _first_line(completion)
         if equation is None:
             return 0.0
-        numbers, target = _instance(sample)
         if not uses_numbers(equation, numbers) or not _ALLOWED.match(equation):
             return self.format_score
         try:
