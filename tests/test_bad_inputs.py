@@ -35,7 +35,10 @@ SETTINGS_CASES = [
     ),
     (["--model.no_such_key=1"], "model.no_such_key: unknown setting"),
     (["--trainer.max_stepz=3"], "trainer.max_stepz: unknown setting (did you mean trainer.max_steps"),
-    (["--model.algorithm=lit_moe_rl.algorithms.GPRO"], "(did you mean lit_moe_rl.algorithms.GSPO, lit_moe_rl.algorithms.GRPO"),
+    (
+        ["--model.algorithm=lit_moe_rl.algorithms.GPRO"],
+        "(did you mean lit_moe_rl.algorithms.GSPO, lit_moe_rl.algorithms.GRPO",
+    ),
     (["--model.algorithm=lit_moe_rl.algorithm.GSPO"], "did you mean lit_moe_rl.algorithms.GSPO"),
     (["--model.algorithm=lit_moe_rl.algorithms.Algorithm"], "abstract base class; choose one of GRPO"),
     (["--model.algorithm=lit_moe_rl.algorithms.SequenceObjective"], "SequenceObjective is an abstract base"),
