@@ -100,6 +100,10 @@ def load_policy(
             torch.manual_seed(seed)
             model = transformers.AutoModelForCausalLM.from_config(build_config(config), dtype=torch_dtype)
         tok_path = tokenizer
+    if tokenizer is not None and not Path(tokenizer).is_dir():
+        raise ValueError(
+            f"model.tokenizer: {tokenizer!r} is not a local folder (models and tokenizers load offline)"
+        )
     with naming_setting("model.tokenizer" if tokenizer else "model.pretrained", tok_path):
         tok = load_tokenizer(tok_path, model.config.vocab_size)
     note_aux_loss(model.config)

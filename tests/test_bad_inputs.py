@@ -69,14 +69,14 @@ SETTINGS_CASES = [
     (['--model.lora={"rr": 8}'], "model.lora: not a valid peft.LoraConfig"),
     (['--model.lora={"r": 0}'], "model.lora.r: must be an integer >= 1"),
     (['--model.config={"family": "qwen3_moe", "hidden_size": -5}'], "model.config: cannot load"),
-    (["--model.tokenizer=/nonexistent/tok"], "model.tokenizer: cannot load /nonexistent/tok"),
+    (["--model.tokenizer=/nonexistent/tok"], "model.tokenizer: '/nonexistent/tok' is not a local folder"),
     (["--rollout.reward_timeout_s=0"], "rollout.reward_timeout_s: must be > 0"),
     (["--rollout.reward_workers=0"], "rollout.reward_workers: must be >= 1"),
     (["--rollout.reward_isolation=fork"], "rollout.reward_isolation: expected one of"),
     (["--rollout.stop_after_failed_batches=-1"], "rollout.stop_after_failed_batches: must be >= 0"),
     (["--num_threads=-2"], "num_threads: must be an integer >= 0"),
     (["--trainer.accelerator=gpu"], "trainer.accelerator: 'gpu' but this machine has no CUDA GPU"),
-    (["--rollout.reward=no_such_module:fn"], "reward: cannot import 'no_such_module:fn'"),
+    (["--rollout.reward=no_such_module:fn"], "rollout.reward: cannot import 'no_such_module:fn'"),
 ]
 
 

@@ -41,7 +41,7 @@ def resolve_reward(spec: RewardFn | str) -> RewardFn:
     else:
         obj = spec
     if not callable(obj):
-        raise ValueError(f"reward: {spec!r} is not callable (got {type(obj).__name__})")
+        raise ValueError(f"rollout.reward: {spec!r} is not callable (got {type(obj).__name__})")
     return obj
 
 
@@ -65,7 +65,7 @@ def _import(path: str) -> Any:
         for part in attr.split("."):
             obj = getattr(obj, part)
     except Exception as e:
-        raise ValueError(f"reward: cannot import {path!r} ({_one_line(e)})") from None
+        raise ValueError(f"rollout.reward: cannot import {path!r} ({_one_line(e)})") from None
     return obj
 
 
@@ -84,7 +84,9 @@ def _instantiate(cls: type, path: str) -> Any:
     try:
         return cls()
     except Exception as e:
-        raise ValueError(f"reward: cannot instantiate {path!r} with no arguments ({_one_line(e)})") from None
+        raise ValueError(
+            f"rollout.reward: cannot instantiate {path!r} with no arguments ({_one_line(e)})"
+        ) from None
 
 
 def _one_line(e: BaseException) -> str:
