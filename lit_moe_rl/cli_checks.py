@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import netrc
 import os
+import socket
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,8 @@ import yaml
 from lit_moe_rl.errors import SettingsError, describe, first_line
 
 GPU_ACCELERATORS = ("gpu", "cuda")
+WANDB_CONNECT_TIMEOUT_S = 5.0
+"""How long the start-up check waits for a TCP connection to the W&B server."""
 
 
 def check_config_files(argv: Sequence[str]) -> None:
@@ -60,8 +63,9 @@ def check_wandb(logger_cfg: Any) -> None:
     """An online ``WandbLogger`` needs an API key: fail now rather than hang on a login prompt.
 
     Online means ``offline`` is not set and ``WANDB_MODE`` is not ``offline``/``disabled``/``dryrun``. The
-    key comes from ``WANDB_API_KEY`` or a ``~/.netrc`` entry (what ``wandb login`` writes). No network
-    call is made here.
+    key comes from ``WANDB_API_KEY`` or a ``~/.netrc`` entry (what ``wandb login`` writes). With a key,
+    one TCP connection to the server (``WANDB_BASE_URL``) must open within
+    :data:`WANDB_CONNECT_TIMEOUT_S`; nothing is sent.
     """
     for cfg in logger_cfg if isinstance(logger_cfg, list) else [logger_cfg]:
         if "WandbLogger" not in str(_get(cfg, "class_path") or ""):
@@ -73,6 +77,14 @@ def check_wandb(logger_cfg: Any) -> None:
                 "trainer.logger: WandbLogger is online but no W&B API key is set (WANDB_API_KEY or "
                 "`wandb login`); set WANDB_MODE=offline to log locally and `wandb sync` later"
             )
+        host, port = _wandb_address()
+        try:
+            socket.create_connection((host, port), timeout=WANDB_CONNECT_TIMEOUT_S).close()
+        except OSError as err:
+            raise SettingsError(
+                f"trainer.logger: WandbLogger is online but {host}:{port} cannot be reached "
+                f"({err.strerror or describe(err)}); set WANDB_MODE=offline to log locally and `wandb sync` later"
+            ) from None
 
 
 def _wandb_offline_env() -> bool:
@@ -90,8 +102,15 @@ def _netrc_has_wandb() -> bool:
 
 
 def _wandb_host() -> str:
+    return _wandb_address()[0]
+
+
+def _wandb_address() -> tuple[str, int]:
+    """``(host, port)`` of ``WANDB_BASE_URL`` (default ``https://api.wandb.ai``)."""
     base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
-    return base.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0]
+    scheme, _, rest = base.rpartition("://")
+    host, _, port = rest.split("/", 1)[0].partition(":")
+    return host, int(port) if port.isdigit() else (80 if scheme == "http" else 443)
 
 
 def check_writable(setting: str, folder: Any) -> None:

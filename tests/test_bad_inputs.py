@@ -150,6 +150,19 @@ def test_wandb_online_without_key_fails_fast(capsys, tmp_path, monkeypatch):
     assert "trainer.logger: WandbLogger is online but no W&B API key" in line and "WANDB_MODE=offline" in line
 
 
+def test_wandb_online_without_network_fails_fast(capsys, tmp_path, monkeypatch):
+    import socket
+
+    with socket.socket() as closed:  # a local port nobody listens on: refused at once, no network used
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+    line = _error(capsys, tmp_path, "--trainer.logger=WandbLogger")
+    assert f"127.0.0.1:{port} cannot be reached" in line and "WANDB_MODE=offline" in line
+
+
 @pytest.mark.parametrize(("argv", "needle"), [
     (["test"], "'test' has no meaning for RL training"),
     (["predict"], "'predict' has no meaning here"),
