@@ -26,27 +26,32 @@ WANDB_CONNECT_TIMEOUT_S = 5.0
 
 
 def check_config_files(argv: Sequence[str]) -> None:
-    """Every ``--config``/``-c`` file exists and parses as YAML; errors give the file, line and column."""
-    for path in config_paths(argv):
+    """Every ``--config``/``-c`` file, and every ``.yaml`` value (``--trainer.callbacks+=x.yaml``), exists
+    and parses as YAML; errors give the option, the file, line and column."""
+    for option, path in config_paths(argv, with_option=True):
         if not Path(path).is_file():
-            raise SettingsError(f"--config {path}: no such file")
+            raise SettingsError(f"{option}{path}: no such file")
         try:
             yaml.safe_load(Path(path).read_text())
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             problem = getattr(err, "problem", None) or first_line(str(err))
-            raise SettingsError(f"--config {path}: YAML syntax error{where}: {problem}") from None
+            raise SettingsError(f"{option}{path}: YAML syntax error{where}: {problem}") from None
 
 
-def config_paths(argv: Sequence[str]) -> list[str]:
-    paths = []
+def config_paths(argv: Sequence[str], with_option: bool = False) -> list[Any]:
+    """The ``--config`` files of ``argv`` (with ``with_option``: ``(option, path)`` pairs, also for any
+    ``--key=file.yaml`` / ``--key+=file.yaml``)."""
+    found: list[tuple[str, str]] = []
     for i, arg in enumerate(argv):
         if arg in ("-c", "--config") and i + 1 < len(argv):
-            paths.append(argv[i + 1])
-        elif arg.startswith("--config="):
-            paths.append(arg.split("=", 1)[1])
-    return paths
+            found.append(("--config ", argv[i + 1]))
+        elif arg.startswith("--") and "=" in arg:
+            key, value = arg.split("=", 1)
+            if key == "--config" or (with_option and value.endswith((".yaml", ".yml"))):
+                found.append(("--config " if key == "--config" else f"{key}=", value))
+    return found if with_option else [path for option, path in found if option == "--config "]
 
 
 def check_accelerator(accelerator: Any) -> None:

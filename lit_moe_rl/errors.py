@@ -23,6 +23,7 @@ _CLASS_PROBLEM = re.compile(r"Problem with given class_path '([^']+)':\s*(.*)", 
 _INVALID_CHOICE = re.compile(r"invalid choice: '([^']*)' \(choose from (.*)\)")
 _NOT_ACCEPTED = re.compile(r"Option '([^']+)' is not accepted")
 _NOT_IN_SUBCOMMAND = re.compile(r"Subcommand '\w+' does not accept option '([^']+)'")
+_WRONG_TYPE = re.compile(r"^Expected a <class '(\w+)'>\. Got value: (.*)$")
 _ABSTRACT = re.compile(r"Expected an instantiatable class, but (\S*) ?is abstract")
 _LITERAL = re.compile(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)$")
 
@@ -109,6 +110,9 @@ def one_line(message: str) -> str:
     literal = _LITERAL.search(text)
     if literal:
         text = f"expected one of {literal.group(1)}, got {literal.group(2)!r}"
+    wrong_type = _WRONG_TYPE.search(text)
+    if wrong_type:
+        text = f"expected {wrong_type.group(1)}, got {wrong_type.group(2)!r}"
     if keys and not re.match(r"^[\w.\[\]/]+: ", text):
         text = f"{'.'.join(keys)}: {text}"
     return text
@@ -141,6 +145,8 @@ def parse_error(message: str, known_keys: Iterable[str], subclasses: dict[str, l
     outside = _NOT_IN_SUBCOMMAND.search(text)
     if outside:
         return unknown_key(outside.group(1), known_keys)
+    if 'expected "subcommand"' in text:
+        return "choose a subcommand: fit, validate or sft (lit-moe-rl --help)"
     choice = _INVALID_CHOICE.search(text)
     if choice:
         names = [c.strip(" '") for c in choice.group(2).split(",")]

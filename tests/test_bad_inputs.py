@@ -94,6 +94,24 @@ def test_yaml_syntax_error_names_the_file_and_line(capsys, tmp_path):
     assert f"--config {bad}: YAML syntax error at line 3" in line
 
 
+def test_bad_callback_snippet_file_names_it(capsys, tmp_path):
+    bad = tmp_path / "cb.yaml"
+    bad.write_text("class_path: [x\n")
+    line = _error(capsys, tmp_path, f"--trainer.callbacks+={bad}")
+    assert f"--trainer.callbacks+={bad}: YAML syntax error at line 2" in line
+    line = _error(capsys, tmp_path, f"--trainer.callbacks+={tmp_path / 'none.yaml'}")
+    assert "none.yaml: no such file" in line
+
+
+@pytest.mark.parametrize(("extra", "needle"), [
+    (["--trainer.max_steps=abc"], "trainer.max_steps: expected int, got 'abc'"),
+    (["--data.batch_size=1.5"], "data.batch_size: expected int, got '1.5'"),
+    ([], "choose a subcommand: fit, validate or sft"),
+])  # fmt: skip
+def test_wrong_types_and_no_subcommand(capsys, tmp_path, extra, needle):
+    assert needle in _error(capsys, tmp_path, *extra, raw=not extra)
+
+
 def test_unknown_key_in_a_config_file_names_the_file(capsys, tmp_path):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("model:\n  lrr: 0.1\n")
