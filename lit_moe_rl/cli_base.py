@@ -12,10 +12,11 @@ from argparse import ArgumentError
 from typing import Any
 
 from jsonargparse import Namespace
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
 from lit_moe_rl import cli_checks
-from lit_moe_rl.errors import SettingsError, parse_error
+from lit_moe_rl.errors import SettingsError, first_line, parse_error
 
 
 class OneLineCLI(LightningCLI):
@@ -51,6 +52,13 @@ class OneLineCLI(LightningCLI):
             cli_checks.check_checkpoint(self.config[subcommand].get("ckpt_path"))
         super()._parse_ckpt_path()
 
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
+        """Build the Trainer; its own configuration errors get the ``trainer.<setting>`` they are about."""
+        try:
+            return super()._instantiate_trainer(config, callbacks)
+        except (ValueError, TypeError, MisconfigurationException) as err:
+            raise SettingsError(trainer_error(str(err), config)) from None
+
     def before_instantiate_classes(self) -> None:
         """Checks that need the parsed config but no instantiated class (nor a model download)."""
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -67,6 +75,18 @@ def _in_config_file(message: str, argv: list[str]) -> str:
     if not files or any(f"--{key}" in arg for arg in argv):
         return ""
     return f" (in --config {', '.join(files)})"
+
+
+TRAINER_SETTINGS = ("strategy", "devices", "precision", "accelerator", "num_nodes", "plugins")
+
+
+def trainer_error(message: str, config: dict[str, Any]) -> str:
+    """``trainer.<setting>: <Lightning's message>`` for the first setting the message mentions."""
+    text = first_line(message).replace("`", "")
+    named = next((name for name in TRAINER_SETTINGS if name in text.lower()), None)
+    if named is None:
+        return f"trainer: {text}"
+    return f"trainer.{named}: {text} (got {config.get(named)!r})"
 
 
 def known_keys(parser: Any) -> list[str]:

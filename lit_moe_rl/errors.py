@@ -25,7 +25,7 @@ _NOT_ACCEPTED = re.compile(r"Option '([^']+)' is not accepted")
 _NOT_IN_SUBCOMMAND = re.compile(r"Subcommand '\w+' does not accept option '([^']+)'")
 _WRONG_TYPE = re.compile(r"^Expected a <class '(\w+)'>\. Got value: (.*)$")
 _ABSTRACT = re.compile(r"Expected an instantiatable class, but (\S*) ?is abstract")
-_LITERAL = re.compile(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)$")
+_LITERAL = re.compile(r"Expected a typing\.Literal\[(.*?)\](?:\. Got value: (.*))?$")
 
 
 class SettingsError(ValueError):
@@ -109,7 +109,8 @@ def one_line(message: str) -> str:
     text = " ".join(text.split())
     literal = _LITERAL.search(text)
     if literal:
-        text = f"expected one of {literal.group(1)}, got {literal.group(2)!r}"
+        got = f", got {literal.group(2)!r}" if literal.group(2) is not None else " (see --help for all forms)"
+        text = f"expected one of {literal.group(1)}{got}"
     wrong_type = _WRONG_TYPE.search(text)
     if wrong_type:
         text = f"expected {wrong_type.group(1)}, got {wrong_type.group(2)!r}"

@@ -106,6 +106,8 @@ def test_bad_callback_snippet_file_names_it(capsys, tmp_path):
 @pytest.mark.parametrize(("extra", "needle"), [
     (["--trainer.max_steps=abc"], "trainer.max_steps: expected int, got 'abc'"),
     (["--data.batch_size=1.5"], "data.batch_size: expected int, got '1.5'"),
+    (["--trainer.strategy=nope"], "trainer.strategy: You selected an invalid strategy name"),
+    (["--trainer.devices=0"], "trainer.devices: Trainer(devices='0') value is not a valid input"),
     ([], "choose a subcommand: fit, validate or sft"),
 ])  # fmt: skip
 def test_wrong_types_and_no_subcommand(capsys, tmp_path, extra, needle):
