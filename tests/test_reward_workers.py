@@ -76,3 +76,15 @@ def test_unloadable_reward_is_one_line_naming_the_setting(tmp_path, monkeypatch)
 def test_bad_scorer_settings(isolation, workers):
     with pytest.raises(ValueError, match="rollout.reward_"):
         RewardScorer(CountdownReward(), isolation, workers)
+
+
+def test_math_reward_runs_in_a_worker_process_with_its_own_timeouts():
+    from lit_moe_rl.rewards import MathReward
+
+    scorer = RewardScorer(MathReward(), "auto", num_workers=1)
+    assert scorer.isolation == "process"
+    try:
+        scores, failures = scorer.score(["\\boxed{2}", "\\boxed{5}"], [{"answer": "2"}] * 2, timeout_s=60)
+    finally:
+        scorer.close()
+    assert scores.tolist() == [1.0, 0.0] and not failures
