@@ -22,7 +22,6 @@ from lit_moe_rl.cli_base import OneLineCLI
 from lit_moe_rl.data.datamodule import PromptDataModule
 from lit_moe_rl.errors import first_line
 from lit_moe_rl.module import MoERLModule
-from lit_moe_rl.threads import apply_num_threads
 
 TRAINER_DEFAULTS = {
     "logger": lazy_instance(CSVLogger, save_dir="runs"),
@@ -52,21 +51,11 @@ class MoERLCLI(OneLineCLI):
         parser.add_lightning_class_args(RolloutCallback, "rollout")
         parser.add_lightning_class_args(RunSummary, "summary")
         parser.set_defaults({"trainer.callbacks": DEFAULT_CALLBACKS})
-        parser.add_argument(
-            "--num_threads",
-            type=int,
-            default=0,
-            help="torch intra-op CPU threads; 0 = auto (1 per process on <= 4 cores, else cores // 2).",
-        )
 
     def _add_subcommands(self, parser, **kwargs) -> None:
         super()._add_subcommands(parser, **kwargs)
         # `sft` is dispatched by main() before parsing; listed here so that `lit-moe-rl --help` shows it
         parser._subcommands_action.add_subcommand("sft", ArgumentParser(description=SFT_HELP), help=SFT_HELP)
-
-    def before_instantiate_classes(self) -> None:
-        super().before_instantiate_classes()
-        apply_num_threads(self.config[self.subcommand].get("num_threads", 0), "num_threads")
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
         """Use Rich's progress bar unless the user disabled the bar or chose another one."""

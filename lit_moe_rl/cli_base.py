@@ -17,6 +17,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from lit_moe_rl import cli_checks
 from lit_moe_rl.errors import SettingsError, first_line, parse_error
+from lit_moe_rl.threads import apply_num_threads
 
 
 class OneLineCLI(LightningCLI):
@@ -30,6 +31,17 @@ class OneLineCLI(LightningCLI):
         """``fit`` and ``validate`` only: an RL module has no ``test_step`` or ``predict_step``."""
         subcommands = LightningCLI.subcommands()
         return {name: subcommands[name] for name in ("fit", "validate")}
+
+    def add_default_arguments_to_parser(self, parser: Any) -> None:
+        """Lightning's defaults plus ``--num_threads`` (README "Threads")."""
+        super().add_default_arguments_to_parser(parser)
+        parser.add_argument(
+            "--num_threads",
+            type=int,
+            default=0,
+            help="torch intra-op CPU threads, >= 0; 0 = auto: OMP_NUM_THREADS if set, else 1 on <= 4 cores, "
+            "else cores // 2.",
+        )
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
         """Parse, turning a jsonargparse error into a one-line :class:`SettingsError`."""
@@ -66,6 +78,7 @@ class OneLineCLI(LightningCLI):
         cli_checks.check_accelerator(trainer.get("accelerator"))
         cli_checks.check_wandb(trainer.get("logger"))
         cli_checks.check_logger_dirs(trainer)
+        apply_num_threads(config.get("num_threads", 0), "num_threads")
 
 
 def _in_config_file(message: str, argv: list[str]) -> str:
