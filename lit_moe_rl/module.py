@@ -35,7 +35,6 @@ from lit_moe_rl.policy import load_balancing_loss, load_policy, token_logprobs
 from lit_moe_rl.routing.checks import require_moe
 from lit_moe_rl.routing.record import capture_router_logits, gather_router_logp
 from lit_moe_rl.routing.shift import router_shift, shift_stats, topk_set_changed
-from lit_moe_rl.validation import check_module_settings
 
 Phase = Literal["old", "update", "ref"]
 ForwardContext = Callable[[Phase, Rollout], contextlib.AbstractContextManager]
@@ -103,6 +102,8 @@ class MoERLModule(L.LightningModule):
             raise ValueError(f"model.mini_batches: must be >= 1, got {mini_batches}")
         if micro_batch_size < 1:
             raise ValueError(f"model.micro_batch_size: must be >= 1, got {micro_batch_size}")
+        from lit_moe_rl.validation import check_module_settings  # ranges: lit_moe_rl/validation.py
+
         check_module_settings(
             lr=lr,
             weight_decay=weight_decay,
@@ -112,7 +113,7 @@ class MoERLModule(L.LightningModule):
             logprob_chunk_size=logprob_chunk_size,
             router_aux_loss_coef=router_aux_loss_coef,
             lora=lora,
-        )  # ranges: lit_moe_rl/validation.py
+        )
         if pretrained is not None:
             from lit_moe_rl.policy import resolve_pretrained
 
