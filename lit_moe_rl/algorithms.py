@@ -18,8 +18,8 @@ clipping (RSPO v2 placement, ALGORITHMS.md §4.3) for GRPO, DAPO, DrGRPO and GSP
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Literal
+from abc import ABC, abstractmethod
+from typing import Any, Literal
 
 from torch import Tensor
 
@@ -30,8 +30,8 @@ AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "se
 KLKind = Literal["k1", "k2", "k3", "k3+"]
 
 
-class Algorithm:
-    """Base: GRPO advantages; subclasses define :meth:`objective`."""
+class Algorithm(ABC):
+    """Abstract base: GRPO advantages; subclasses define :meth:`objective` (not selectable in YAML)."""
 
     name = "base"
 
@@ -48,19 +48,23 @@ class Algorithm:
         kl_kind: KLKind = "k3",
         dynamic_sampling: bool = False,
     ) -> None:
-        if clip_low < 0 or clip_high < 0:
-            raise ValueError(f"algorithm.clip_low/clip_high: must be >= 0, got {clip_low}, {clip_high}")
+        for name, value in (("clip_low", clip_low), ("clip_high", clip_high)):
+            if not value >= 0:  # also refuses NaN
+                raise ValueError(f"model.algorithm.{name}: must be >= 0, got {value}")
         if not 0.0 <= router_shift_floor <= 1.0:
-            raise ValueError(f"algorithm.router_shift_floor: must be in [0, 1], got {router_shift_floor}")
+            raise ValueError(
+                f"model.algorithm.router_shift_floor: must be in [0, 1], got {router_shift_floor}"
+            )
         if router_shift_layer_reduce not in ("mean", "sum"):
             raise ValueError(
-                f"algorithm.router_shift_layer_reduce: must be 'mean' or 'sum', got {router_shift_layer_reduce!r}"
+                "model.algorithm.router_shift_layer_reduce: must be 'mean' or 'sum', "
+                f"got {router_shift_layer_reduce!r}"
             )
-        if kl_coef < 0:
-            raise ValueError(f"algorithm.kl_coef: must be >= 0, got {kl_coef}")
+        if not kl_coef >= 0:
+            raise ValueError(f"model.algorithm.kl_coef: must be >= 0, got {kl_coef}")
         if kl_kind not in losses.KL_KINDS:
             raise ValueError(
-                f"algorithm.kl_kind: must be one of {', '.join(losses.KL_KINDS)}, got {kl_kind!r}"
+                f"model.algorithm.kl_kind: must be one of {', '.join(losses.KL_KINDS)}, got {kl_kind!r}"
             )
         self.clip_low = clip_low
         self.clip_high = clip_high
@@ -82,6 +86,7 @@ class Algorithm:
         """DAPO dynamic sampling: rows to keep ``[N]`` bool, or None to keep all."""
         return adv.group_filter_mask(rewards, group_size) if self.dynamic_sampling else None
 
+    @abstractmethod
     def objective(
         self,
         logp: Tensor,
@@ -95,7 +100,7 @@ class Algorithm:
         num_seqs: float,
         norm_const: float,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        raise NotImplementedError
+        """The loss of one micro-batch and its ``policy/*`` statistics."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(clip_low={self.clip_low}, clip_high={self.clip_high})"
@@ -122,15 +127,15 @@ class GRPO(Algorithm):
     ) -> None:
         """
         Args:
-            clip_low: epsilon_low: the ratio is clipped below at 1 - clip_low.
-            clip_high: epsilon_high: the ratio is clipped above at 1 + clip_high (DAPO clip-higher).
+            clip_low: epsilon_low in [0, 1): the ratio is clipped below at 1 - clip_low.
+            clip_high: epsilon_high >= 0: the ratio is clipped above at 1 + clip_high (DAPO clip-higher).
             agg: Loss aggregation over tokens and sequences (ALGORITHMS.md §2.1).
-            clip_ratio_c: Dual-clip constant for negative advantages (None = off, §2.4).
+            clip_ratio_c: Dual-clip constant > 1 for negative advantages (None = off, §2.4).
             norm_adv_by_std: Divide group-centred rewards by the group std (off = Dr. GRPO).
             router_shift: Add RSPO's router-shift weight before clipping (arXiv 2510.23027 v2).
-            router_shift_floor: gamma_min, the floor of the router-shift ratio.
+            router_shift_floor: gamma_min in [0, 1], the floor of the router-shift ratio.
             router_shift_layer_reduce: How per-layer shifts combine: mean (paper) or sum.
-            kl_coef: beta of the per-token reference KL loss term (needs ReferenceKLCallback).
+            kl_coef: beta >= 0 of the per-token reference KL loss term (needs ReferenceKLCallback).
             kl_kind: KL estimator for that term.
             dynamic_sampling: Drop groups whose rewards are all equal (DAPO).
         """
@@ -146,7 +151,17 @@ class GRPO(Algorithm):
             dynamic_sampling=dynamic_sampling,
         )
         if agg not in losses.AGG_MODES:
-            raise ValueError(f"algorithm.agg: must be one of {', '.join(losses.AGG_MODES)}, got {agg!r}")
+            raise ValueError(
+                f"model.algorithm.agg: must be one of {', '.join(losses.AGG_MODES)}, got {agg!r}"
+            )
+        if not clip_low < 1:
+            raise ValueError(
+                f"model.algorithm.clip_low: must be < 1 (the ratio's floor is 1 - clip_low), got {clip_low}"
+            )
+        if clip_ratio_c is not None and not clip_ratio_c > 1:
+            raise ValueError(
+                f"model.algorithm.clip_ratio_c: must be > 1 (dual-clip) or null, got {clip_ratio_c}"
+            )
         self.agg = agg
         self.clip_ratio_c = clip_ratio_c
 
@@ -230,9 +245,12 @@ class DrGRPO(GRPO):
 
 
 class SequenceObjective(Algorithm):
-    """Shared by GSPO and GMPO: a per-sequence objective normalised by the global sequence count."""
+    """Abstract, shared by GSPO and GMPO: a per-sequence objective normalised by the global sequence count."""
 
-    loss_fn: Callable[..., tuple[Tensor, dict[str, Tensor]]]
+    @staticmethod
+    @abstractmethod
+    def loss_fn(*args: Any, **kwargs: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        """The pure sequence-level loss of :mod:`losses` (set by the subclass)."""
 
     def objective(
         self, logp, old_logp, advantages, mask, *, log_weight, token_weight, num_tokens, num_seqs, norm_const

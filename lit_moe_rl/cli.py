@@ -2,7 +2,7 @@
 
 The rollout callback and the run summary are registered here (top-level ``rollout:`` and
 ``summary:`` keys) because no RL run works without them; everything else is added by the user
-with ``trainer.callbacks``.
+with ``trainer.callbacks``. Settings errors print one line and exit with status 2 (docs/errors.md).
 """
 
 from __future__ import annotations
@@ -10,15 +10,17 @@ from __future__ import annotations
 import os
 import sys
 
-from jsonargparse import lazy_instance
+from jsonargparse import ArgumentParser, lazy_instance
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
-from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
 from lit_moe_rl.callbacks.rollout import RolloutCallback
 from lit_moe_rl.callbacks.summary import RunSummary
+from lit_moe_rl.cli_base import OneLineCLI
 from lit_moe_rl.data.datamodule import PromptDataModule
+from lit_moe_rl.errors import first_line
 from lit_moe_rl.module import MoERLModule
 
 TRAINER_DEFAULTS = {
@@ -35,14 +37,25 @@ DEFAULT_CALLBACKS = [
     },
 ]
 
+SFT_HELP = "Supervised warm start of a small model before RL (lit-moe-rl sft --help)."
+REMOVED = {
+    "test": "'test' has no meaning for RL training (no test_step): use 'validate' for the held-out reward",
+    "predict": "'predict' has no meaning here: use 'validate' to score completions on the held-out prompts",
+}
 
-class MoERLCLI(LightningCLI):
+
+class MoERLCLI(OneLineCLI):
     """LightningCLI with the RL essentials registered."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(RolloutCallback, "rollout")
         parser.add_lightning_class_args(RunSummary, "summary")
         parser.set_defaults({"trainer.callbacks": DEFAULT_CALLBACKS})
+
+    def _add_subcommands(self, parser, **kwargs) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        # `sft` is dispatched by main() before parsing; listed here so that `lit-moe-rl --help` shows it
+        parser._subcommands_action.add_subcommand("sft", ArgumentParser(description=SFT_HELP), help=SFT_HELP)
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
         """Use Rich's progress bar unless the user disabled the bar or chose another one."""
@@ -56,6 +69,8 @@ def rich_progress_bar(config: dict) -> list[ProgressBar]:
 
 def _run(args: list[str] | None) -> None:
     argv = sys.argv[1:] if args is None else args
+    if argv and argv[0] in REMOVED:
+        raise ValueError(REMOVED[argv[0]])
     if argv and argv[0] == "sft":
         from lit_moe_rl.sft import SFTCLI, SFTModule
 
@@ -65,16 +80,26 @@ def _run(args: list[str] | None) -> None:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Console entry point. Settings errors print one line and exit with status 2."""
+    """Console entry point. Settings errors print one line and exit with status 2.
+
+    ``LIT_MOE_RL_DEBUG=1`` shows the full traceback instead.
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if os.environ.get("LIT_MOE_RL_DEBUG"):
         _run(args)
         return
     try:
         _run(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"lit-moe-rl: error: {err}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, MisconfigurationException) as err:
+        print(f"lit-moe-rl: error: {one_line_of(err)}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def one_line_of(err: BaseException) -> str:
+    """The error's message on one line (jsonargparse's Union blocks unwrapped)."""
+    from lit_moe_rl.errors import one_line
+
+    return one_line(str(err)) or first_line(repr(err))
 
 
 if __name__ == "__main__":

@@ -102,6 +102,18 @@ class MoERLModule(L.LightningModule):
             raise ValueError(f"model.mini_batches: must be >= 1, got {mini_batches}")
         if micro_batch_size < 1:
             raise ValueError(f"model.micro_batch_size: must be >= 1, got {micro_batch_size}")
+        from lit_moe_rl.validation import check_module_settings  # ranges: lit_moe_rl/validation.py
+
+        check_module_settings(
+            lr=lr,
+            weight_decay=weight_decay,
+            betas=betas,
+            warmup_steps=warmup_steps,
+            grad_clip=grad_clip,
+            logprob_chunk_size=logprob_chunk_size,
+            router_aux_loss_coef=router_aux_loss_coef,
+            lora=lora,
+        )
         if pretrained is not None:
             from lit_moe_rl.policy import resolve_pretrained
 

@@ -8,8 +8,10 @@ for a tiny config of a supported family (:mod:`lit_moe_rl.tiny`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,8 @@ import torch
 import transformers
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from lit_moe_rl.errors import describe
 
 log = logging.getLogger(__name__)
 
@@ -86,18 +90,53 @@ def load_policy(
     torch_dtype = DTYPES[dtype]
     if pretrained is not None:
         path = resolve_pretrained(pretrained)
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype, local_files_only=True
-        )
+        with naming_setting("model.pretrained", path):
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch_dtype, local_files_only=True
+            )
         tok_path = tokenizer or path
     else:
-        with torch.random.fork_rng():
+        with torch.random.fork_rng(), naming_setting("model.config", config):
             torch.manual_seed(seed)
             model = transformers.AutoModelForCausalLM.from_config(build_config(config), dtype=torch_dtype)
         tok_path = tokenizer
-    tok = load_tokenizer(tok_path, model.config.vocab_size)
+    if tokenizer is not None and not Path(tokenizer).is_dir():
+        raise ValueError(
+            f"model.tokenizer: {tokenizer!r} is not a local folder (models and tokenizers load offline)"
+        )
+    with naming_setting("model.tokenizer" if tokenizer else "model.pretrained", tok_path):
+        tok = load_tokenizer(tok_path, model.config.vocab_size)
     note_aux_loss(model.config)
     return model, tok
+
+
+@contextlib.contextmanager
+def naming_setting(setting: str, value: Any) -> Iterator[None]:
+    """Re-raise a torch / HF / safetensors error while loading as one line naming ``setting``.
+
+    A truncated or garbage ``model.safetensors`` (``SafetensorError``), a missing tokenizer file
+    (``OSError``), an inline config with impossible sizes (``RuntimeError``): the user sees which setting
+    and file to fix, not a traceback. Our own one-line ``ValueError``s pass through unchanged.
+    """
+    try:
+        yield
+    except ValueError as err:
+        if str(err).startswith(("model.", "model ")):
+            raise
+        raise ValueError(f"{setting}: cannot load {_short(value)} ({describe(err)})") from None
+    except (OSError, RuntimeError, TypeError, KeyError, ImportError) as err:
+        raise ValueError(f"{setting}: cannot load {_short(value)} ({describe(err)})") from None
+    except Exception as err:  # safetensors' SafetensorError derives from Exception only
+        if type(err).__name__ != "SafetensorError":
+            raise
+        raise ValueError(
+            f"{setting}: {_short(value)} has a truncated or corrupt .safetensors file ({describe(err)})"
+        ) from None
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load_tokenizer(path: str | os.PathLike | None, vocab_size: int) -> Any:

@@ -2,26 +2,30 @@
 
 A random-init model cannot learn Countdown from reward alone in minutes. This recipe trains it with
 cross-entropy on ``prompt -> solution`` pairs from the synthetic generator, for a few hundred steps,
-and exports a Hugging Face folder that ``model.pretrained`` loads. The quickstart's built-in model
-(``builtin:countdown-tiny-moe``) was made by ``configs/quickstart_sft.yaml``.
+and exports a Hugging Face folder that ``model.pretrained`` loads (``<log_dir>/hf_model`` by default).
+The quickstart's built-in model (``builtin:countdown-tiny-moe``) was made by ``configs/quickstart_sft.yaml``
+with ``--model.export_dir=lit_moe_rl/assets/countdown-tiny-moe``.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from jsonargparse import lazy_instance
-from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from lit_moe_rl.cli_base import OneLineCLI
 from lit_moe_rl.data.countdown import format_completion
 from lit_moe_rl.policy import load_policy, position_ids_from_mask
 from lit_moe_rl.rewards.countdown import CountdownReward
 from lit_moe_rl.rollout.engine import HFEngine
+from lit_moe_rl.validation import at_least, check_module_settings
 
 
 class SFTModule(L.LightningModule):
@@ -37,7 +41,7 @@ class SFTModule(L.LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 20,
         max_new_tokens: int = 16,
-        export_dir: str | None = None,
+        export_dir: str | None = "auto",
     ) -> None:
         """
         Args:
@@ -45,13 +49,26 @@ class SFTModule(L.LightningModule):
             config: Inline config of a random model: ``{family: qwen3_moe, ...}``.
             tokenizer: Tokenizer folder (default: ``pretrained``; the char tokenizer for ``config``).
             template: Countdown prompt template; linked to ``data.template``.
-            lr: AdamW learning rate (cosine decay to 10% after warm-up).
-            weight_decay: AdamW weight decay.
-            warmup_steps: Linear warm-up steps.
-            max_new_tokens: Completion budget of the greedy validation.
-            export_dir: Where to save the trained model as a HF folder at the end (None = don't).
+            lr: AdamW learning rate, > 0 (cosine decay to 10% after warm-up).
+            weight_decay: AdamW weight decay, >= 0.
+            warmup_steps: Linear warm-up steps, >= 0.
+            max_new_tokens: Completion budget of the greedy validation, >= 1.
+            export_dir: Where to save the trained model as a HF folder at the end: ``auto`` =
+                ``<log_dir>/hf_model`` (the run's own folder), a path, or null (don't). Rebuilding the
+                shipped ``builtin:countdown-tiny-moe`` is a deliberate step:
+                ``--model.export_dir=lit_moe_rl/assets/countdown-tiny-moe`` (README).
         """
         super().__init__()
+        check_module_settings(
+            lr=lr,
+            weight_decay=weight_decay,
+            betas=(0.9, 0.999),
+            warmup_steps=warmup_steps,
+            grad_clip=0.0,
+            logprob_chunk_size=1,
+            router_aux_loss_coef=0.0,
+        )
+        at_least("model.max_new_tokens", max_new_tokens, 1)
         self.save_hyperparameters()
         self.policy: torch.nn.Module | None = None
         self.tokenizer: Any = None
@@ -120,12 +137,21 @@ class SFTModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_train_end(self) -> None:
-        if self.hparams.export_dir and self.trainer.is_global_zero:
-            self.policy.save_pretrained(self.hparams.export_dir)
-            self.tokenizer.save_pretrained(self.hparams.export_dir)
+        out = export_path(self.hparams.export_dir, self.trainer.log_dir or self.trainer.default_root_dir)
+        if out is not None and self.trainer.is_global_zero:
+            self.policy.save_pretrained(out)
+            self.tokenizer.save_pretrained(out)
+            rank_zero_info(f"sft: exported the trained model to {out} (load it with model.pretrained={out})")
 
 
-class SFTCLI(LightningCLI):
+def export_path(export_dir: str | None, log_dir: str) -> str | None:
+    """The export folder: ``<log_dir>/hf_model`` for ``auto``, ``export_dir`` as given, or None."""
+    if export_dir is None:
+        return None
+    return os.path.join(log_dir, "hf_model") if export_dir == "auto" else export_dir
+
+
+class SFTCLI(OneLineCLI):
     """``lit-moe-rl sft``: the warm-start recipe, with the prompt template shared by data and model."""
 
     TRAINER_DEFAULTS = {

@@ -20,3 +20,6 @@ def cli_argv(monkeypatch):
     """Tests call ``lit_moe_rl.cli.main([...])`` in-process: pytest's own arguments in ``sys.argv`` would
     make LightningCLI warn that both were given (a line on stderr a real run never prints)."""
     monkeypatch.setattr("sys.argv", ["lit-moe-rl"])
+    # a config with seed_everything (quickstart: 0, quickstart_sft: 1) leaves PL_GLOBAL_SEED in the
+    # environment; without this, a later run_fit would take that seed and results would depend on test order
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)

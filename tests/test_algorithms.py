@@ -65,8 +65,8 @@ def test_defaults_follow_the_papers():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"clip_low": -0.1}, "algorithm.clip_low/clip_high: must be >= 0"),
-        ({"clip_high": -1.0}, "algorithm.clip_low/clip_high: must be >= 0"),
+        ({"clip_low": -0.1}, "model.algorithm.clip_low: must be >= 0"),
+        ({"clip_high": -1.0}, "model.algorithm.clip_high: must be >= 0"),
         ({"router_shift_floor": 1.5}, r"algorithm.router_shift_floor: must be in \[0, 1\]"),
         ({"router_shift_floor": -0.1}, r"algorithm.router_shift_floor: must be in \[0, 1\]"),
         ({"kl_coef": -0.01}, "algorithm.kl_coef: must be >= 0"),
@@ -217,3 +217,24 @@ def test_each_algorithm_fits_by_class_path(cls, tmp_path):
     assert all(r["reward/mean"] for r in rows)
     tracked = cls in (RSPO, GMPO)
     assert bool(rows[0].get("rspo/gamma_mean")) == tracked
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"clip_low": 1.0}, r"model.algorithm.clip_low: must be < 1"),
+        ({"clip_ratio_c": 1.0}, r"model.algorithm.clip_ratio_c: must be > 1"),
+        ({"clip_high": float("nan")}, r"model.algorithm.clip_high: must be >= 0, got nan"),
+    ],
+)
+def test_token_ratio_ranges_are_checked_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GRPO(**kwargs)
+
+
+def test_base_classes_are_abstract():
+    from lit_moe_rl.algorithms import Algorithm, SequenceObjective
+
+    for base in (Algorithm, SequenceObjective):
+        with pytest.raises(TypeError, match="abstract"):
+            base(0.2, 0.2)

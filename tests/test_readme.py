@@ -69,9 +69,10 @@ def test_quickstart_command_runs_shortened(tmp_path):
 
 
 def test_sft_command_runs_shortened(tmp_path):
-    (sft,) = [c for c in _commands() if c.startswith("lit-moe-rl sft")]
-    _lit_moe_rl(
-        sft,
+    sfts = [c for c in _commands() if c.startswith("lit-moe-rl sft")]
+    assert len(sfts) == 2 and "--model.export_dir=lit_moe_rl/assets/countdown-tiny-moe" in sfts[1]
+    _lit_moe_rl(  # the rebuild command exports to the asset; the test's later override keeps it in tmp
+        sfts[1],
         "--trainer.max_steps=2",
         "--trainer.enable_progress_bar=false",
         "--data.num_train=64",

@@ -211,14 +211,14 @@ def test_resolve_reward_paths() -> None:
 
 def test_resolve_reward_errors() -> None:
     with pytest.raises(
-        ValueError, match=r"^reward: cannot import 'no_such_pkg\.mod:f' \(ModuleNotFoundError: "
+        ValueError, match=r"^rollout.reward: cannot import 'no_such_pkg\.mod:f' \(ModuleNotFoundError: "
     ):
         resolve_reward("no_such_pkg.mod:f")
-    with pytest.raises(ValueError, match=r"^reward: cannot import .*AttributeError"):
+    with pytest.raises(ValueError, match=r"^rollout.reward: cannot import .*AttributeError"):
         resolve_reward("lit_moe_rl.rewards:nope")
-    with pytest.raises(ValueError, match=r"^reward: .*not callable"):
+    with pytest.raises(ValueError, match=r"^rollout.reward: .*not callable"):
         resolve_reward("lit_moe_rl.rewards.arith:MAX_EXPR_CHARS")
-    with pytest.raises(ValueError, match=r"^reward: .*not callable"):
+    with pytest.raises(ValueError, match=r"^rollout.reward: .*not callable"):
         resolve_reward(3)  # type: ignore[arg-type]
 
 

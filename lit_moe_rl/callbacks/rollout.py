@@ -16,7 +16,9 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lit_moe_rl.batch import Rollout
-from lit_moe_rl.rewards import RewardFn, resolve_reward, score_batch
+from lit_moe_rl.rewards import RewardFn, resolve_reward
+from lit_moe_rl.rewards.failures import FailureTracker
+from lit_moe_rl.rewards.workers import Isolation, RewardScorer
 from lit_moe_rl.rollout.engine import Generation, HFEngine, RolloutEngine
 from lit_moe_rl.rollout.prompts import Prompt, prompt_text
 from lit_moe_rl.routing.store import pack_routes
@@ -31,6 +33,9 @@ class RolloutCallback(Callback):
         reward: RewardFn | str = "lit_moe_rl.rewards.countdown:CountdownReward",
         group_size: int = 8,
         reward_timeout_s: float = 10.0,
+        reward_isolation: Isolation = "auto",
+        reward_workers: int = 2,
+        stop_after_failed_batches: int = 1,
         val_samples: int = 1,
         seed: int = 0,
     ) -> None:
@@ -39,7 +44,14 @@ class RolloutCallback(Callback):
             engine: Rollout engine (``class_path``); default ``HFEngine()``.
             reward: Reward function: an instance or an import path ``pkg.mod:fn``.
             group_size: G, completions per prompt.
-            reward_timeout_s: Per-batch reward deadline; late or failing samples score 0.
+            reward_timeout_s: Per-batch reward deadline in seconds (> 0); late or failing samples score 0.
+            reward_isolation: ``process``: score in worker processes killed at the deadline; ``thread``:
+                in daemon threads (cheaper; a stuck call keeps a CPU busy); ``auto``: threads only for a
+                reward with ``thread_safe = True`` (the built-in Countdown reward).
+            reward_workers: Worker processes (or threads) scoring in parallel (>= 1).
+            stop_after_failed_batches: Stop the run when every reward call of this many batches in a
+                row (training steps or validation batches) failed: the reward is broken or needs fields
+                the data lacks, and training on all-zero rewards learns nothing (>= 0; 0 = never stop).
             val_samples: k for validation Avg@k; 1 = one greedy completion per prompt.
             seed: Sampling seed; each step samples with ``seed + global_step``, so a resumed run
                 samples what an uninterrupted one would.
@@ -50,8 +62,16 @@ class RolloutCallback(Callback):
             )
         if val_samples < 1:
             raise ValueError(f"rollout.val_samples: must be >= 1, got {val_samples}")
+        if not reward_timeout_s > 0:
+            raise ValueError(f"rollout.reward_timeout_s: must be > 0, got {reward_timeout_s}")
+        if stop_after_failed_batches < 0:
+            raise ValueError(
+                f"rollout.stop_after_failed_batches: must be >= 0, got {stop_after_failed_batches}"
+            )
         self.engine = engine if engine is not None else HFEngine()
         self.reward = resolve_reward(reward)
+        self.scorer = RewardScorer(self.reward, reward_isolation, reward_workers)
+        self.failures = FailureTracker(stop_after_failed_batches)
         self.group_size = group_size
         self.reward_timeout_s = reward_timeout_s
         self.val_samples = val_samples
@@ -140,7 +160,13 @@ class RolloutCallback(Callback):
 
     def _score(self, texts: list[str], samples: list[dict], n: int) -> tuple[torch.Tensor, int]:
         expanded = [sample for sample in samples for _ in range(n)]
-        return score_batch(self.reward, texts, expanded, timeout_s=self.reward_timeout_s)
+        rewards, failures = self.scorer.score(texts, expanded, timeout_s=self.reward_timeout_s)
+        self.failures.update(failures, len(texts))
+        return rewards, len(failures)
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.scorer.close()
 
 
 def rollout_metrics(gen: Generation, rewards: torch.Tensor, errors: int) -> dict[str, float]:

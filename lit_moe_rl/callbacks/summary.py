@@ -1,4 +1,9 @@
-"""RunSummary: the held-out reward before training, after it, and the run's time, printed at the end."""
+"""RunSummary: the held-out reward before and after training, and what a user checks first, printed at the end.
+
+Besides the reward: the log folder, the run's time and steps, skipped updates (non-finite loss or
+gradient), failed reward calls, and for runs that measure routing (R3 replay, RSPO / router-shift
+tracking) the run means of the headline routing numbers (:data:`HEADLINE`).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,16 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
+
+HEADLINE = (
+    "mismatch/train_infer_kl",
+    "routing/rollout_train_router_disagreement",
+    "routing/replay_native_router_disagreement",
+    "rspo/gamma_mean",
+    "rspo/floor_frac",
+    "rspo/shift_mean",
+)
+"""Per-step metrics averaged over the run for the summary (shown when a routing metric was logged)."""
 
 
 class RunSummary(Callback):
@@ -23,6 +38,14 @@ class RunSummary(Callback):
         self.history: list[tuple[int, float]] = []
         self._sums = torch.zeros(2, dtype=torch.float64)
         self._t0 = 0.0
+        self.headline: dict[str, list[float]] = {}
+
+    @override
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        for key in HEADLINE:
+            value = trainer.callback_metrics.get(key)
+            if value is not None:
+                self.headline.setdefault(key, []).append(float(value))
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -54,7 +77,26 @@ class RunSummary(Callback):
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        rank_zero_info(self.render(trainer.global_step, time.perf_counter() - self._t0))
+        lines = self.render(trainer.global_step, time.perf_counter() - self._t0)
+        lines += "\n" + "\n".join(self.run_lines(trainer, pl_module))
+        rank_zero_info(lines)
+
+    def run_lines(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[str]:
+        """Skipped updates, failed reward calls, routing headline means, and the log folder."""
+        lines = [f"skipped updates: {getattr(pl_module, 'skipped_steps', 0)}"]
+        tracker = next(
+            (getattr(cb, "failures", None) for cb in trainer.callbacks if hasattr(cb, "scorer")), None
+        )
+        if tracker is not None:
+            lines.append(f"failed reward calls: {tracker.failed} of {tracker.calls} (scored 0)")
+        routing = {k: v for k, v in self.headline.items() if not k.startswith("mismatch/")}
+        if routing:
+            shown = {**{k: v for k, v in self.headline.items() if k.startswith("mismatch/")}, **routing}
+            lines.append(
+                "routing (run mean): " + "   ".join(f"{k} {sum(v) / len(v):.4g}" for k, v in shown.items())
+            )
+        lines.append(f"logs: {trainer.log_dir or trainer.default_root_dir}")
+        return lines
 
     def render(self, steps: int, seconds: float) -> str:
         lines = ["", "== lit-moe-rl run summary =="]

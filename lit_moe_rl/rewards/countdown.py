@@ -63,6 +63,9 @@ class CountdownReward:
     The sample must carry ``numbers`` (list of int) and ``target`` (number).
     """
 
+    thread_safe = True
+    """Pure Python with bounded work (:func:`safe_eval`): scored in threads, not worker processes."""
+
     def __init__(
         self, format: Literal["tags", "plain"] = "tags", format_score: float = 0.1, score: float = 1.0
     ):
@@ -74,10 +77,10 @@ class CountdownReward:
 
     def __call__(self, completion: str, sample: dict[str, Any]) -> float:
         """Reward of ``completion`` for the Countdown instance ``sample``."""
+        numbers, target = _instance(sample)  # first: rows without the fields fail on every call
         equation = extract_answer(completion) if self.format == "tags" else _first_line(completion)
         if equation is None:
             return 0.0
-        numbers, target = _instance(sample)
         if not uses_numbers(equation, numbers) or not _ALLOWED.match(equation):
             return self.format_score
         try:

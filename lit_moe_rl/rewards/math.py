@@ -3,10 +3,12 @@
 math-verify bounds its parsing and comparison time with ``signal.alarm``, which works only in the
 main thread (elsewhere it raises ``ValueError``). :class:`MathReward` passes its timeouts
 (``parsing_timeout`` to ``parse``, ``timeout_seconds`` to ``verify``) only when called in the
-main thread; in any other thread (e.g. under :func:`~lit_moe_rl.rewards.base.score_batch`) it
-passes ``None``, which math-verify documents as "no timeout, the caller handles it": there the
-batch deadline of ``score_batch`` bounds the wait (the thread itself cannot be interrupted).
-math-verify then logs one warning that its timeout is disabled; that is expected.
+main thread. By default it runs in reward worker processes (it does not declare ``thread_safe``),
+where each call is in the worker's main thread, so its own timeouts work and the batch deadline
+kills a worker that is still stuck. In any other thread (``rollout.reward_isolation: thread``, or
+:func:`~lit_moe_rl.rewards.base.score_batch`) it passes ``None``, which math-verify documents as "no
+timeout, the caller handles it": there the batch deadline bounds the wait, but the thread keeps
+running. math-verify then logs one warning that its timeout is disabled; that is expected.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from lit_moe_rl.rewards.base import RewardFn
@@ -22,9 +24,9 @@ BUILTIN_REWARDS: dict[str, Callable[[], RewardFn]] = {
 def resolve_reward(spec: RewardFn | str) -> RewardFn:
     """The reward callable named by ``spec``.
 
-    ``spec`` is a callable (returned as is), a short name from :data:`BUILTIN_REWARDS`, or an import
+    ``spec`` is a callable (returned as is), a short name from :data:`BUILTIN_REWARDS`, an import
     path ``"package.module:attr"`` / ``"package.module.attr"`` (``attr`` may be dotted after a
-    colon). A class found at the path is instantiated with no arguments.
+    colon), or a file ``"path/to/reward.py:attr"``. A class found at the path is instantiated with no arguments.
 
     Raises:
         ValueError: one line naming ``reward`` when the path cannot be imported, the class cannot
@@ -39,24 +41,42 @@ def resolve_reward(spec: RewardFn | str) -> RewardFn:
     else:
         obj = spec
     if not callable(obj):
-        raise ValueError(f"reward: {spec!r} is not callable (got {type(obj).__name__})")
+        raise ValueError(f"rollout.reward: {spec!r} is not callable (got {type(obj).__name__})")
     return obj
 
 
 def _import(path: str) -> Any:
-    """The object at ``"module:attr"`` or ``"module.attr"``, or a one-line ValueError."""
+    """The object at ``"module:attr"``, ``"module.attr"`` or ``"path/to/file.py:attr"``, or a one-line ValueError.
+
+    A ``.py`` file is imported as a module named after the file, with its folder put on ``sys.path``
+    (so that reward worker processes, which start with the parent's ``sys.path``, import it too).
+    """
     module_name, sep, attr = path.partition(":")
     if not sep:
         module_name, _, attr = path.rpartition(".")
     try:
         if not module_name or not attr:
-            raise ImportError("expected 'package.module:function' or 'package.module.function'")
+            raise ImportError(
+                "expected 'package.module:function', 'package.module.function' or 'file.py:function'"
+            )
+        if module_name.endswith(".py"):
+            module_name = _add_file_folder(module_name)
         obj: Any = importlib.import_module(module_name)
         for part in attr.split("."):
             obj = getattr(obj, part)
     except Exception as e:
-        raise ValueError(f"reward: cannot import {path!r} ({_one_line(e)})") from None
+        raise ValueError(f"rollout.reward: cannot import {path!r} ({_one_line(e)})") from None
     return obj
+
+
+def _add_file_folder(file: str) -> str:
+    """Put ``file``'s folder first on ``sys.path``; return the module name (the file's stem)."""
+    path = Path(file).expanduser().resolve()
+    if not path.is_file():
+        raise ImportError(f"no such file {file!r}")
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    return path.stem
 
 
 def _instantiate(cls: type, path: str) -> Any:
@@ -64,7 +84,9 @@ def _instantiate(cls: type, path: str) -> Any:
     try:
         return cls()
     except Exception as e:
-        raise ValueError(f"reward: cannot instantiate {path!r} with no arguments ({_one_line(e)})") from None
+        raise ValueError(
+            f"rollout.reward: cannot instantiate {path!r} with no arguments ({_one_line(e)})"
+        ) from None
 
 
 def _one_line(e: BaseException) -> str:

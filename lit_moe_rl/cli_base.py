@@ -1,0 +1,126 @@
+"""``OneLineCLI``: a LightningCLI whose settings errors are one line (shared by ``fit`` and ``sft``).
+
+The parser is built with ``exit_on_error=False``, so jsonargparse raises instead of printing its usage;
+:meth:`OneLineCLI.parse_arguments` rewrites the error as one line (:mod:`lit_moe_rl.errors`), and the
+checks of :mod:`lit_moe_rl.cli_checks` run before any class is instantiated.
+"""
+
+from __future__ import annotations
+
+import sys
+from argparse import ArgumentError
+from typing import Any
+
+from jsonargparse import Namespace
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.cli import LightningCLI
+
+from lit_moe_rl import cli_checks
+from lit_moe_rl.errors import SettingsError, first_line, parse_error
+from lit_moe_rl.threads import apply_num_threads
+
+
+class OneLineCLI(LightningCLI):
+    """LightningCLI with one-line settings errors and start-up checks; no ``test``/``predict``."""
+
+    def __init__(self, *args: Any, parser_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, parser_kwargs={**(parser_kwargs or {}), "exit_on_error": False}, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """``fit`` and ``validate`` only: an RL module has no ``test_step`` or ``predict_step``."""
+        subcommands = LightningCLI.subcommands()
+        return {name: subcommands[name] for name in ("fit", "validate")}
+
+    def add_default_arguments_to_parser(self, parser: Any) -> None:
+        """Lightning's defaults plus ``--num_threads`` (README "Threads")."""
+        super().add_default_arguments_to_parser(parser)
+        parser.add_argument(
+            "--num_threads",
+            type=int,
+            default=0,
+            help="torch intra-op CPU threads, >= 0; 0 = auto: OMP_NUM_THREADS if set, else 1 on <= 4 cores, "
+            "else cores // 2.",
+        )
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """Parse, turning a jsonargparse error into a one-line :class:`SettingsError`."""
+        argv = list(args) if isinstance(args, list | tuple) else sys.argv[1:] if args is None else []
+        cli_checks.check_config_files(argv)
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            sub = self._subcommand_parser_for(argv)
+            message = parse_error(str(err.message or err), known_keys(sub), subclass_paths(sub))
+            raise SettingsError(message + _in_config_file(message, argv)) from None
+
+    def _subcommand_parser_for(self, argv: list[str]) -> Any:
+        parsers = getattr(self, "_subcommand_parsers", {})
+        return next((parsers[a] for a in argv if a in parsers), self.parser)
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            cli_checks.check_checkpoint(self.config[subcommand].get("ckpt_path"))
+        super()._parse_ckpt_path()
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
+        """Build the Trainer; its own configuration errors get the ``trainer.<setting>`` they are about."""
+        try:
+            return super()._instantiate_trainer(config, callbacks)
+        except (ValueError, TypeError, MisconfigurationException) as err:
+            raise SettingsError(trainer_error(str(err), config)) from None
+
+    def before_instantiate_classes(self) -> None:
+        """Checks that need the parsed config but no instantiated class (nor a model download)."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.get("trainer") or Namespace()
+        cli_checks.check_accelerator(trainer.get("accelerator"))
+        cli_checks.check_wandb(trainer.get("logger"))
+        cli_checks.check_logger_dirs(trainer)
+        apply_num_threads(config.get("num_threads", 0), "num_threads")
+
+
+def _in_config_file(message: str, argv: list[str]) -> str:
+    """``" (in --config X)"`` when the bad key came from a config file, not the command line."""
+    key = message.split(":", 1)[0]
+    files = cli_checks.config_paths(argv)
+    if not files or any(f"--{key}" in arg for arg in argv):
+        return ""
+    return f" (in --config {', '.join(files)})"
+
+
+TRAINER_SETTINGS = ("strategy", "devices", "precision", "accelerator", "num_nodes", "plugins")
+
+
+def trainer_error(message: str, config: dict[str, Any]) -> str:
+    """``trainer.<setting>: <Lightning's message>`` for the first setting the message mentions."""
+    text = first_line(message).replace("`", "")
+    named = next((name for name in TRAINER_SETTINGS if name in text.lower()), None)
+    if named is None:
+        return f"trainer: {text}"
+    return f"trainer.{named}: {text} (got {config.get(named)!r})"
+
+
+def known_keys(parser: Any) -> list[str]:
+    """Every setting name the parser accepts (``model.lr``, ``trainer.max_steps``, ...)."""
+    keys = {a.dest for a in getattr(parser, "_actions", []) if isinstance(a.dest, str)}
+    return sorted(k for k in keys if k not in ("help", "config", "print_config"))
+
+
+def subclass_paths(parser: Any) -> dict[str, list[str]]:
+    """For each class-typed setting, the import paths of the classes it accepts (for suggestions)."""
+    from jsonargparse._typehints import get_all_subclass_paths
+
+    out: dict[str, list[str]] = {}
+    for action in getattr(parser, "_actions", []):
+        typehint = getattr(action, "_typehint", None)
+        if typehint is None:
+            continue
+        try:
+            paths = get_all_subclass_paths(typehint)
+        except Exception:  # not a class type
+            continue
+        if paths:
+            out[action.dest] = paths
+    return out

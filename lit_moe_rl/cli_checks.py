@@ -1,0 +1,173 @@
+"""Start-up checks of ``lit-moe-rl`` that fail in one line before any model loads (docs/errors.md).
+
+Each function raises :class:`~lit_moe_rl.errors.SettingsError` naming the file or setting: a config
+file that is not valid YAML, a GPU accelerator on a machine without one, an online W&B logger with no
+API key, a log folder that cannot be written, a ``--ckpt_path`` that is not a Lightning checkpoint.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import socket
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from lit_moe_rl.errors import SettingsError, describe, first_line
+
+GPU_ACCELERATORS = ("gpu", "cuda")
+WANDB_CONNECT_TIMEOUT_S = 5.0
+"""How long the start-up check waits for a TCP connection to the W&B server."""
+
+
+def check_config_files(argv: Sequence[str]) -> None:
+    """Every ``--config``/``-c`` file, and every ``.yaml`` value (``--trainer.callbacks+=x.yaml``), exists
+    and parses as YAML; errors give the option, the file, line and column."""
+    for option, path in config_paths(argv, with_option=True):
+        if not Path(path).is_file():
+            raise SettingsError(f"{option}{path}: no such file")
+        try:
+            yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(err, "problem", None) or first_line(str(err))
+            raise SettingsError(f"{option}{path}: YAML syntax error{where}: {problem}") from None
+
+
+def config_paths(argv: Sequence[str], with_option: bool = False) -> list[Any]:
+    """The ``--config`` files of ``argv`` (with ``with_option``: ``(option, path)`` pairs, also for any
+    ``--key=file.yaml`` / ``--key+=file.yaml``)."""
+    found: list[tuple[str, str]] = []
+    for i, arg in enumerate(argv):
+        if arg in ("-c", "--config") and i + 1 < len(argv):
+            found.append(("--config ", argv[i + 1]))
+        elif arg.startswith("--") and "=" in arg:
+            key, value = arg.split("=", 1)
+            if key == "--config" or (with_option and value.endswith((".yaml", ".yml"))):
+                found.append(("--config " if key == "--config" else f"{key}=", value))
+    return found if with_option else [path for option, path in found if option == "--config "]
+
+
+def check_accelerator(accelerator: Any) -> None:
+    """``trainer.accelerator: gpu|cuda`` needs CUDA (``auto`` falls back to the CPU by itself)."""
+    name = str(accelerator).lower() if isinstance(accelerator, str) else None
+    if name in GPU_ACCELERATORS and not torch.cuda.is_available():
+        raise SettingsError(
+            f"trainer.accelerator: {accelerator!r} but this machine has no CUDA GPU visible to torch "
+            "(use --trainer.accelerator=cpu, or auto)"
+        )
+
+
+def check_wandb(logger_cfg: Any) -> None:
+    """An online ``WandbLogger`` needs an API key: fail now rather than hang on a login prompt.
+
+    Online means ``offline`` is not set and ``WANDB_MODE`` is not ``offline``/``disabled``/``dryrun``. The
+    key comes from ``WANDB_API_KEY`` or a ``~/.netrc`` entry (what ``wandb login`` writes). With a key,
+    one TCP connection to the server (``WANDB_BASE_URL``) must open within
+    :data:`WANDB_CONNECT_TIMEOUT_S`; nothing is sent.
+    """
+    for cfg in logger_cfg if isinstance(logger_cfg, list) else [logger_cfg]:
+        if "WandbLogger" not in str(_get(cfg, "class_path") or ""):
+            continue
+        if _get(_get(cfg, "init_args") or {}, "offline") or _wandb_offline_env():
+            continue
+        if not (os.environ.get("WANDB_API_KEY") or _netrc_has_wandb()):
+            raise SettingsError(
+                "trainer.logger: WandbLogger is online but no W&B API key is set (WANDB_API_KEY or "
+                "`wandb login`); set WANDB_MODE=offline to log locally and `wandb sync` later"
+            )
+        host, port = _wandb_address()
+        try:
+            socket.create_connection((host, port), timeout=WANDB_CONNECT_TIMEOUT_S).close()
+        except OSError as err:
+            raise SettingsError(
+                f"trainer.logger: WandbLogger is online but {host}:{port} cannot be reached "
+                f"({err.strerror or describe(err)}); set WANDB_MODE=offline to log locally and `wandb sync` later"
+            ) from None
+
+
+def _wandb_offline_env() -> bool:
+    return os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or os.environ.get(
+        "WANDB_DISABLED", ""
+    ).lower() in ("1", "true")
+
+
+def _netrc_has_wandb() -> bool:
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        return netrc.netrc(path).authenticators(_wandb_host()) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def _wandb_host() -> str:
+    return _wandb_address()[0]
+
+
+def _wandb_address() -> tuple[str, int]:
+    """``(host, port)`` of ``WANDB_BASE_URL`` (default ``https://api.wandb.ai``)."""
+    base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    scheme, _, rest = base.rpartition("://")
+    host, _, port = rest.split("/", 1)[0].partition(":")
+    return host, int(port) if port.isdigit() else (80 if scheme == "http" else 443)
+
+
+def check_writable(setting: str, folder: Any) -> None:
+    """Create ``folder`` (as the logger will) and write a probe file in it; one line when that fails."""
+    if folder is None:
+        return
+    path = Path(str(folder)).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):
+            pass
+    except OSError as err:
+        reason = err.strerror or describe(err)
+        raise SettingsError(f"{setting}: cannot write to {str(folder)!r} ({reason})") from None
+
+
+def check_logger_dirs(trainer_cfg: Any) -> None:
+    """The log folders (``trainer.logger`` ``save_dir``, ``trainer.default_root_dir``) are writable."""
+    loggers = _get(trainer_cfg, "logger")
+    for i, cfg in enumerate(loggers if isinstance(loggers, list) else [loggers]):
+        save_dir = _get(_get(cfg, "init_args") or {}, "save_dir")
+        name = "trainer.logger" + (f"[{i}]" if isinstance(loggers, list) else "")
+        if save_dir is not None:
+            check_writable(f"{name}.init_args.save_dir", save_dir)
+    root = _get(trainer_cfg, "default_root_dir")
+    if root is not None:
+        check_writable("trainer.default_root_dir", root)
+
+
+def check_checkpoint(path: Any) -> None:
+    """``--ckpt_path`` is a readable Lightning checkpoint (a torch file holding ``state_dict``)."""
+    if not path or path in ("last", "best", "hpc", "registry"):
+        return
+    file = Path(str(path))
+    if not file.is_file():
+        raise SettingsError(f"--ckpt_path {path}: no such file")
+    try:
+        ckpt = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # truncated zip, pickle garbage, a safetensors file, ...
+        raise SettingsError(
+            f"--ckpt_path {path}: not a readable Lightning checkpoint (truncated or another format: "
+            f"{describe(err)})"
+        ) from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise SettingsError(
+            f"--ckpt_path {path}: a torch file but not a Lightning checkpoint (no state_dict)"
+        )
+
+
+def _get(cfg: Any, key: str) -> Any:
+    if cfg is None:
+        return None
+    if isinstance(cfg, dict):
+        return cfg.get(key)
+    return getattr(cfg, key, None)

@@ -1,0 +1,65 @@
+"""Range checks of the module's numeric settings, run in ``__init__`` before any model loads.
+
+| setting | allowed | why |
+|---|---|---|
+| ``model.lr`` | > 0, finite | AdamW's step size |
+| ``model.weight_decay`` | >= 0 | AdamW's decoupled decay |
+| ``model.betas`` | each in [0, 1) | AdamW's moment decay rates |
+| ``model.warmup_steps`` | >= 0 | linear warm-up length in optimizer steps |
+| ``model.grad_clip`` | >= 0 (0 = no clipping) | a negative norm would silently disable clipping |
+| ``model.logprob_chunk_size`` | >= 1 | response positions per LM-head chunk |
+| ``model.router_aux_loss_coef`` | >= 0 | weight of the load-balancing loss |
+| ``model.lora`` | ``peft.LoraConfig`` keywords | built once up front so a typo fails before the model loads |
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from lit_moe_rl.errors import SettingsError, describe
+
+
+def check_module_settings(
+    *,
+    lr: float,
+    weight_decay: float,
+    betas: Sequence[float],
+    warmup_steps: int,
+    grad_clip: float,
+    logprob_chunk_size: int,
+    router_aux_loss_coef: float,
+    lora: dict[str, Any] | None = None,
+    prefix: str = "model",
+) -> None:
+    """Raise a one-line :class:`SettingsError` naming ``<prefix>.<setting>`` for a value out of range."""
+    if not (lr > 0 and math.isfinite(lr)):
+        raise SettingsError(f"{prefix}.lr: must be a finite number > 0, got {lr}")
+    at_least(f"{prefix}.weight_decay", weight_decay, 0)
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise SettingsError(f"{prefix}.betas: must be two numbers in [0, 1), got {list(betas)}")
+    at_least(f"{prefix}.warmup_steps", warmup_steps, 0)
+    at_least(f"{prefix}.grad_clip", grad_clip, 0, note=" (0 turns clipping off)")
+    at_least(f"{prefix}.logprob_chunk_size", logprob_chunk_size, 1)
+    at_least(f"{prefix}.router_aux_loss_coef", router_aux_loss_coef, 0)
+    if lora:
+        check_lora(lora, f"{prefix}.lora")
+
+
+def check_lora(lora: dict[str, Any], setting: str = "model.lora") -> None:
+    """``peft.LoraConfig(**lora)`` builds (known keys, valid values), else one line naming ``setting``."""
+    from peft import LoraConfig
+
+    if "r" in lora and not (isinstance(lora["r"], int) and lora["r"] >= 1):
+        raise SettingsError(f"{setting}.r: must be an integer >= 1, got {lora['r']!r}")
+    try:
+        LoraConfig(**lora)
+    except (TypeError, ValueError) as err:
+        raise SettingsError(f"{setting}: not a valid peft.LoraConfig ({describe(err)})") from None
+
+
+def at_least(setting: str, value: float, low: float, note: str = "") -> None:
+    """``value >= low`` and finite, else a one-line :class:`SettingsError` (NaN is refused too)."""
+    if not (value >= low and math.isfinite(value)):
+        raise SettingsError(f"{setting}: must be >= {low}{note}, got {value}")
