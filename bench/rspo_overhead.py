@@ -1,7 +1,7 @@
 """RSPO's cost over GMPO: step time of the same updates, and the memory it keeps per token.
 
 RSPO (arXiv 2510.23027 v2) is GMPO plus the router-shift weight; the v2 paper reports a 20.8%
-throughput loss against GMPO on Qwen3-30B-A3B (3rd-party summary, ALGORITHMS.md §4.4). Here the two
+throughput loss against GMPO on Qwen3-30B-A3B (3rd-party summary, docs/algorithms.md §4.4). Here the two
 run the real :class:`~lit_moe_rl.module.MoERLModule` path (π_old pass, then ``mini_batches``
 updates) on identical fixed rollouts from identical initial weights, so the only difference is
 RSPO's work: router-logit capture in the old pass and in every update forward, the gather at the
@@ -40,7 +40,8 @@ from lit_moe_rl.routing.shift import router_shift, shift_stats, topk_set_changed
 
 ALGORITHMS = {"GMPO": GMPO, "RSPO": RSPO}
 QWEN3_30B_A3B = {"layers": 48, "top_k": 8, "experts": 128}
-PAPER_BATCH, PAPER_TOKENS = 128, 8192  # RSPO v2's memory estimate (3rd-party summary, ALGORITHMS.md §4.4)
+# RSPO v2's memory estimate (3rd-party summary, docs/algorithms.md §4.4)
+PAPER_BATCH, PAPER_TOKENS = 128, 8192
 
 
 def parse_args() -> argparse.Namespace:

@@ -37,7 +37,7 @@ def grpo_advantages(
     """GRPO outcome advantage ``Â_i = (r_i - mean_g r) / (std_g r + eps)``, shared by all tokens of y_i.
 
     DeepSeekMath (Shao et al. 2024, arXiv 2402.03300) §4.1.2 outcome supervision; restated in GSPO
-    (arXiv 2507.18071) Eq. (3); ALGORITHMS.md §2.1. ``eps = 1e-6`` is added to the std as in verl.
+    (arXiv 2507.18071) Eq. (3); docs/algorithms.md §2.1. ``eps = 1e-6`` is added to the std as in verl.
     ``unbiased_std=True`` uses the ``G - 1`` (Bessel) denominator, as verl's ``torch.std``; the papers
     do not specify. A group with equal rewards gets advantage 0. ``norm_by_std=False`` gives
     Dr. GRPO's mean-only advantage (:func:`drgrpo_advantages`). Returns ``[N]``.
@@ -53,7 +53,7 @@ def drgrpo_advantages(rewards: Tensor, group_size: int) -> Tensor:
     """Dr. GRPO advantage ``Â_i = r_i - mean_g r`` (no std division: removes the difficulty bias).
 
     Dr. GRPO (Liu et al. 2025, arXiv 2503.20783) §3.2 / "Dr. GRPO Modification 2" in the oat code;
-    ALGORITHMS.md §2.2. Returns ``[N]``.
+    docs/algorithms.md §2.2. Returns ``[N]``.
     """
     return grpo_advantages(rewards, group_size, norm_by_std=False)
 
@@ -62,7 +62,7 @@ def group_filter_mask(rewards: Tensor, group_size: int, *, tol: float = 0.0) -> 
     """DAPO dynamic sampling: ``[N]`` bool, False on every row of a group whose rewards are all equal.
 
     DAPO (Yu et al. 2025, arXiv 2503.14476) §3.2 Dynamic Sampling, constraint ``0 < |{o_i correct}| < G``,
-    generalised to real-valued rewards: a group is kept iff ``max - min > tol``. ALGORITHMS.md §2.3.
+    generalised to real-valued rewards: a group is kept iff ``max - min > tol``. docs/algorithms.md §2.3.
     """
     r = _grouped(rewards, group_size)  # [N/G, G]
     keep = (r.amax(dim=-1) - r.amin(dim=-1)) > tol  # [N/G]

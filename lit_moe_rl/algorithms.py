@@ -13,7 +13,7 @@ per-micro-batch tensors into a loss; the module does the rest (forwards, accumul
 | RSPO    | group mean / std  | GMPO with router-shift weighting (v2)      | GMPO's, floor 0.8               |
 
 ``router_shift: true`` adds RSPO's router-shift weight ``log γ̃`` to the token log-ratio *before*
-clipping (RSPO v2 placement, ALGORITHMS.md §4.3) for GRPO, DAPO, DrGRPO and GSPO too.
+clipping (RSPO v2 placement, docs/algorithms.md §4.3) for GRPO, DAPO, DrGRPO and GSPO too.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ class Algorithm(ABC):
 
 
 class GRPO(Algorithm):
-    """GRPO (Shao et al. 2024, DeepSeekMath) with a configurable aggregation (ALGORITHMS.md §2.1)."""
+    """GRPO (Shao et al. 2024, DeepSeekMath) with a configurable aggregation (docs/algorithms.md §2.1)."""
 
     name = "grpo"
 
@@ -129,7 +129,7 @@ class GRPO(Algorithm):
         Args:
             clip_low: epsilon_low in [0, 1): the ratio is clipped below at 1 - clip_low.
             clip_high: epsilon_high >= 0: the ratio is clipped above at 1 + clip_high (DAPO clip-higher).
-            agg: Loss aggregation over tokens and sequences (ALGORITHMS.md §2.1).
+            agg: Loss aggregation over tokens and sequences (docs/algorithms.md §2.1).
             clip_ratio_c: Dual-clip constant > 1 for negative advantages (None = off, §2.4).
             norm_adv_by_std: Divide group-centred rewards by the group std (off = Dr. GRPO).
             router_shift: Add RSPO's router-shift weight before clipping (arXiv 2510.23027 v2).
@@ -330,7 +330,7 @@ class RSPO(GMPO):
 
     Per response token, ``γ = exp(-mean_l mean_k |log r_θ - log r_old|)`` over the old top-K experts,
     floored at ``router_shift_floor`` and detached, multiplies the token ratio *before* the log-space
-    clip (v2 placement; v1's after-clip form is not implemented, see ALGORITHMS.md §4.3).
+    clip (v2 placement; v1's after-clip form is not implemented, see docs/algorithms.md §4.3).
     """
 
     name = "rspo"

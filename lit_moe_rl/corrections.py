@@ -4,7 +4,7 @@
 ``infer_logp`` the rollout engine's (mu), ``mask`` the bool ``[B, T]`` response mask. Every
 correction returns ``(weight, stats)``:
 
-- ``weight``: float32 ``[B, T]``, **detached** (the weights are constants: ALGORITHMS §2.7, §2.8),
+- ``weight``: float32 ``[B, T]``, **detached** (the weights are constants: docs/algorithms.md §2.7, §2.8),
   exactly 0 on masked and dropped tokens. It multiplies the per-token loss.
 - ``stats``: detached 0-dim float32 tensors ``is_weight_mean`` (mean weight over the originally
   valid tokens, dropped ones counted as 0), ``clipped_frac`` (fraction of valid tokens whose weight
@@ -74,7 +74,7 @@ def token_tis(
     """Token-level truncated importance sampling, ``w_t = min(rho_t, C)``.
 
     Yao et al., "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training" (TIS), PPO
-    form ``min(pi_old/mu, C) * clipped surrogate`` (ALGORITHMS §2.7); the R3 paper uses C=2.
+    form ``min(pi_old/mu, C) * clipped surrogate`` (docs/algorithms.md §2.7); the R3 paper uses C=2.
     Computed as ``exp(min(log rho, log C))``. ``clipped_frac``: fraction of valid tokens with
     ``rho > C`` (strict).
     """
@@ -88,7 +88,7 @@ def token_tis(
 def seq_tis(old_logp: Tensor, infer_logp: Tensor, mask: Tensor, *, cap: float = 2.0) -> tuple[Tensor, Stats]:
     """Sequence-level TIS, ``w_i = min(prod_t rho_{i,t}, C)`` broadcast over the sequence's tokens.
 
-    Seq-TIS of Liu, Li et al., "When Speed Kills Stability" / verl ``rollout_corr`` (ALGORITHMS §2.8).
+    Seq-TIS of Liu, Li et al., "When Speed Kills Stability" / verl ``rollout_corr`` (docs/algorithms.md §2.8).
     The product is a sum of ``log rho`` over valid tokens, clamped at ``log C`` before ``exp`` (no
     overflow). ``clipped_frac`` is token-weighted: the fraction of valid tokens that belong to a
     sequence with ``prod rho > C``.
@@ -106,7 +106,7 @@ def icepop(
 ) -> tuple[Tensor, Stats]:
     """IcePop masking, ``M(rho) = rho if alpha <= rho <= beta else 0``.
 
-    Ring team, IcePop blog / Ring-1T technical report (ALGORITHMS §2.8), defaults alpha=0.5, beta=5.
+    Ring team, IcePop blog / Ring-1T technical report (docs/algorithms.md §2.8), defaults alpha=0.5, beta=5.
     Inside the band the weight is the ratio itself; outside, the token is dropped (``masked_frac``).
     """
     _check_interval("alpha", alpha, "beta", beta)
@@ -120,7 +120,7 @@ def token_rejection(
 ) -> tuple[Tensor, Stats]:
     """Token-level rejection sampling (Token-RS): weight 1 if ``low <= rho <= high`` else 0.
 
-    Liu, Li et al., "When Speed Kills Stability" / verl ``rollout_corr`` (ALGORITHMS §2.8), typical
+    Liu, Li et al., "When Speed Kills Stability" / verl ``rollout_corr`` (docs/algorithms.md §2.8), typical
     bounds ``[1/C, C]`` with C=2. Choice: this is a pure mask, it does **not** multiply by ``rho``
     (combine with ``token_tis`` for that). ``masked_frac``: fraction of valid tokens rejected.
     """
@@ -135,7 +135,7 @@ def geo_rejection(
 ) -> tuple[Tensor, Stats]:
     """Geometric-mean rejection sampling (Geo-RS), a length-invariant per-sequence 1/0 mask.
 
-    Liu, Li et al., "When Speed Kills Stability" / verl ``rollout_corr`` (ALGORITHMS §2.8): sequence i
+    Liu, Li et al., "When Speed Kills Stability" / verl ``rollout_corr`` (docs/algorithms.md §2.8): sequence i
     is accepted iff ``low <= (prod_t rho_t)^(1/|y_i|) <= high``, i.e. ``exp(mean_t log rho)`` over its
     valid tokens; default bounds are verl's "0.999_1.001". The weight is 1/0 broadcast over the
     sequence (no ``rho`` factor). ``masked_frac``: fraction of valid tokens in rejected sequences.

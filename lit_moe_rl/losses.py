@@ -10,7 +10,7 @@ Conventions (shared by every function here):
 - ``advantages`` is ``[B]`` (one advantage per sequence, broadcast over its tokens) or ``[B, T]``.
 - ``old_logp``, ``advantages`` and ``log_weight`` are constants: they are detached here.
 - ``log_weight`` (optional) is added to the token log-ratio **before** clipping. It is RSPO's
-  ``log γ̃`` (ALGORITHMS.md §4.3, v2 form: ``w̃ = γ̃·w``).
+  ``log γ̃`` (docs/algorithms.md §4.3, v2 form: ``w̃ = γ̃·w``).
 - Losses return ``(loss, stats)``: ``loss`` is a scalar to *minimise* (the negated objective),
   ``stats`` maps names to detached scalar tensors (no ``.item()``, so no device sync).
 """
@@ -137,7 +137,7 @@ def aggregate(
 ) -> Tensor:
     """Reduce a ``[B, T]`` per-token loss ``L`` with mask ``m`` to a scalar (verl ``agg_loss``).
 
-    ALGORITHMS.md §2.1 "Loss aggregation modes":
+    docs/algorithms.md §2.1 "Loss aggregation modes":
 
     - ``token-mean``: ``Σ_{i,t} m L / num_tokens`` — DAPO's token-level loss (Yu et al. 2025,
       arXiv 2503.14476, §3.3 Token-Level Policy Gradient Loss). ``num_tokens`` defaults to ``Σ m`` (min 1).
@@ -218,21 +218,21 @@ def grpo_loss(
 
     GRPO objective as restated in GSPO (Zheng et al. 2025, arXiv 2507.18071) Eq. (2)–(3) / PPO
     (Schulman et al. 2017, arXiv 1707.06347) Eq. (7), with DAPO's decoupled ``ε_low, ε_high``
-    (Yu et al. 2025, arXiv 2503.14476, §3.1 Clip-Higher); ALGORITHMS.md §2.1, §2.3:
+    (Yu et al. 2025, arXiv 2503.14476, §3.1 Clip-Higher); docs/algorithms.md §2.1, §2.3:
 
         w_t   = exp(clamp(logp - old_logp + log_weight, -20, 20))
         L_t   = max(-A_t w_t, -A_t clip(w_t, 1 - clip_low, 1 + clip_high))
 
-    then ``aggregate(L, mask, agg)``. ``log_weight`` (RSPO ``log γ̃``, ALGORITHMS.md §4.3) shifts
+    then ``aggregate(L, mask, agg)``. ``log_weight`` (RSPO ``log γ̃``, docs/algorithms.md §4.3) shifts
     the ratio before the clip. The ``±20`` clamp on the log-ratio (as verl) keeps ``exp`` finite;
     it zeroes the gradient of tokens beyond it (such tokens are clipped anyway unless ``A`` has the
     opposite sign).
 
-    Dual-clip PPO (Ye et al. 2020, arXiv 1912.09729; verl ``clip_ratio_c``; ALGORITHMS.md §2.4), off by default: with
+    Dual-clip PPO (Ye et al. 2020, arXiv 1912.09729; verl ``clip_ratio_c``; docs/algorithms.md §2.4), off by default: with
     ``clip_ratio_c = c > 1``, tokens with ``A < 0`` use ``min(L_t, -A_t c)``.
 
     ``token_weight`` (detached ``[B, T]``) multiplies each token's clipped loss: the off-policy
-    correction weights of :mod:`lit_moe_rl.corrections` (TIS PPO form, ALGORITHMS.md §2.7-2.8).
+    correction weights of :mod:`lit_moe_rl.corrections` (TIS PPO form, docs/algorithms.md §2.7-2.8).
 
     Stats: ``clipfrac_low`` (A<0 and w<1-clip_low), ``clipfrac_high`` (A>0 and w>1+clip_high),
     ``clipfrac`` (their sum), ``clipfrac_dual`` (A<0 and w>c; 0 when off) — token fractions;
@@ -273,7 +273,7 @@ def gspo_loss(
     """GSPO: sequence-level, length-normalised ratio with sequence-level clipping.
 
     GSPO (Zheng et al. 2025, arXiv 2507.18071) Eq. (5)–(7), implemented in the GSPO-token form of
-    Eq. (13)–(14) (ALGORITHMS.md §2.5), as verl does:
+    Eq. (13)–(14) (docs/algorithms.md §2.5), as verl does:
 
         s_i     = exp( Σ_t m (logp - old_logp + log_weight) / Σ_t m )        (detached)
         s_{i,t} = exp( min(log sg[s_i] + logp_t - sg[logp_t], 10) )          (= s_i in value)
@@ -281,7 +281,7 @@ def gspo_loss(
 
     aggregated ``seq-mean-token-mean`` (forced; ``num_seqs`` for gradient accumulation). With
     ``[B]`` advantages this equals GSPO exactly; its unclipped gradient is
-    ``-s_i A_i (1/|y_i|) Σ_t ∇logp_t / num_seqs``. ``log_weight`` (RSPO, ALGORITHMS.md §4.3) enters
+    ``-s_i A_i (1/|y_i|) Σ_t ∇logp_t / num_seqs``. ``log_weight`` (RSPO, docs/algorithms.md §4.3) enters
     ``s_i`` as ``GM_t(γ̃)``. The ``log ≤ 10`` clamp is verl's (it zeroes the gradient above it).
 
     Stats: ``clipfrac_low`` / ``clipfrac_high`` / ``clipfrac`` are **sequence** fractions (the
@@ -323,7 +323,7 @@ def gmpo_loss(
 
     GMPO (Zhao et al. 2025, arXiv 2507.20673) clipped objective as implemented by the authors
     (callsys/GMPO, verl ``geo_mean``; the paper's equation numbering was not checked, the spec
-    comes from that code); ALGORITHMS.md §2.6:
+    comes from that code); docs/algorithms.md §2.6:
 
         δ_t     = clamp(logp - old_logp + log_weight, -20, 20)
         δ̂_t     = sgn(A)·min(sgn(A)·δ_t, sgn(A)·clamp(δ_t, -clip_low, clip_high))
@@ -335,7 +335,7 @@ def gmpo_loss(
     loss is 0 either way but ``ratio`` stats differ); the ``±20`` clamp on δ (not in verl) keeps the
     unbounded side of the clip finite. With ``[B, T]`` advantages, each token's own sign picks its
     clip side and ``A_i`` is the masked mean advantage of the sequence. ``log_weight`` is RSPO's
-    ``log γ̃`` (ALGORITHMS.md §4.3: RSPO = GMPO + RS). ``num_seqs`` defaults to the rows with
+    ``log γ̃`` (docs/algorithms.md §4.3: RSPO = GMPO + RS). ``num_seqs`` defaults to the rows with
     tokens; pass the global count under gradient accumulation.
 
     ``token_weight`` (detached ``[B, T]``, off-policy corrections) scales ``L_i`` by the masked
@@ -369,7 +369,7 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str, *, mask: Tensor | Non
     """Per-token estimate ``[B, T]`` of KL(π_θ ‖ π_ref) at the sampled tokens, ``Δ = logp - ref_logp``.
 
     Schulman, "Approximating KL divergence" (2020) estimators, as GRPO (DeepSeekMath, arXiv
-    2402.03300, Eq. (4)) and verl ``kl_penalty_forward`` use them (ALGORITHMS.md §2.1):
+    2402.03300, Eq. (4)) and verl ``kl_penalty_forward`` use them (docs/algorithms.md §2.1):
 
     - ``k1 = Δ``
     - ``k2 = ½ Δ²``

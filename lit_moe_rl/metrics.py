@@ -1,4 +1,4 @@
-"""Train/inference mismatch metrics (Ma et al., R3, arXiv 2510.11370 §3.2; ALGORITHMS §3.2).
+"""Train/inference mismatch metrics (Ma et al., R3, arXiv 2510.11370 §3.2; docs/algorithms.md §3.2).
 
 Per-token inputs are ``[B, T]`` with a bool ``mask``; routes are integer ``[N, T, L, K]`` expert
 ids with ``-1`` for "no route". Every result is a detached tensor (0-dim unless stated) on the
@@ -80,7 +80,7 @@ def routing_agreement(routes_a: Tensor, routes_b: Tensor, valid: Tensor | None =
     ``routes_a``/``routes_b``: integer ``[N, T, L, K]`` (any int dtype), ``-1`` = no route. A token is
     compared only if neither side has a ``-1`` anywhere in it and ``valid`` (bool ``[N, T]``) allows
     it. Expert *sets* are compared per (token, layer), order-insensitively (sorted along K); the
-    paper's unclear counting unit (ALGORITHMS §3.2) is read as "per router".
+    paper's unclear counting unit (docs/algorithms.md §3.2) is read as "per router".
 
     Returns detached float32 scalars: ``router_disagreement`` (fraction of (token, layer) pairs with
     a different set), ``token_disagreement`` (fraction of tokens with >= 1 differing layer),

@@ -87,7 +87,7 @@ class MoERLModule(L.LightningModule):
             router_aux_loss_coef: Load-balancing aux loss weight during RL (0 = off, as in R3). Under
                 routing replay HF's aux loss still sees the router's native top-K, not the replayed ids.
             lora: LoRA settings passed to ``peft.LoraConfig`` (None = full fine-tuning).
-            correction: Off-policy correction on rho = pi_old / mu (ALGORITHMS.md §2.7-2.8).
+            correction: Off-policy correction on rho = pi_old / mu (docs/algorithms.md §2.7-2.8).
             correction_args: Its parameters, e.g. ``{cap: 2.0}`` for TIS, ``{alpha: 0.5, beta: 5.0}`` for IcePop.
             old_logp_pass: ``auto`` skips the separate π_old forward when it is provably redundant (one
                 mini-batch, no replay, no router-shift tracking, no reference model, no correction): the
@@ -266,7 +266,7 @@ class MoERLModule(L.LightningModule):
         """π_old log-probs (and entropies) of every response token, once per rollout, into ``rollout``.
 
         With router-shift tracking on, also the old top-K expert ids and their router log-probs at the
-        positions that predict each response token (RSPO, ALGORITHMS.md §4.4).
+        positions that predict each response token (RSPO, docs/algorithms.md §4.4).
         """
         self.policy.eval()
         old, ent, topk, router_logp, ref = [], [], [], [], []

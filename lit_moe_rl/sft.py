@@ -25,6 +25,7 @@ from lit_moe_rl.data.countdown import format_completion
 from lit_moe_rl.policy import load_policy, position_ids_from_mask
 from lit_moe_rl.rewards.countdown import CountdownReward
 from lit_moe_rl.rollout.engine import HFEngine
+from lit_moe_rl.rollout.prompts import prompt_token_rows
 from lit_moe_rl.validation import at_least, check_module_settings
 
 
@@ -84,11 +85,15 @@ class SFTModule(L.LightningModule):
             )
 
     def encode(self, prompts: list[str], completions: list[str]) -> tuple[Tensor, Tensor, Tensor]:
-        """Left-padded ``(input_ids, attention_mask, loss_mask)``; the loss covers completion + EOS."""
+        """Left-padded ``(input_ids, attention_mask, loss_mask)``; the loss covers completion + EOS.
+
+        Prompts are tokenized as the rollout engine tokenizes them (the tokenizer's BOS, chat templates),
+        so the warm start learns the distribution RL will sample from.
+        """
         tok = self.tokenizer
         rows, loss_rows = [], []
-        for prompt, completion in zip(prompts, completions, strict=True):
-            p = tok(prompt, add_special_tokens=False)["input_ids"]
+        prompt_rows = prompt_token_rows(tok, prompts, max_prompt_len=None)
+        for p, completion in zip(prompt_rows, completions, strict=True):
             c = tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
             rows.append(p + c)
             loss_rows.append([0] * len(p) + [1] * len(c))

@@ -2,7 +2,7 @@
 
 The loss functions have hand-worked tests in test_losses.py; here the classes are checked as the
 module uses them: that each passes its hyperparameters through, that the router-shift weight enters
-exactly as a shift of the token log-ratio (ALGORITHMS.md §4.3, v2), that GSPO on one-token sequences
+exactly as a shift of the token log-ratio (docs/algorithms.md §4.3, v2), that GSPO on one-token sequences
 is GRPO, and that every class runs a short fit when picked by class_path on the command line.
 """
 
@@ -155,7 +155,7 @@ def test_rspo_with_unit_gamma_is_gmpo():
 
 def test_gspo_on_one_token_sequences_is_grpo():
     # |y_i| = 1: the sequence ratio is the token ratio, so GSPO's sequence clip is GRPO's token clip,
-    # and both aggregate to a mean over sequences = a mean over tokens (ALGORITHMS.md §2.5)
+    # and both aggregate to a mean over sequences = a mean over tokens (docs/algorithms.md §2.5)
     g = torch.Generator().manual_seed(3)
     logp = -torch.rand(8, 1, generator=g, dtype=torch.float64)
     old = logp + 0.3 * torch.randn(8, 1, generator=g, dtype=torch.float64)

@@ -182,3 +182,19 @@ def test_engine_generates_from_chat_and_bos_prompts_with_the_question_kept() -> 
     assert chat == [tok.bos_token_id, *ids_of(tok, " 3+4?\n"), tok.convert_tokens_to_ids("<|assistant|>")]
     assert plain == [tok.bos_token_id, *ids_of(tok, "n: 3+4?")]
     assert torch.equal(prompts[0], prompts[1]) and gen.attention_mask[:, : gen.prompt_len].all()
+
+
+def test_sft_encodes_prompts_as_the_engine_does() -> None:
+    """The warm start must train on the prompt tokens RL samples from: BOS included when the tokenizer adds it."""
+    from lit_moe_rl.sft import SFTModule
+
+    tok = char_tok(add_bos=True)
+    module = SFTModule(config={"family": "qwen3_moe", "vocab_size": len(tok)})
+    module.tokenizer = tok
+    ids, attn, loss_mask = module.encode(["1 2 =>", "12 3 =>"], ["3", "15"])
+    engine_rows = encode_prompts(tok, ["1 2 =>", "12 3 =>"], max_prompt_len=None)["input_ids"]
+    for row, n_completion, engine_row in zip(ids.tolist(), (2, 3), engine_rows.tolist(), strict=True):
+        prompt = [t for t in row[:-n_completion] if t != tok.pad_token_id]
+        assert prompt == [t for t in engine_row if t != tok.pad_token_id] and prompt[0] == tok.bos_token_id
+    assert loss_mask.sum(-1).tolist() == [2, 3]  # completion + EOS only
+    assert attn.sum(-1).tolist() == [1 + 6 + 2, 1 + 7 + 3]

@@ -1,4 +1,4 @@
-"""R3 / R2 routing replay through the trainer (arXiv 2510.11370; ALGORITHMS.md §3).
+"""R3 / R2 routing replay through the trainer (arXiv 2510.11370; docs/algorithms.md §3).
 
 The key acceptance is measured at the component level (a real bf16 HFEngine, the real module's
 π_old pass, the real callback), on the model of ``configs/tiny_r3.yaml``, fp32 trainer and bf16

@@ -1,6 +1,6 @@
-"""RSPO router-shift weighting through the real trainer (arXiv 2510.23027 v2; ALGORITHMS.md §4).
+"""RSPO router-shift weighting through the real trainer (arXiv 2510.23027 v2; docs/algorithms.md §4).
 
-Invariants of ALGORITHMS.md §4.2-4.3 checked at the integration level on a tiny random Qwen3-MoE:
+Invariants of docs/algorithms.md §4.2-4.3 checked at the integration level on a tiny random Qwen3-MoE:
 gamma is exactly 1 while θ == θ_old, moves once the router has, is floored and detached, and with
 the weight off (or neutral) every algorithm trains exactly as its base objective. Plus
 RouterShiftCallback (tracking for any algorithm, heatmap, expert-load entropy, state) and the

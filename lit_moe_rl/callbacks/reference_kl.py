@@ -4,7 +4,7 @@ It owns the reference model's lifecycle: a frozen copy of the policy at the star
 under LoRA, the base model with the adapter disabled, which costs no memory), or a separate local
 checkpoint. The module scores π_ref once per rollout, in the old-log-prob pass, through
 :meth:`reference_logprobs`; the loss term is ``algorithm.kl_coef · KL_kind(π_θ‖π_ref)``
-(ALGORITHMS.md §2.1). The reference routes natively (it never replays, as slime does) unless the
+(docs/algorithms.md §2.1). The reference routes natively (it never replays, as slime does) unless the
 routing-replay callback is told to replay it.
 """
 

@@ -1,6 +1,6 @@
 """RouterShiftCallback: watch RSPO's router shift, with or without the RSPO weighting.
 
-RSPO (Zhang et al., arXiv 2510.23027 v2; ALGORITHMS.md §4.2, §4.5) measures how far the router's
+RSPO (Zhang et al., arXiv 2510.23027 v2; docs/algorithms.md §4.2, §4.5) measures how far the router's
 log-probabilities at the experts θ_old activated have moved in each update. The module computes it
 (``rspo/*``, :func:`lit_moe_rl.routing.shift.router_shift`) whenever ``model.track_router_shift``
 is on or the algorithm weights by it; this callback turns tracking on for any algorithm (so a GRPO

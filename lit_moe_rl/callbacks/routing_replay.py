@@ -1,9 +1,9 @@
 """RoutingReplayCallback: R3 (rollout routing replay) and R2 (vanilla routing replay) for the trainer.
 
-R3 (Ma et al., arXiv 2510.11370 §4.1; ALGORITHMS.md §3.1): the rollout engine records the top-K
+R3 (Ma et al., arXiv 2510.11370 §4.1; docs/algorithms.md §3.1): the rollout engine records the top-K
 experts of every token it feeds forward (prompt and response); every training forward of that
 sequence, the π_old pass and every update, uses those experts, with gates from the live training
-router. R2 (Qwen, arXiv 2512.01374; ALGORITHMS.md §3.5): the π_old pass routes natively and
+router. R2 (Qwen, arXiv 2512.01374; docs/algorithms.md §3.5): the π_old pass routes natively and
 records its experts; the updates replay them. This callback is the orchestration only; the work is
 done by :mod:`lit_moe_rl.routing` (record, replay, checks, the compact :class:`RouteStore`).
 
@@ -135,7 +135,7 @@ class RoutingReplayCallback(Callback):
             mode: ``R3`` replays the rollout engine's routes in the π_old pass and every update;
                 ``R2`` replays the π_old pass's own routes in the updates; ``off`` replays nothing.
             replay_reference: Also replay in the reference model's forward (phase ``ref``). Off by
-                default: the reference routes natively (slime's choice, ALGORITHMS.md §3.1).
+                default: the reference routes natively (slime's choice, docs/algorithms.md §3.1).
             log_native_agreement: Record the rollout engine's routes (even when ``mode`` does not
                 replay them) and log their agreement with the training forward's routing
                 (``routing/rollout_train_*``, ``routing/replay_native_*``). With ``mode: off`` this

@@ -1,7 +1,7 @@
 """Synthetic Countdown instances, solvable by construction, and their prompt templates.
 
 Project machines cannot download Jiayi-Pan/Countdown-Tasks-3to4, so instances are generated
-(ALGORITHMS.md §5, "data generation for offline environments"): sample 3-4 numbers in
+(docs/algorithms.md §5, "data generation for offline environments"): sample 3-4 numbers in
 ``[1, max_number]``, combine them in a random binary tree using each number once, and keep the
 instance when the value is an integer in ``[1, max_target]``. Like the Countdown game, every
 intermediate result is a positive integer (``-`` only when the result is positive, ``/`` only

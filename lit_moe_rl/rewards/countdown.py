@@ -1,4 +1,4 @@
-"""Countdown reward: TinyZero's rule-based ``compute_score`` (ALGORITHMS.md §5), evaluated safely.
+"""Countdown reward: TinyZero's rule-based ``compute_score`` (docs/algorithms.md §5), evaluated safely.
 
 Rules of the ``"tags"`` format, in TinyZero's order:
 

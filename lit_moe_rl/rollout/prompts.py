@@ -57,6 +57,20 @@ def render_prompt(tokenizer: Any, prompt: Prompt) -> str:
 def encode_prompts(tokenizer: Any, prompts: list[Prompt], *, max_prompt_len: int | None) -> dict[str, Tensor]:
     """``{"input_ids", "attention_mask"}``, both ``[B, P]`` long, left-padded with the pad token.
 
+    Each row is :func:`prompt_token_rows`'s: the tokenizer's own special tokens, the end of a long prompt.
+    """
+    if tokenizer.pad_token_id is None:
+        raise ValueError("model.tokenizer: has no pad token (set pad_token in tokenizer_config.json)")
+    return left_pad(
+        prompt_token_rows(tokenizer, prompts, max_prompt_len=max_prompt_len), tokenizer.pad_token_id
+    )
+
+
+def prompt_token_rows(
+    tokenizer: Any, prompts: list[Prompt], *, max_prompt_len: int | None
+) -> list[list[int]]:
+    """The token ids of each prompt, as the rollout engine (and the SFT warm start) feed them.
+
     Special tokens are those the tokenizer itself adds in front of a text (``add_special_tokens=True``:
     Llama/Mixtral/DeepSeek add BOS, Qwen adds nothing). A rendered chat template that already begins
     with them does not get them twice, and tokens the tokenizer would append after the text (an EOS
@@ -69,8 +83,6 @@ def encode_prompts(tokenizer: Any, prompts: list[Prompt], *, max_prompt_len: int
         raise ValueError("prompts: expected at least one prompt")
     if max_prompt_len is not None and max_prompt_len < 1:
         raise ValueError(f"rollout.engine.max_prompt_len: must be >= 1, got {max_prompt_len}")
-    if tokenizer.pad_token_id is None:
-        raise ValueError("model.tokenizer: has no pad token (set pad_token in tokenizer_config.json)")
     texts = [render_prompt(tokenizer, p) for p in prompts]
     bodies = tokenizer(texts, add_special_tokens=False)["input_ids"]
     fulls = tokenizer(texts, add_special_tokens=True)["input_ids"]
@@ -80,7 +92,7 @@ def encode_prompts(tokenizer: Any, prompts: list[Prompt], *, max_prompt_len: int
         rows.append(lead + truncate_left(body, max_prompt_len, len(lead)))
         if not rows[-1]:
             raise ValueError(f"prompts: prompt {i} is empty after tokenization")
-    return left_pad(rows, tokenizer.pad_token_id)
+    return rows
 
 
 def split_lead(body: list[int], full: list[int], bos_token_id: int | None) -> tuple[list[int], list[int]]:

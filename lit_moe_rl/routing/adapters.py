@@ -2,7 +2,7 @@
 
 R3 (rollout routing replay, Ma et al., arXiv 2510.11370 §4.1) forces the training forward to use
 the expert ids the inference engine picked, while the gate weights come from the *live* training
-router logits restricted to those ids. "Restricted" follows the family's own gating (ALGORITHMS.md
+router logits restricted to those ids. "Restricted" follows the family's own gating (docs/algorithms.md
 §3.6 pitfall 1), so each router class gets one small :class:`RouterAdapter`:
 
 * softmax routers (Qwen3-MoE, Qwen2-MoE, OLMoE, Mixtral): ``softmax(logits)[ids]`` over all

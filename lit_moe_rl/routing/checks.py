@@ -1,4 +1,4 @@
-"""Loud checks at the routing edges (R3, arXiv 2510.11370 §4.1; ALGORITHMS.md §3.6 pitfall 3).
+"""Loud checks at the routing edges (R3, arXiv 2510.11370 §4.1; docs/algorithms.md §3.6 pitfall 3).
 
 A route tensor is ``[B, S, L, K]`` integer expert ids, ``-1`` where a position has no route
 (padding, the last sampled token). Every error names the failed check and, where it applies, the

@@ -15,7 +15,7 @@ the trainer later replays them (:mod:`lit_moe_rl.routing.replay`). Choices made 
   engine's own decode loop drops finished rows) reads each call's routes with
   :meth:`RouteRecorder.take`.
 
-:func:`capture_router_logits` is what RSPO (ALGORITHMS.md §4.4) stores: detached per-expert router
+:func:`capture_router_logits` is what RSPO (docs/algorithms.md §4.4) stores: detached per-expert router
 log-probs and the top-K ids the experts consumed.
 """
 

@@ -20,7 +20,7 @@ untouched. Choices made here:
 * Micro-batching: one block per micro-batch, with the routes sliced like its ``input_ids``.
 * The router logits are returned unchanged, so an HF load-balancing aux loss
   (``output_router_logits=True``) recomputes the *native* top-K from them; R3 trained without one
-  (ALGORITHMS.md §3.6 pitfall 6): keep it off.
+  (docs/algorithms.md §3.6 pitfall 6): keep it off.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """RSPO router-shift ratio (Zhang et al., "Towards Stable and Effective RL for MoE", arXiv 2510.23027).
 
-Implements the v2 reading of ALGORITHMS §4.2 (Eq. 5-9, 11 as cited by a 3rd-party implementation):
+Implements the v2 reading of docs/algorithms.md §4.2 (Eq. 5-9, 11 as cited by a 3rd-party implementation):
 for each response token and MoE layer l, with the K experts the OLD policy activated,
 
     d_l   = (1/K) sum_k |log r_phi(e_k) - log r_phi_old(e_k)|
@@ -9,7 +9,7 @@ for each response token and MoE layer l, with the K experts the OLD policy activ
     gamma~ = sg[max(gamma, gamma_min)]
 
 where ``log r`` is the router log-softmax over all experts, gathered at the old top-K ids. The
-caller adds ``log gamma~`` to the log-ratio before clipping (ALGORITHMS §4.3, v2).
+caller adds ``log gamma~`` to the log-ratio before clipping (docs/algorithms.md §4.3, v2).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def router_shift(
     floor: float = 0.8,
     layer_reduce: str = "mean",
 ) -> RouterShift:
-    """RSPO router shift, arXiv 2510.23027 (v2) Eq. 5-9 / ALGORITHMS §4.2, returning every intermediate.
+    """RSPO router shift, arXiv 2510.23027 (v2) Eq. 5-9 / docs/algorithms.md §4.2, returning every intermediate.
 
     ``router_logp`` (current policy) and ``old_router_logp`` (theta_old): ``[B, T, L, K]`` router
     log-probabilities (log-softmax over all experts) gathered at the OLD policy's top-K experts;
@@ -74,7 +74,7 @@ def router_shift(
     - ``layer_reduce="mean"`` is the paper's ``Delta = mean_l d_l``; ``"sum"`` is what a 3rd-party verl
       fork uses (``gamma = prod_l exp(-d_l)``), which damps far harder for deep models.
     - ``floor`` = gamma_min in [0, 1]; 0 disables the floor (gamma > 0 anyway). The default 0.8 is
-      that of an unattributed 3rd-party implementation (ALGORITHMS §8).
+      that of an unattributed 3rd-party implementation (docs/algorithms.md §8).
     - Everything is computed in float32 under ``no_grad``: gamma is a stop-gradient weight (the v1
       ablation reports collapse without it). Masked positions get gamma = 1 and never read garbage.
     """
@@ -107,7 +107,7 @@ def router_shift_ratio(
 
 
 def shift_stats(shift: RouterShift, mask: Tensor | None, floor: float) -> dict[str, Tensor]:
-    """Router-side RSPO diagnostics (ALGORITHMS §4.5) over the valid tokens, all detached float32.
+    """Router-side RSPO diagnostics (docs/algorithms.md §4.5) over the valid tokens, all detached float32.
 
     ``gamma_mean``/``gamma_p10``/``gamma_p50``/``gamma_min``: of the floored gamma~ actually used;
     ``floor_frac``: fraction of tokens with raw gamma < ``floor`` (strict, so 0 when floor=0);
@@ -145,7 +145,7 @@ def topk_set_changed(old_ids: Tensor, new_ids: Tensor, valid: Tensor | None = No
     ``old_ids``/``new_ids``: integer ``[B, T, L, K]`` (-1 = no route, excluded); ``valid`` bool
     ``[B, T]``. Sets are compared order-insensitively via :func:`lit_moe_rl.metrics.routing_agreement`:
     ``topk_changed_router_frac`` per (token, layer), ``topk_changed_token_frac`` per token (>= 1 layer
-    changed). RSPO's gamma only sees the old experts, so this complements it (ALGORITHMS §4.2, §4.5).
+    changed). RSPO's gamma only sees the old experts, so this complements it (docs/algorithms.md §4.2, §4.5).
     """
     agreement = routing_agreement(old_ids, new_ids, valid)
     return {
