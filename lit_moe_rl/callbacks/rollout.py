@@ -16,8 +16,10 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lit_moe_rl.batch import Rollout
+from lit_moe_rl.distributed import is_distributed
 from lit_moe_rl.rewards import RewardFn, resolve_reward, score_batch
 from lit_moe_rl.rollout.engine import Generation, HFEngine, RolloutEngine
+from lit_moe_rl.rollout.per_prompt import generate_per_prompt
 from lit_moe_rl.routing.store import pack_routes
 
 
@@ -32,6 +34,7 @@ class RolloutCallback(Callback):
         reward_timeout_s: float = 10.0,
         val_samples: int = 1,
         seed: int = 0,
+        seed_per_prompt: bool = False,
     ) -> None:
         """
         Args:
@@ -40,8 +43,11 @@ class RolloutCallback(Callback):
             group_size: G, completions per prompt.
             reward_timeout_s: Per-batch reward deadline; late or failing samples score 0.
             val_samples: k for validation Avg@k; 1 = one greedy completion per prompt.
-            seed: Sampling seed; each step samples with ``seed + global_step``, so a resumed run
-                samples what an uninterrupted one would.
+            seed: Sampling seed; each step samples with ``seed + global_step`` (rank ``r`` adds
+                ``r * 100003``), so a resumed run samples what an uninterrupted one would.
+            seed_per_prompt: Sample each prompt alone under a seed of (seed, step, prompt text): its
+                completions then do not depend on the rank or batch it lands in (W ranks sample what
+                one process with W times the batch does), at one engine call per prompt.
         """
         if group_size < 2:
             raise ValueError(
@@ -55,6 +61,7 @@ class RolloutCallback(Callback):
         self.reward_timeout_s = reward_timeout_s
         self.val_samples = val_samples
         self.seed = seed
+        self.seed_per_prompt = seed_per_prompt
         self.record_routes = False  # switched on by RoutingReplayCallback (R3)
 
     def _bind(self, pl_module: L.LightningModule) -> None:
@@ -101,8 +108,18 @@ class RolloutCallback(Callback):
         """Generate, score and compute advantages for one step's prompts."""
         t0 = time.perf_counter()
         with torch.random.fork_rng(devices=_devices(pl_module)):
-            torch.manual_seed(self.seed + step)
-            gen = self.engine.generate(prompts, n=self.group_size, record_routes=self.record_routes)
+            if self.seed_per_prompt:
+                gen = generate_per_prompt(
+                    self.engine,
+                    prompts,
+                    n=self.group_size,
+                    seed=self.seed,
+                    step=step,
+                    record_routes=self.record_routes,
+                )
+            else:
+                torch.manual_seed(self.seed + step + 100_003 * getattr(pl_module, "global_rank", 0))
+                gen = self.engine.generate(prompts, n=self.group_size, record_routes=self.record_routes)
         texts = self.decode(gen)
         rewards, errors = self._score(texts, samples, self.group_size)
         algorithm = pl_module.algorithm
@@ -125,7 +142,7 @@ class RolloutCallback(Callback):
         keep = algorithm.keep_groups(rewards, self.group_size)
         if keep is not None:
             rollout.extras["rollout/kept_frac"] = float(keep.float().mean())
-            rollout = rollout.select(keep.nonzero().squeeze(-1))
+            rollout = keep_rows(rollout, keep)
         rollout.extras["perf/rollout_s"] = time.perf_counter() - t0
         return rollout
 
@@ -151,6 +168,16 @@ def rollout_metrics(gen: Generation, rewards: torch.Tensor, errors: int) -> dict
         "rollout/response_length_max": float(lengths.max()),
         "rollout/truncated_frac": float(gen.truncated.float().mean()),
     }
+
+
+def keep_rows(rollout: Rollout, keep: torch.Tensor) -> Rollout:
+    """The kept rows of ``rollout``; when none is kept and other ranks train, the first group stays as a
+    zero-weight placeholder (:attr:`Rollout.placeholder`) so that this rank joins their collectives."""
+    if keep.any() or not is_distributed():
+        return rollout.select(keep.nonzero().squeeze(-1))
+    placeholder = rollout.select(torch.arange(rollout.group_size))
+    placeholder.placeholder = True
+    return placeholder
 
 
 def _devices(pl_module: Any) -> list[int]:

@@ -114,7 +114,7 @@ class PromptDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Training prompts: shuffled by a seeded, resumable sampler; incomplete last batch dropped."""
         rows = self._require(self.train_rows)
-        self.sampler = ResumableSampler(len(rows), seed=self.seed, shuffle=self.shuffle)
+        self.sampler = ResumableSampler(len(rows), seed=self.seed, shuffle=self.shuffle, **self._ranks())
         if self._resume is not None:
             self.sampler.resume_at(*self._resume)
             self._resume = None
@@ -126,6 +126,12 @@ class PromptDataModule(L.LightningDataModule):
             collate_fn=collate_prompts,
             num_workers=0,
         )
+
+    def _ranks(self) -> dict[str, int]:
+        """``num_replicas``/``rank`` of the data-parallel group (each rank draws its own prompts)."""
+        trainer = getattr(self, "trainer", None)
+        kwargs = getattr(getattr(trainer, "strategy", None), "distributed_sampler_kwargs", None) or {}
+        return {"num_replicas": kwargs.get("num_replicas", 1), "rank": kwargs.get("rank", 0)}
 
     def state_dict(self) -> dict[str, Any]:
         """Where training is in the data: epoch and rows consumed (saved in Lightning checkpoints)."""
