@@ -33,6 +33,7 @@ from lit_moe_rl.policy import load_balancing_loss, load_policy, token_logprobs
 from lit_moe_rl.routing.checks import require_moe
 from lit_moe_rl.routing.record import capture_router_logits
 from lit_moe_rl.rspo_weight import router_shift_weight
+from lit_moe_rl.sharding import data_parallel_mesh, shard_policy, sync_full_copy, unsharded_copy
 
 Phase = Literal["old", "update", "ref"]
 ForwardContext = Callable[[Phase, Rollout], contextlib.AbstractContextManager]
@@ -115,7 +116,10 @@ class MoERLModule(L.LightningModule):
         self.skipped_steps = 0
         self._aux_loss: Any = None  # the family's load-balancing loss when router_aux_loss_coef > 0
         self._fused_old: list[tuple[Tensor, Tensor, Tensor]] = []  # (rows, logp, entropy) of a fused pass
-        self.rank_metrics = RankMetrics()  # logged values, reduced across ranks by torchmetrics
+        self.rank_metrics = RankMetrics()
+        self._rollout_copy: list[
+            torch.nn.Module
+        ] = []  # a sharded policy's full copy for generation  # logged values, reduced across ranks by torchmetrics
 
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:
@@ -136,6 +140,22 @@ class MoERLModule(L.LightningModule):
         if hp.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.policy.config.use_cache = False
+        mesh = data_parallel_mesh(self)
+        if mesh is not None:  # FSDP2 (ModelParallelStrategy): keep a full copy to generate with, then shard
+            self._rollout_copy = [unsharded_copy(self.policy)]  # a list: not a submodule, not checkpointed
+            shard_policy(self.policy, mesh)
+
+    def rollout_policy(self) -> torch.nn.Module:
+        """The module the rollout engine generates with: the policy, or its full copy when sharded
+        (refreshed by :meth:`sync_rollout_policy`)."""
+        return self._rollout_copy[0] if self._rollout_copy else self.policy
+
+    def sync_rollout_policy(self) -> torch.nn.Module:
+        """Refresh the full rollout copy of a sharded policy (a collective) and return :meth:`rollout_policy`."""
+        if self._rollout_copy:
+            self._rollout_copy[0].to(self.device)  # kept out of the module tree, so moved here
+            sync_full_copy(self._rollout_copy[0], self.policy)
+        return self.rollout_policy()
 
     def on_fit_start(self) -> None:
         """Fail before the first rollout on a KL term without a reference (callbacks' hooks ran first)."""

@@ -65,7 +65,10 @@ class RolloutCallback(Callback):
         self.record_routes = False  # switched on by RoutingReplayCallback (R3)
 
     def _bind(self, pl_module: L.LightningModule) -> None:
-        self.engine.bind(pl_module.policy, pl_module.tokenizer)
+        self.engine.bind(_rollout_policy(pl_module), pl_module.tokenizer)
+
+    def _sync(self, pl_module: L.LightningModule) -> None:
+        self.engine.sync_weights(_rollout_policy(pl_module, sync=True))
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -75,11 +78,11 @@ class RolloutCallback(Callback):
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if getattr(self.engine, "model", None) is None:
             self._bind(pl_module)
-        self.engine.sync_weights(pl_module.policy)
+        self._sync(pl_module)
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.engine.sync_weights(pl_module.policy)  # after a checkpoint restore
+        self._sync(pl_module)  # after a checkpoint restore
 
     @override
     def on_train_batch_start(
@@ -91,7 +94,7 @@ class RolloutCallback(Callback):
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.engine.sync_weights(pl_module.policy)
+        self._sync(pl_module)
 
     @override
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
@@ -178,6 +181,13 @@ def keep_rows(rollout: Rollout, keep: torch.Tensor) -> Rollout:
     placeholder = rollout.select(torch.arange(rollout.group_size))
     placeholder.placeholder = True
     return placeholder
+
+
+def _rollout_policy(pl_module: Any, *, sync: bool = False) -> Any:
+    """What the engine generates with: the policy, or (FSDP) its full copy, refreshed when ``sync``."""
+    if sync and hasattr(pl_module, "sync_rollout_policy"):
+        return pl_module.sync_rollout_policy()
+    return pl_module.rollout_policy() if hasattr(pl_module, "rollout_policy") else pl_module.policy
 
 
 def _devices(pl_module: Any) -> list[int]:

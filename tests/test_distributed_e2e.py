@@ -1,0 +1,92 @@
+"""2 CPU processes (gloo) through Lightning's own strategies equal 1 process with twice the batch.
+
+Each test runs ``lit-moe-rl fit`` twice in subprocesses: ``--trainer.devices=2`` with ``batch_size: b``
+(Lightning launches the second rank) and ``--trainer.devices=1`` with ``2b``. The rank-aware sampler
+hands the two ranks the prompts of the single process, ``rollout.seed_per_prompt`` makes their
+completions identical, and the global normalisers make the update identical: the logged loss and
+gradient norm agree to float rounding and so do the weights after the update.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import ROOT, TINY_ARGS
+from tests.test_distributed import free_port
+
+FSDP2 = [
+    "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
+    "--trainer.strategy.data_parallel_size=2",
+    "--trainer.strategy.tensor_parallel_size=1",
+    "--trainer.strategy.save_distributed_checkpoint=false",  # one last.ckpt to compare
+]
+R3 = [
+    "--trainer.callbacks+=lit_moe_rl.callbacks.routing_replay.RoutingReplayCallback",
+    "--trainer.callbacks.mode=R3",
+]
+
+
+def fit(root: Path, *extra: str, devices: int, batch_size: int, steps: int = 1) -> tuple[list[dict], dict]:
+    """Run the CLI in a subprocess; return its training-metric rows and its final weights."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env["MASTER_PORT"] = str(free_port())
+    args = [
+        sys.executable, "-m", "lit_moe_rl.cli", "fit", *TINY_ARGS,
+        f"--trainer.devices={devices}", f"--trainer.max_steps={steps}", f"--data.batch_size={batch_size}",
+        f"--trainer.logger.init_args.save_dir={root}", f"--trainer.default_root_dir={root}",
+        '--model.config={"family": "qwen3_moe"}', "--model.lr=1e-3", "--model.micro_batch_size=3",
+        "--data.num_val=0", "--trainer.limit_val_batches=0", "--rollout.seed_per_prompt=true", *extra,
+    ]  # fmt: skip
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (metrics,) = glob.glob(f"{root}/**/metrics.csv", recursive=True)
+    with open(metrics) as f:
+        rows = [{k: float(v) for k, v in r.items() if v} for r in csv.DictReader(f)]
+    (ckpt,) = glob.glob(f"{root}/**/last.ckpt", recursive=True)
+    weights = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    return [r for r in rows if "policy/loss" in r], weights
+
+
+def assert_same_run(one: tuple[list[dict], dict], two: tuple[list[dict], dict], keys: list[str]) -> None:
+    (rows1, weights1), (rows2, weights2) = one, two
+    assert len(rows1) == len(rows2) >= 1
+    for key in keys:
+        assert rows2[0][key] == pytest.approx(rows1[0][key], rel=1e-5, abs=1e-7), key
+    assert weights1.keys() == weights2.keys()
+    for name, value in weights1.items():
+        torch.testing.assert_close(weights2[name], value, rtol=0, atol=2e-6, msg=name)
+
+
+KEYS = [
+    "reward/mean",
+    "policy/loss",
+    "policy/grad_norm",
+    "policy/entropy",
+    "policy/clipfrac",
+    "policy/ppo_kl",
+]
+
+
+def test_ddp_two_ranks_equal_one_process(tmp_path):
+    two = fit(tmp_path / "two", "--trainer.strategy=ddp", devices=2, batch_size=2)
+    one = fit(tmp_path / "one", devices=1, batch_size=4)
+    assert_same_run(one, two, KEYS)
+    assert two[0][0]["policy/grad_norm"] > 0
+
+
+def test_fsdp2_two_ranks_with_r3_and_rspo_equal_one_process(tmp_path):
+    """FSDP2 (fully_shard per decoder layer) on CPU: generation runs on the full rollout copy (a bf16
+    engine), R3 records its routes there and replays them per rank in the sharded forward; RSPO's
+    capture runs through the sharded routers."""
+    extra = [*R3, "--model.algorithm=lit_moe_rl.algorithms.RSPO", "--rollout.engine.dtype=bfloat16"]
+    two = fit(tmp_path / "two", *FSDP2, *extra, devices=2, batch_size=2)
+    one = fit(tmp_path / "one", *extra, devices=1, batch_size=4)
+    assert_same_run(one, two, [*KEYS, "mismatch/train_infer_kl", "rspo/gamma_mean"])
