@@ -12,12 +12,13 @@ import sys
 
 from jsonargparse import lazy_instance
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
 from lit_moe_rl.callbacks.rollout import RolloutCallback
 from lit_moe_rl.callbacks.summary import RunSummary
+from lit_moe_rl.checkpoint import LastCheckpoint
 from lit_moe_rl.data.datamodule import PromptDataModule
 from lit_moe_rl.module import MoERLModule
 
@@ -30,7 +31,7 @@ TRAINER_DEFAULTS = {
 
 DEFAULT_CALLBACKS = [
     {
-        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "class_path": "lit_moe_rl.checkpoint.LastCheckpoint",
         "init_args": {"save_last": True, "every_n_train_steps": 50, "save_top_k": 0},
     },
 ]
@@ -46,7 +47,15 @@ class MoERLCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
         """Use Rich's progress bar unless the user disabled the bar or chose another one."""
-        return super()._instantiate_trainer(config, callbacks + rich_progress_bar(config))
+        return super()._instantiate_trainer(
+            config, callbacks + rich_progress_bar(config) + last_checkpoint(config)
+        )
+
+
+def last_checkpoint(config: dict) -> list[LastCheckpoint]:
+    """A crash-safe ``last.ckpt`` at the end of every run, unless the config has one or disables checkpoints."""
+    chosen = [c for c in config.get("callbacks") or [] if isinstance(c, ModelCheckpoint) and c.save_last]
+    return [] if chosen or config.get("enable_checkpointing") is False else [LastCheckpoint()]
 
 
 def rich_progress_bar(config: dict) -> list[ProgressBar]:

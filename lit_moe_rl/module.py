@@ -114,6 +114,7 @@ class MoERLModule(L.LightningModule):
         self._forward_contexts: list[ForwardContext] = []
         self.reference: Any = None  # set by ReferenceKLCallback: provides reference_logprobs(module, micro)
         self.skipped_steps = 0
+        self.init_seed = 0  # the seed configure_model built the policy with (kept in checkpoints)
         self._aux_loss: Any = None  # the family's load-balancing loss when router_aux_loss_coef > 0
         self._fused_old: list[tuple[Tensor, Tensor, Tensor]] = []  # (rows, logp, entropy) of a fused pass
         self.rank_metrics = RankMetrics()
@@ -127,8 +128,9 @@ class MoERLModule(L.LightningModule):
         if self.policy is not None:
             return
         hp = self.hparams
+        self.init_seed = torch.initial_seed()
         self.policy, self.tokenizer = load_policy(
-            hp.pretrained, hp.config, dtype=hp.dtype, tokenizer=hp.tokenizer, seed=torch.initial_seed()
+            hp.pretrained, hp.config, dtype=hp.dtype, tokenizer=hp.tokenizer, seed=self.init_seed
         )
         if hp.lora:
             from peft import LoraConfig, get_peft_model
@@ -284,11 +286,22 @@ class MoERLModule(L.LightningModule):
     def router_shift_weight(self, micro: Rollout, capture: Any) -> tuple[Tensor | None, dict[str, Tensor]]:
         return router_shift_weight(self.algorithm, micro, capture)
 
+    def initial_policy(self) -> torch.nn.Module:
+        """The policy as :meth:`configure_model` first built it (same source, same seed), without LoRA."""
+        hp = self.hparams
+        policy, _ = load_policy(
+            hp.pretrained, hp.config, dtype=hp.dtype, tokenizer=hp.tokenizer, seed=self.init_seed
+        )
+        policy.config.use_cache = False
+        return policy
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["skipped_steps"] = self.skipped_steps
+        checkpoint["init_seed"] = self.init_seed
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
+        self.init_seed = checkpoint.get("init_seed", self.init_seed)
 
     # ------------------------------------------------------------ validation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

@@ -133,13 +133,21 @@ class PromptDataModule(L.LightningDataModule):
         kwargs = getattr(getattr(trainer, "strategy", None), "distributed_sampler_kwargs", None) or {}
         return {"num_replicas": kwargs.get("num_replicas", 1), "rank": kwargs.get("rank", 0)}
 
-    def state_dict(self) -> dict[str, Any]:
-        """Where training is in the data: epoch and rows consumed (saved in Lightning checkpoints)."""
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count the training rows actually trained on (Lightning prefetches one batch ahead)."""
         trainer = getattr(self, "trainer", None)
-        if trainer is None:
+        if self.sampler is not None and trainer is not None and trainer.training:
+            self.sampler.consumed += len(batch["prompt"])
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where training is in the data: the data epoch and this rank's rows consumed in it (saved in
+        Lightning checkpoints). Counted here, not from Lightning's loop progress, which resets at a
+        resume and counts a ``max_steps``-stopped epoch as finished."""
+        if self.sampler is None:
             return {}
-        processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": trainer.current_epoch, "rows_consumed": processed * self.batch_size}
+        epoch, consumed = self.sampler.position()
+        return {"epoch": epoch, "rows_consumed": consumed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict:

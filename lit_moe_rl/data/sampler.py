@@ -31,14 +31,35 @@ class ResumableSampler(DistributedSampler):
         self.num_replicas = num_replicas
         self.rank = rank
         self.epoch = 0
+        self.consumed = 0  # rows of this epoch trained on (counted by the DataModule, not when prefetched)
         self._skip = 0
+        self._pending: tuple[int, int] | None = None  # a resume position not yet applied
+        self._offset = 0  # data epoch minus Lightning's epoch (they differ after a mid-epoch resume)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        """Lightning's epoch number. A run stopped mid-epoch by ``max_steps`` has already counted that
+        epoch as done, so after a resume Lightning's number runs ahead of the data's: the first call
+        after :meth:`resume_at` fixes the offset between them and later calls keep it."""
+        if self._pending is not None:
+            self._offset = self._pending[0] - epoch
+            self._apply_pending()
+        else:
+            self.epoch = epoch + self._offset
 
     def resume_at(self, epoch: int, rows_consumed: int) -> None:
-        """Continue epoch ``epoch`` after this rank's first ``rows_consumed`` rows."""
-        self.epoch, self._skip = epoch, rows_consumed
+        """Continue data epoch ``epoch`` after this rank's first ``rows_consumed`` rows."""
+        self._pending = (epoch, rows_consumed)
+
+    def _apply_pending(self) -> None:
+        assert self._pending is not None
+        self.epoch, self._skip = self._pending
+        self._pending = None
+
+    def position(self) -> tuple[int, int]:
+        """``(data epoch, rows consumed in it)``; a finished epoch is the start of the next one."""
+        if self.consumed >= len(self):
+            return self.epoch + 1, 0
+        return self.epoch, self.consumed
 
     def order(self, epoch: int) -> list[int]:
         if not self.shuffle:
@@ -47,7 +68,10 @@ class ResumableSampler(DistributedSampler):
         return torch.randperm(self.num_rows, generator=generator).tolist()
 
     def __iter__(self) -> Iterator[int]:
+        if self._pending is not None:
+            self._apply_pending()
         skip, self._skip = self._skip, 0
+        self.consumed = skip
         usable = len(self) * self.num_replicas
         yield from self.order(self.epoch)[self.rank : usable : self.num_replicas][skip:]
 
