@@ -287,13 +287,16 @@ class MoERLModule(L.LightningModule):
         return router_shift_weight(self.algorithm, micro, capture)
 
     def initial_policy(self) -> torch.nn.Module:
-        """The policy as :meth:`configure_model` first built it (same source, same seed), without LoRA."""
+        """The policy as :meth:`configure_model` first built it (same source, same seed), without LoRA,
+        on this module's device, and sharded like the policy under FSDP2."""
         hp = self.hparams
         policy, _ = load_policy(
             hp.pretrained, hp.config, dtype=hp.dtype, tokenizer=hp.tokenizer, seed=self.init_seed
         )
         policy.config.use_cache = False
-        return policy
+        policy.to(self.device)
+        mesh = data_parallel_mesh(self)
+        return shard_policy(policy, mesh) if mesh is not None else policy
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["skipped_steps"] = self.skipped_steps

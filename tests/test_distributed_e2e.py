@@ -61,8 +61,11 @@ def assert_same_run(one: tuple[list[dict], dict], two: tuple[list[dict], dict], 
     for key in keys:
         assert rows2[0][key] == pytest.approx(rows1[0][key], rel=1e-5, abs=1e-7), key
     assert weights1.keys() == weights2.keys()
+    # AdamW's first step moves a weight by lr * g / (|g| + eps): where |g| ~ eps (rarely hit embedding
+    # rows) it turns float-rounding differences of g into ~1e-3 of the step. 1e-5 is 1% of a step (lr
+    # 1e-3); the loss and gradient norm above check the normalisation itself to 1e-5 relative.
     for name, value in weights1.items():
-        torch.testing.assert_close(weights2[name], value, rtol=0, atol=2e-6, msg=name)
+        torch.testing.assert_close(weights2[name], value, rtol=0, atol=1e-5, msg=name)
 
 
 KEYS = [
@@ -85,8 +88,11 @@ def test_ddp_two_ranks_equal_one_process(tmp_path):
 def test_fsdp2_two_ranks_with_r3_and_rspo_equal_one_process(tmp_path):
     """FSDP2 (fully_shard per decoder layer) on CPU: generation runs on the full rollout copy (a bf16
     engine), R3 records its routes there and replays them per rank in the sharded forward; RSPO's
-    capture runs through the sharded routers."""
-    extra = [*R3, "--model.algorithm=lit_moe_rl.algorithms.RSPO", "--rollout.engine.dtype=bfloat16"]
+    capture runs through the sharded routers; the reference model is sharded like the policy."""
+    extra = [
+        *R3, "--model.algorithm=lit_moe_rl.algorithms.RSPO", "--rollout.engine.dtype=bfloat16",
+        "--model.algorithm.kl_coef=0.05", "--trainer.callbacks+=lit_moe_rl.callbacks.ReferenceKLCallback",
+    ]  # fmt: skip
     two = fit(tmp_path / "two", *FSDP2, *extra, devices=2, batch_size=2)
     one = fit(tmp_path / "one", *extra, devices=1, batch_size=4)
-    assert_same_run(one, two, [*KEYS, "mismatch/train_infer_kl", "rspo/gamma_mean"])
+    assert_same_run(one, two, [*KEYS, "mismatch/train_infer_kl", "rspo/gamma_mean", "policy/kl_loss"])

@@ -4,11 +4,11 @@ It owns the reference model's lifecycle. π_ref is the policy's *initial* weight
 
 - under LoRA, the base model with the adapter disabled (no second copy);
 - a separate local checkpoint when ``pretrained`` is given;
-- otherwise a frozen copy taken before any checkpoint is restored: a copy of the policy when the
-  strategy restores after ``on_fit_start`` (FSDP2's ``ModelParallelStrategy``: the copy is sharded like
-  the policy), else the initial policy rebuilt from ``model.pretrained`` / ``model.config`` with the
-  seed the policy was first built with (:meth:`~lit_moe_rl.module.MoERLModule.initial_policy`), because
-  Lightning has already loaded the resumed weights into the policy by ``on_fit_start``.
+- otherwise a frozen copy of the policy in a fresh run; in a resumed run (Lightning has loaded the
+  resumed weights into the policy by ``on_fit_start``) or a sharded one (FSDP2 modules cannot be
+  deep-copied), the initial policy rebuilt from ``model.pretrained`` / ``model.config`` with the seed the
+  policy was first built with and sharded like it
+  (:meth:`~lit_moe_rl.module.MoERLModule.initial_policy`).
 
 The module scores π_ref once per rollout, in the old-log-prob pass, through :meth:`reference_logprobs`;
 the loss term is ``algorithm.kl_coef · KL_kind(π_θ‖π_ref)`` (DeepSeekMath's per-token k3 form). With
@@ -58,10 +58,10 @@ class ReferenceKLCallback(Callback):
             self.model.to(pl_module.device)
         elif hasattr(policy, "disable_adapter"):
             self._use_disabled_adapter = True
-        elif trainer.ckpt_path is not None and not trainer.strategy.restore_checkpoint_after_setup:
-            self.model = pl_module.initial_policy().to(pl_module.device)  # the policy holds resumed weights
-        else:
-            self.model = copy.deepcopy(policy)  # not restored yet: still the initial weights
+        elif trainer.ckpt_path is None and not getattr(pl_module, "_rollout_copy", None):
+            self.model = copy.deepcopy(policy)  # a fresh, unsharded run: the policy is the initial one
+        else:  # resumed (the policy holds the restored weights) or sharded (FSDP2 cannot be deep-copied)
+            self.model = pl_module.initial_policy()
         if self.model is not None:
             self.model.eval().requires_grad_(False)
         pl_module.reference = self
