@@ -27,6 +27,7 @@ from torch import Tensor
 from lit_moe_rl import old_pass, update
 from lit_moe_rl.algorithms import GRPO, Algorithm
 from lit_moe_rl.batch import Rollout
+from lit_moe_rl.batching import trim_padding
 from lit_moe_rl.distributed import RankMetrics, global_sum
 from lit_moe_rl.old_pass import check_correction
 from lit_moe_rl.policy import load_balancing_loss, load_policy, token_logprobs
@@ -66,6 +67,7 @@ class MoERLModule(L.LightningModule):
         correction_args: dict[str, float] | None = None,
         track_router_shift: bool = False,
         old_logp_pass: Literal["auto", "always"] = "auto",
+        trim_padding: bool = True,
     ) -> None:
         """
         Args:
@@ -91,6 +93,8 @@ class MoERLModule(L.LightningModule):
             old_logp_pass: ``auto`` skips the separate π_old forward when it is provably redundant (one
                 mini-batch, no replay, no router-shift tracking, no reference model, no correction): the
                 update's own forward, detached, is π_old (the ratio is exactly 1). ``always`` recomputes.
+            trim_padding: Group micro-batches by response length and drop each one's all-padding
+                response columns (same loss and gradients up to float rounding; off under routing replay).
             track_router_shift: Measure RSPO's router shift (``rspo/*``) even when the algorithm does not
                 weight by it (RouterShiftCallback turns this on).
         """
@@ -244,6 +248,20 @@ class MoERLModule(L.LightningModule):
 
     def micro_batches(self, rows: Tensor) -> list[Tensor]:
         return list(rows.split(self.hparams.micro_batch_size))
+
+    @property
+    def trims_padding(self) -> bool:
+        """Trim micro-batches (not under routing replay, whose route views keep the rollout's width)."""
+        return self.hparams.get("trim_padding", True) and not self._forward_contexts
+
+    def micro_lengths(self, rollout: Rollout) -> Tensor | None:
+        """Response lengths ``[N]`` to group micro-batches by, or None to keep the given order."""
+        return rollout.response_mask.sum(-1) if self.trims_padding else None
+
+    def micro_batch(self, rollout: Rollout, rows: Tensor) -> Rollout:
+        """Rows ``rows`` of ``rollout``, without trailing all-padding columns when trimming."""
+        micro = rollout.select(rows)
+        return trim_padding(micro) if self.trims_padding else micro
 
     @property
     def fuses_old_pass(self) -> bool:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from lit_moe_rl.batch import Rollout
-from lit_moe_rl.batching import micro_plan
+from lit_moe_rl.batching import micro_plan, scatter_rows
 from lit_moe_rl.corrections import CORRECTIONS, apply_correction
 from lit_moe_rl.losses import kl_estimate, masked_mean
 from lit_moe_rl.metrics import extreme_token_fraction, logp_diff_stats, train_infer_kl
@@ -31,9 +31,16 @@ def compute_old_logprobs(module: Any, rollout: Rollout) -> dict[str, float]:
     positions that predict each response token (RSPO, arXiv 2510.23027).
     """
     module.policy.eval()
-    old, ent, topk, router_logp, ref = [], [], [], [], []
-    for rows, real in micro_plan(module, torch.arange(rollout.num_sequences)):
-        micro = rollout.select(rows)
+    parts: dict[str, list[tuple[Tensor, Tensor]]] = {
+        "old": [],
+        "ent": [],
+        "topk": [],
+        "router": [],
+        "ref": [],
+    }
+    rows_all = torch.arange(rollout.num_sequences)
+    for rows, real in micro_plan(module, rows_all, lengths=module.micro_lengths(rollout)):
+        micro = module.micro_batch(rollout, rows)
         with module.forward_context("old", micro), module.router_capture(micro) as cap:
             logp, entropy, _ = module.sequence_logprobs(micro, with_entropy=True)
         ref_logp = (
@@ -41,20 +48,22 @@ def compute_old_logprobs(module: Any, rollout: Rollout) -> dict[str, float]:
         )
         if not real:  # a padding forward that keeps ranks in step: its outputs are duplicates
             continue
-        old.append(logp)
-        ent.append(entropy)
+        parts["old"].append((rows, logp))
+        parts["ent"].append((rows, entropy))
         if ref_logp is not None:
-            ref.append(ref_logp)
+            parts["ref"].append((rows, ref_logp))
         if cap is not None:
-            topk.append(cap.topk.cpu())
-            router_logp.append(gather_router_logp(cap.router_logp, cap.topk).cpu())
+            parts["topk"].append((rows, cap.topk.cpu()))
+            parts["router"].append((rows, gather_router_logp(cap.router_logp, cap.topk).cpu()))
     module.policy.train()
-    rollout.old_logp = torch.cat(old)
-    if topk:
-        rollout.old_topk, rollout.old_router_logp = torch.cat(topk), torch.cat(router_logp)
-    if ref:
-        rollout.ref_logp = torch.cat(ref)
-    metrics = old_pass_metrics(rollout, torch.cat(ent))
+    n, width = rollout.num_sequences, rollout.response_len
+    rollout.old_logp = scatter_rows(parts["old"], n, width)
+    if parts["topk"]:
+        rollout.old_topk = scatter_rows(parts["topk"], n, width)
+        rollout.old_router_logp = scatter_rows(parts["router"], n, width)
+    if parts["ref"]:
+        rollout.ref_logp = scatter_rows(parts["ref"], n, width)
+    metrics = old_pass_metrics(rollout, scatter_rows(parts["ent"], n, width))
     if rollout.infer_logp is not None:
         metrics.update(correction_weights(module.hparams, rollout))
     return metrics
@@ -67,11 +76,9 @@ def collect_fused_old_logprobs(
 
     ``fused``: ``(rows, logp, entropy)`` of each update micro-batch (padding ones repeat rows: harmless).
     """
-    rows = torch.cat([r for r, _, _ in fused]).to(rollout.response_mask.device)
-    old = torch.empty_like(rollout.response_mask, dtype=torch.float32)
-    entropy = torch.empty_like(old)
-    old[rows] = torch.cat([lp for _, lp, _ in fused]).float()
-    entropy[rows] = torch.cat([e for _, _, e in fused]).float()
+    n, width = rollout.num_sequences, rollout.response_len
+    old = scatter_rows([(rows, logp.float()) for rows, logp, _ in fused], n, width)
+    entropy = scatter_rows([(rows, ent.float()) for rows, _, ent in fused], n, width)
     fused.clear()
     rollout.old_logp = old
     return old_pass_metrics(rollout, entropy)

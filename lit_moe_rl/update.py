@@ -48,11 +48,13 @@ def mini_batch_step(module: Any, rollout: Rollout, rows: Tensor) -> dict[str, fl
         float(mask.sum()), float(len(real_rows)), float(rollout.max_response_len or mask.shape[1]), device
     )
     norms = dict(num_tokens=max(num_tokens, 1.0), num_seqs=max(num_seqs, 1.0), norm_const=norm_const)
-    plan = micro_plan(module, rows, fallback=torch.arange(rollout.num_sequences))
+    plan = micro_plan(
+        module, rows, fallback=torch.arange(rollout.num_sequences), lengths=module.micro_lengths(rollout)
+    )
     stats: dict[str, float] = defaultdict(float)
     finite = True
     for index, (micro_rows, real) in enumerate(plan):
-        micro = rollout.select(micro_rows)
+        micro = module.micro_batch(rollout, micro_rows)
         weight = 0.0 if rollout.placeholder or not real else 1.0
         last = index == len(plan) - 1
         with module.forward_context("update", micro), module.router_capture(micro) as cap:
