@@ -29,6 +29,7 @@ from lit_moe_rl.algorithms import GRPO, Algorithm
 from lit_moe_rl.batch import Rollout
 from lit_moe_rl.batching import trim_padding
 from lit_moe_rl.distributed import RankMetrics, global_sum
+from lit_moe_rl.lora import apply_lora
 from lit_moe_rl.old_pass import check_correction
 from lit_moe_rl.policy import load_balancing_loss, load_policy, token_logprobs
 from lit_moe_rl.routing.checks import require_moe
@@ -87,7 +88,9 @@ class MoERLModule(L.LightningModule):
             gradient_checkpointing: Recompute decoder activations in the backward pass.
             router_aux_loss_coef: Load-balancing aux loss weight during RL (0 = off, as in R3). Under
                 routing replay HF's aux loss still sees the router's native top-K, not the replayed ids.
-            lora: LoRA settings passed to ``peft.LoraConfig`` (None = full fine-tuning).
+            lora: LoRA through PEFT (None = full fine-tuning): ``rank``, ``alpha``, ``dropout``,
+                ``target_modules`` (Linear modules), ``target_parameters`` (fused expert tensors, e.g.
+                ``mlp.experts.gate_up_proj``), ``router``: frozen, full or adapted (:mod:`lit_moe_rl.lora`).
             correction: Off-policy correction on rho = pi_old / mu (ALGORITHMS.md §2.7-2.8).
             correction_args: Its parameters, e.g. ``{cap: 2.0}`` for TIS, ``{alpha: 0.5, beta: 5.0}`` for IcePop.
             old_logp_pass: ``auto`` skips the separate π_old forward when it is provably redundant (one
@@ -137,9 +140,7 @@ class MoERLModule(L.LightningModule):
             hp.pretrained, hp.config, dtype=hp.dtype, tokenizer=hp.tokenizer, seed=self.init_seed
         )
         if hp.lora:
-            from peft import LoraConfig, get_peft_model
-
-            self.policy = get_peft_model(self.policy, LoraConfig(**hp.lora))
+            self.policy = apply_lora(self.policy, hp.lora)
         if self.tracks_router_shift:
             require_moe(self.policy, "router_shift")
         self._aux_loss = load_balancing_loss(self.policy) if hp.router_aux_loss_coef > 0 else None
