@@ -96,3 +96,26 @@ def test_fsdp2_two_ranks_with_r3_and_rspo_equal_one_process(tmp_path):
     two = fit(tmp_path / "two", *FSDP2, *extra, devices=2, batch_size=2)
     one = fit(tmp_path / "one", *extra, devices=1, batch_size=4)
     assert_same_run(one, two, [*KEYS, "mismatch/train_infer_kl", "rspo/gamma_mean", "policy/kl_loss"])
+
+
+def rank_reward(completion: str, sample: dict) -> float:
+    """Varied on rank 0, constant on rank 1: DAPO keeps groups on rank 0 and none on rank 1."""
+    import torch.distributed as dist
+
+    return 0.5 if dist.is_initialized() and dist.get_rank() == 1 else float(len(completion) % 3)
+
+
+def test_ddp_rank_whose_groups_dapo_all_drops_still_joins_the_step(tmp_path):
+    """Rank 1 keeps no group: it trains a zero-weight placeholder so that the gradient all-reduce and
+    the step happen on both ranks (no hang, no skip); validation runs on both ranks too."""
+    rows, _ = fit(
+        tmp_path, "--trainer.strategy=ddp", "--model.algorithm=lit_moe_rl.algorithms.DAPO",
+        "--rollout.reward=tests.test_distributed_e2e.rank_reward", "--data.num_val=4", "--data.val_batch_size=2",
+        "--trainer.limit_val_batches=null", "--trainer.num_sanity_val_steps=-1", devices=2, batch_size=2, steps=2,
+    )  # fmt: skip
+    assert len(rows) == 2
+    for row in rows:
+        assert (
+            0.0 < row["rollout/kept_frac"] <= 0.5
+        )  # rank 1 kept nothing: the mean over ranks is at most 1/2
+        assert row["policy/skipped_steps"] == 0.0 and row["policy/grad_norm"] > 0
