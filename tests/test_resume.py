@@ -139,3 +139,26 @@ def test_position_of_a_finished_epoch_is_the_start_of_the_next():
     assert sampler.position() == (3, 4)
     sampler.consumed = 6
     assert sampler.position() == (4, 0)
+
+
+def test_fsdp2_two_processes_resume_bitwise_with_r3_and_reference_kl(tmp_path):
+    """Sharded checkpoint state, the full rollout copy re-synced after the restore, the sharded
+    reference rebuilt from the initial weights: steps 3-4 of a resumed 2-process FSDP2 run equal the
+    uninterrupted run's."""
+    from tests.test_distributed_e2e import FSDP2, R3, fit as fit_processes
+
+    extra = [
+        *FSDP2, *R3, "--model.algorithm=lit_moe_rl.algorithms.GRPO", "--model.algorithm.kl_coef=0.05",
+        "--trainer.callbacks+=lit_moe_rl.callbacks.ReferenceKLCallback", "--seed_everything=3",
+    ]  # fmt: skip
+    full, _ = fit_processes(tmp_path / "full", *extra, devices=2, batch_size=2, steps=4)
+    fit_processes(tmp_path / "part", *extra, devices=2, batch_size=2, steps=2)
+    last = next((tmp_path / "part").rglob("last.ckpt"))
+    resumed, _ = fit_processes(
+        tmp_path / "resumed", *extra, f"--ckpt_path={last}", devices=2, batch_size=2, steps=4
+    )
+    assert len(resumed) == 2 and resumed[0]["ref/kl"] > 0
+    for before, after in zip(full[2:], resumed, strict=True):
+        for key, value in before.items():
+            if not key.startswith("perf/") and key != "epoch":
+                assert after[key] == value, (key, after[key], value)
