@@ -145,7 +145,8 @@ def test_fsdp2_two_processes_resume_bitwise_with_r3_and_reference_kl(tmp_path):
     """Sharded checkpoint state, the full rollout copy re-synced after the restore, the sharded
     reference rebuilt from the initial weights: steps 3-4 of a resumed 2-process FSDP2 run equal the
     uninterrupted run's."""
-    from tests.test_distributed_e2e import FSDP2, R3, fit as fit_processes
+    from tests.test_distributed_e2e import FSDP2, R3
+    from tests.test_distributed_e2e import fit as fit_processes
 
     extra = [
         *FSDP2, *R3, "--model.algorithm=lit_moe_rl.algorithms.GRPO", "--model.algorithm.kl_coef=0.05",
