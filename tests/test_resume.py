@@ -152,11 +152,14 @@ def test_fsdp2_two_processes_resume_bitwise_with_r3_and_reference_kl(tmp_path):
         *FSDP2, *R3, "--model.algorithm=lit_moe_rl.algorithms.GRPO", "--model.algorithm.kl_coef=0.05",
         "--trainer.callbacks+=lit_moe_rl.callbacks.ReferenceKLCallback", "--seed_everything=3",
     ]  # fmt: skip
-    full, _ = fit_processes(tmp_path / "full", *extra, devices=2, batch_size=2, steps=4)
-    fit_processes(tmp_path / "part", *extra, devices=2, batch_size=2, steps=2)
-    last = next((tmp_path / "part").rglob("last.ckpt"))
+    keep_step_2 = [  # a second checkpoint callback keeps the step-2 state of the uninterrupted run
+        "--trainer.callbacks+=lit_moe_rl.checkpoint.LastCheckpoint", "--trainer.callbacks.every_n_train_steps=2",
+        "--trainer.callbacks.save_top_k=-1", "--trainer.callbacks.save_last=false",
+    ]  # fmt: skip
+    full, _ = fit_processes(tmp_path / "full", *extra, *keep_step_2, devices=2, batch_size=2, steps=4)
+    (step_2,) = (tmp_path / "full").rglob("*step=2.ckpt")
     resumed, _ = fit_processes(
-        tmp_path / "resumed", *extra, f"--ckpt_path={last}", devices=2, batch_size=2, steps=4
+        tmp_path / "resumed", *extra, f"--ckpt_path={step_2}", devices=2, batch_size=2, steps=4
     )
     assert len(resumed) == 2 and resumed[0]["ref/kl"] > 0
     for before, after in zip(full[2:], resumed, strict=True):
