@@ -141,6 +141,7 @@ class MoERLModule(L.LightningModule):
         )
         if hp.lora:
             self.policy = apply_lora(self.policy, hp.lora)
+            self.strict_loading = not self.saves_adapters_only  # the base comes from model.pretrained
         if self.tracks_router_shift:
             require_moe(self.policy, "router_shift")
         self._aux_loss = load_balancing_loss(self.policy) if hp.router_aux_loss_coef > 0 else None
@@ -317,9 +318,18 @@ class MoERLModule(L.LightningModule):
         mesh = data_parallel_mesh(self)
         return shard_policy(policy, mesh) if mesh is not None else policy
 
+    @property
+    def saves_adapters_only(self) -> bool:
+        """LoRA on a model loaded from ``model.pretrained``: the frozen base weights are not saved (the
+        checkpoint holds the adapters, a ``full`` router and the optimizer); a resume reloads the base."""
+        return bool(self.hparams.lora) and self.hparams.pretrained is not None
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["skipped_steps"] = self.skipped_steps
         checkpoint["init_seed"] = self.init_seed
+        if self.saves_adapters_only and "state_dict" in checkpoint:
+            trained = {f"policy.{name}" for name, p in self.policy.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
@@ -334,8 +344,10 @@ class MoERLModule(L.LightningModule):
 
     # ------------------------------------------------------------ export
     def save_hf(self, path: str) -> None:
-        """Save the policy (LoRA merged) and tokenizer as a Hugging Face folder ``from_pretrained`` loads."""
-        model = self.policy
+        """Save the policy (LoRA merged) and tokenizer as a Hugging Face folder ``from_pretrained`` loads.
+
+        A sharded policy is saved from its full rollout copy (refreshed after every optimizer step)."""
+        model = self.rollout_policy()
         if hasattr(model, "merge_and_unload"):
             import copy
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from tests.helpers import ROOT, TINY_ARGS
 from tests.test_distributed import free_port
@@ -93,9 +94,18 @@ def test_fsdp2_two_ranks_with_r3_and_rspo_equal_one_process(tmp_path):
         *R3, "--model.algorithm=lit_moe_rl.algorithms.RSPO", "--rollout.engine.dtype=bfloat16",
         "--model.algorithm.kl_coef=0.05", "--trainer.callbacks+=lit_moe_rl.callbacks.ReferenceKLCallback",
     ]  # fmt: skip
-    two = fit(tmp_path / "two", *FSDP2, *extra, devices=2, batch_size=2)
+    export = [
+        "--trainer.callbacks+=lit_moe_rl.callbacks.HFExportCallback",
+        f"--trainer.callbacks.dirpath={tmp_path / 'hf'}",
+    ]
+    two = fit(tmp_path / "two", *FSDP2, *extra, *export, devices=2, batch_size=2)
     one = fit(tmp_path / "one", *extra, devices=1, batch_size=4)
     assert_same_run(one, two, [*KEYS, "mismatch/train_infer_kl", "rspo/gamma_mean", "policy/kl_loss"])
+    exported = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "hf", local_files_only=True
+    ).state_dict()
+    for name, value in two[1].items():  # the sharded policy exported whole, from its full rollout copy
+        assert torch.equal(exported[name.removeprefix("policy.")], value), name
 
 
 def rank_reward(completion: str, sample: dict) -> float:

@@ -97,3 +97,22 @@ def test_lora_fit_with_r3_rspo_and_reference_kl_replays_through_the_wrapper(tmp_
         torch.testing.assert_close(
             exported(input_ids=x).logits, module.policy(input_ids=x).logits, rtol=1e-4, atol=1e-4
         )
+
+
+def test_lora_checkpoint_holds_only_the_adapters_and_resumes_exactly(tmp_path):
+    lora = {"rank": 4, "target_modules": ["q_proj", "v_proj"], "target_parameters": EXPERTS}
+    args = [
+        "--model.pretrained=builtin:countdown-tiny-moe", "--model.config=null", f"--model.lora={json.dumps(lora)}",
+        "--trainer.limit_val_batches=0", "--seed_everything=5",
+    ]  # fmt: skip
+    full = train_rows(run_fit(tmp_path / "full", *args, steps=4))
+    run_fit(tmp_path / "part", *args, steps=2)
+    last = next((tmp_path / "part").rglob("last.ckpt"))
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"])  # no frozen base weights
+    assert ckpt["optimizer_states"][0]["state"]  # AdamW moments of the adapters
+    resumed = train_rows(run_fit(tmp_path / "part", *args, "--ckpt_path=last", steps=4))
+    assert len(resumed) == 2
+    for before, after in zip(full[2:], resumed, strict=True):
+        for key in ("reward/mean", "policy/loss", "policy/grad_norm", "policy/entropy"):
+            assert after[key] == before[key], key
