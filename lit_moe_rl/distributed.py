@@ -89,26 +89,27 @@ _SAME = ("policy/skipped_steps", "policy/lr", "policy/grad_norm")
 def reduction_of(name: str) -> Reduction:
     """How metric ``name`` combines across ranks.
 
-    - ``sum``: counts, throughput, and the loss (each rank's share is already normalised by the
+    - ``sum``: counts (``*errors``, ``*_tokens``), throughput, and the loss (each rank's share is already normalised by the
       global count, so the shares add up to the global loss);
     - ``max`` / ``min``: names ending in ``max`` / ``min`` (``ratio_max``, ``response_length_max``);
-    - ``token_mean``: per-token averages (``policy/*``, ``mismatch/*``, ``ref/*``, ``rspo/*``), weighted
+    - ``token_mean``: per-token averages (``policy/*``, ``mismatch/*``, ``ref/*``, ``rspo/*``,
+      ``routing/*``), weighted
       by each rank's response-token count: exact for token means, a token-weighted average of the
       per-rank values for quantiles (``rspo/gamma_p10``) and sequence-level fractions;
     - ``mean``: everything else: values every rank shares (learning rate, gradient norm, skip count),
-      timings, and ``reward/*``, ``rollout/*`` (every rank samples the same number of completions, so
+      timings, per-rank sizes (``routing/*bytes``), and ``reward/*``, ``rollout/*`` (every rank samples the same number of completions, so
       the plain mean of rank means is the global mean; ``reward/std`` is the mean of per-rank stds).
     """
-    if name in _SUMMED or name.endswith("errors"):
+    if name in _SUMMED or name.endswith(("errors", "_tokens")):
         return "sum"
-    if name in _SAME or name.startswith("perf/"):
+    if name in _SAME or name.startswith("perf/") or name.endswith(("bytes", "_frac")) and "routing/" in name:
         return "mean"
     leaf = name.rsplit("/", 1)[-1]
     if leaf.endswith("max"):
         return "max"
     if leaf.endswith("min"):
         return "min"
-    if name.split("/", 1)[0] in ("policy", "mismatch", "ref", "rspo"):
+    if name.split("/", 1)[0] in ("policy", "mismatch", "ref", "rspo", "routing"):
         return "token_mean"
     return "mean"
 

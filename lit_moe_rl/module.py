@@ -234,10 +234,16 @@ class MoERLModule(L.LightningModule):
         metrics["perf/update_s"] = update_s
         tokens = float(rollout.attention_mask.sum())
         metrics["perf/tokens_per_s"] = tokens / max(update_s + metrics.get("perf/rollout_s", 0.0), 1e-9)
-        weight = 0.0 if rollout.placeholder else float(rollout.response_mask.sum())
-        self.log_dict(
-            self.rank_metrics.reduce(metrics, tokens=weight, device=self.device), batch_size=max(real, 1)
-        )
+        self._step_tokens = 0.0 if rollout.placeholder else float(rollout.response_mask.sum())
+        self.log_reduced(metrics)
+
+    def log_reduced(self, metrics: dict[str, Any]) -> None:
+        """Log one step's metrics, each reduced across ranks as :func:`~lit_moe_rl.distributed.reduction_of`
+        says (token means weighted by this step's response tokens). Every rank must call it at the same
+        point: callbacks call it from ``on_train_batch_end``."""
+        values = {key: float(value) for key, value in metrics.items()}
+        reduced = self.rank_metrics.reduce(values, tokens=self._step_tokens, device=self.device)
+        self.log_dict(reduced, on_step=True, on_epoch=False, batch_size=1)
 
     def skip_step(self, batch: dict[str, Any], metrics: dict[str, float]) -> None:
         """A step with no gradient (every group dropped), still counted so that ``max_steps`` ends the run."""
@@ -246,7 +252,8 @@ class MoERLModule(L.LightningModule):
         self.optimizers().step()
         self.lr_schedulers().step()
         metrics["policy/skipped_steps"] = float(self.skipped_steps)
-        self.log_dict(self.rank_metrics.reduce(metrics, tokens=0.0, device=self.device), batch_size=1)
+        self._step_tokens = 0.0
+        self.log_reduced(metrics)
 
     def micro_batches(self, rows: Tensor) -> list[Tensor]:
         return list(rows.split(self.hparams.micro_batch_size))

@@ -78,6 +78,9 @@ def test_reduction_of_each_metric_family():
     assert D.reduction_of("rspo/layer_shift/0") == "token_mean"
     assert D.reduction_of("policy/grad_norm") == "mean"
     assert D.reduction_of("reward/mean") == "mean"
+    assert D.reduction_of("routing/fallback_tokens") == "sum"
+    assert D.reduction_of("routing/rollout_train_router_disagreement") == "token_mean"
+    assert D.reduction_of("routing/store_bytes") == "mean"
 
 
 def _two_rank_worker(rank: int, port: int, queue) -> None:
