@@ -9,6 +9,9 @@ Generation needs full weights and a per-rank loop whose length differs between r
 its own EOS), which sharded forwards (collectives) cannot run. So a sharded policy keeps a rank-local,
 unsharded *rollout copy*, refreshed after every optimizer step with :func:`sync_full_copy`: the
 rollout engine binds to it, R3 records its routes there, and the sharded training forward replays them.
+The copy costs one full set of weights per rank (in the training dtype; a bf16 engine keeps its own
+bf16 copy of it): the price of generating without collectives. A 30B model wants a separate inference
+engine (vLLM) instead.
 """
 
 from __future__ import annotations

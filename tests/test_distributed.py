@@ -201,3 +201,29 @@ def test_a_prompts_completions_do_not_depend_on_its_batch():
     assert torch.equal(batch.input_ids[3:, batch.prompt_len :][:, :r], alone.input_ids[:, alone.prompt_len :])
     torch.testing.assert_close(batch.infer_logp[3:, :r], alone.infer_logp)
     assert prompt_seed(1, 2, "a") != prompt_seed(1, 3, "a") != prompt_seed(2, 2, "a")
+
+
+def test_datamodule_splits_prompts_by_rank_and_refuses_a_batch_no_rank_can_fill():
+    from types import SimpleNamespace
+
+    from lit_moe_rl.data.datamodule import PromptDataModule
+
+    settings = dict(
+        template="compact", min_numbers=3, max_numbers=3, max_number=20, max_target=100, num_val=0
+    )
+    loaders = []
+    for rank in (0, 1):
+        dm = PromptDataModule(num_train=8, batch_size=2, **settings)
+        dm.trainer = SimpleNamespace(
+            strategy=SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 2, "rank": rank})
+        )
+        dm.setup()
+        loaders.append([prompt for batch in dm.train_dataloader() for prompt in batch["prompt"]])
+    assert len(loaders[0]) == len(loaders[1]) == 4 and not set(loaders[0]) & set(loaders[1])
+    dm = PromptDataModule(num_train=3, batch_size=2, **settings)
+    dm.trainer = SimpleNamespace(
+        strategy=SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 2, "rank": 0})
+    )
+    dm.setup()
+    with pytest.raises(ValueError, match="data.batch_size: 2 prompts per rank"):
+        dm.train_dataloader()

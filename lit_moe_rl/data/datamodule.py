@@ -115,6 +115,11 @@ class PromptDataModule(L.LightningDataModule):
         """Training prompts: shuffled by a seeded, resumable sampler; incomplete last batch dropped."""
         rows = self._require(self.train_rows)
         self.sampler = ResumableSampler(len(rows), seed=self.seed, shuffle=self.shuffle, **self._ranks())
+        if len(self.sampler) < self.batch_size:
+            raise ValueError(
+                f"data.batch_size: {self.batch_size} prompts per rank is more than the {len(rows)} training rows "
+                f"give each of the {self.sampler.num_replicas} ranks"
+            )
         if self._resume is not None:
             self.sampler.resume_at(*self._resume)
             self._resume = None
