@@ -9,6 +9,7 @@ it lands in. The cost is one engine call per prompt.
 
 from __future__ import annotations
 
+import json
 import zlib
 from typing import Any
 
@@ -18,13 +19,15 @@ from torch import Tensor
 from lit_moe_rl.rollout.engine import Generation
 
 
-def prompt_seed(seed: int, step: int, prompt: str) -> int:
-    """A 63-bit seed from the run seed, the step and the prompt's text (CRC-32)."""
-    return ((seed * 1_000_003 + step) * 4_294_967_311 + zlib.crc32(prompt.encode())) % (2**63 - 1)
+def prompt_seed(seed: int, step: int, prompt: Any) -> int:
+    """A 63-bit seed from the run seed, the step and the prompt (CRC-32 of its text, or of its chat
+    messages as sorted JSON)."""
+    text = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+    return ((seed * 1_000_003 + step) * 4_294_967_311 + zlib.crc32(text.encode())) % (2**63 - 1)
 
 
 def generate_per_prompt(
-    engine: Any, prompts: list[str], *, n: int, seed: int, step: int, record_routes: bool = False
+    engine: Any, prompts: list[Any], *, n: int, seed: int, step: int, record_routes: bool = False
 ) -> Generation:
     """``engine.generate`` once per prompt under :func:`prompt_seed`, concatenated prompt-major."""
     parts = []
