@@ -103,7 +103,7 @@ def test_lora_checkpoint_holds_only_the_adapters_and_resumes_exactly(tmp_path):
     lora = {"rank": 4, "target_modules": ["q_proj", "v_proj"], "target_parameters": EXPERTS}
     args = [
         "--model.pretrained=builtin:countdown-tiny-moe", "--model.config=null", f"--model.lora={json.dumps(lora)}",
-        "--trainer.limit_val_batches=0", "--seed_everything=5",
+        "--trainer.limit_val_batches=0",
     ]  # fmt: skip
     full = train_rows(run_fit(tmp_path / "full", *args, steps=4))
     run_fit(tmp_path / "part", *args, steps=2)
