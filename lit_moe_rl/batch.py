@@ -58,6 +58,8 @@ class Rollout:
     prompts: list[str] = field(default_factory=list)  # N prompt strings (one per sequence)
     extras: dict[str, Any] = field(default_factory=dict)  # per-step scalars for logging
     rows: Tensor | None = None  # [n] long; set by select(): this slice's rows in the rollout it came from
+    placeholder: bool = False  # True: DAPO kept no group on this rank; the rows are one dropped group,
+    # carried so that the rank runs the same forwards and collectives as the others, at zero loss weight
 
     @property
     def num_sequences(self) -> int:

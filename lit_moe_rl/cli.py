@@ -13,11 +13,12 @@ import sys
 from jsonargparse import ArgumentParser, lazy_instance
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger
 
 from lit_moe_rl.callbacks.rollout import RolloutCallback
 from lit_moe_rl.callbacks.summary import RunSummary
+from lit_moe_rl.checkpoint import LastCheckpoint
 from lit_moe_rl.cli_base import OneLineCLI
 from lit_moe_rl.data.datamodule import PromptDataModule
 from lit_moe_rl.errors import first_line
@@ -32,7 +33,7 @@ TRAINER_DEFAULTS = {
 
 DEFAULT_CALLBACKS = [
     {
-        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "class_path": "lit_moe_rl.checkpoint.LastCheckpoint",
         "init_args": {"save_last": True, "every_n_train_steps": 50, "save_top_k": 0},
     },
 ]
@@ -59,7 +60,15 @@ class MoERLCLI(OneLineCLI):
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
         """Use Rich's progress bar unless the user disabled the bar or chose another one."""
-        return super()._instantiate_trainer(config, callbacks + rich_progress_bar(config))
+        return super()._instantiate_trainer(
+            config, callbacks + rich_progress_bar(config) + last_checkpoint(config)
+        )
+
+
+def last_checkpoint(config: dict) -> list[LastCheckpoint]:
+    """A crash-safe ``last.ckpt`` at the end of every run, unless the config has one or disables checkpoints."""
+    chosen = [c for c in config.get("callbacks") or [] if isinstance(c, ModelCheckpoint) and c.save_last]
+    return [] if chosen or config.get("enable_checkpointing") is False else [LastCheckpoint()]
 
 
 def rich_progress_bar(config: dict) -> list[ProgressBar]:

@@ -16,9 +16,7 @@ gradient-checkpointing recomputation happens inside it).
 from __future__ import annotations
 
 import contextlib
-import math
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -26,15 +24,18 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from lit_moe_rl import old_pass, update
 from lit_moe_rl.algorithms import GRPO, Algorithm
 from lit_moe_rl.batch import Rollout
-from lit_moe_rl.corrections import apply_correction
-from lit_moe_rl.losses import aggregate, kl_estimate, masked_mean
-from lit_moe_rl.metrics import extreme_token_fraction, logp_diff_stats, train_infer_kl
+from lit_moe_rl.batching import trim_padding
+from lit_moe_rl.distributed import RankMetrics, global_sum
+from lit_moe_rl.lora import apply_lora
+from lit_moe_rl.old_pass import check_correction
 from lit_moe_rl.policy import load_balancing_loss, load_policy, token_logprobs
 from lit_moe_rl.routing.checks import require_moe
-from lit_moe_rl.routing.record import capture_router_logits, gather_router_logp
-from lit_moe_rl.routing.shift import router_shift, shift_stats, topk_set_changed
+from lit_moe_rl.routing.record import capture_router_logits
+from lit_moe_rl.rspo_weight import router_shift_weight
+from lit_moe_rl.sharding import data_parallel_mesh, shard_policy, sync_full_copy, unsharded_copy
 
 Phase = Literal["old", "update", "ref"]
 ForwardContext = Callable[[Phase, Rollout], contextlib.AbstractContextManager]
@@ -67,6 +68,7 @@ class MoERLModule(L.LightningModule):
         correction_args: dict[str, float] | None = None,
         track_router_shift: bool = False,
         old_logp_pass: Literal["auto", "always"] = "auto",
+        trim_padding: bool = True,
     ) -> None:
         """
         Args:
@@ -86,12 +88,16 @@ class MoERLModule(L.LightningModule):
             gradient_checkpointing: Recompute decoder activations in the backward pass.
             router_aux_loss_coef: Load-balancing aux loss weight during RL (0 = off, as in R3). Under
                 routing replay HF's aux loss still sees the router's native top-K, not the replayed ids.
-            lora: LoRA settings passed to ``peft.LoraConfig`` (None = full fine-tuning).
+            lora: LoRA through PEFT (None = full fine-tuning): ``rank``, ``alpha``, ``dropout``,
+                ``target_modules`` (Linear modules), ``target_parameters`` (fused expert tensors, e.g.
+                ``mlp.experts.gate_up_proj``), ``router``: frozen, full or adapted (:mod:`lit_moe_rl.lora`).
             correction: Off-policy correction on rho = pi_old / mu (docs/algorithms.md §2.7-2.8).
             correction_args: Its parameters, e.g. ``{cap: 2.0}`` for TIS, ``{alpha: 0.5, beta: 5.0}`` for IcePop.
             old_logp_pass: ``auto`` skips the separate π_old forward when it is provably redundant (one
                 mini-batch, no replay, no router-shift tracking, no reference model, no correction): the
                 update's own forward, detached, is π_old (the ratio is exactly 1). ``always`` recomputes.
+            trim_padding: Group micro-batches by response length and drop each one's all-padding
+                response columns (same loss and gradients up to float rounding; off under routing replay).
             track_router_shift: Measure RSPO's router shift (``rspo/*``) even when the algorithm does not
                 weight by it (RouterShiftCallback turns this on).
         """
@@ -127,8 +133,13 @@ class MoERLModule(L.LightningModule):
         self._forward_contexts: list[ForwardContext] = []
         self.reference: Any = None  # set by ReferenceKLCallback: provides reference_logprobs(module, micro)
         self.skipped_steps = 0
+        self.init_seed = 0  # the seed configure_model built the policy with (kept in checkpoints)
         self._aux_loss: Any = None  # the family's load-balancing loss when router_aux_loss_coef > 0
         self._fused_old: list[tuple[Tensor, Tensor, Tensor]] = []  # (rows, logp, entropy) of a fused pass
+        self.rank_metrics = RankMetrics()
+        self._rollout_copy: list[
+            torch.nn.Module
+        ] = []  # a sharded policy's full copy for generation  # logged values, reduced across ranks by torchmetrics
 
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:
@@ -136,19 +147,35 @@ class MoERLModule(L.LightningModule):
         if self.policy is not None:
             return
         hp = self.hparams
+        self.init_seed = torch.initial_seed()
         self.policy, self.tokenizer = load_policy(
-            hp.pretrained, hp.config, dtype=hp.dtype, tokenizer=hp.tokenizer, seed=torch.initial_seed()
+            hp.pretrained, hp.config, dtype=hp.dtype, tokenizer=hp.tokenizer, seed=self.init_seed
         )
         if hp.lora:
-            from peft import LoraConfig, get_peft_model
-
-            self.policy = get_peft_model(self.policy, LoraConfig(**hp.lora))
+            self.policy = apply_lora(self.policy, hp.lora)
+            self.strict_loading = not self.saves_adapters_only  # the base comes from model.pretrained
         if self.tracks_router_shift:
             require_moe(self.policy, "router_shift")
         self._aux_loss = load_balancing_loss(self.policy) if hp.router_aux_loss_coef > 0 else None
         if hp.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.policy.config.use_cache = False
+        mesh = data_parallel_mesh(self)
+        if mesh is not None:  # FSDP2 (ModelParallelStrategy): keep a full copy to generate with, then shard
+            self._rollout_copy = [unsharded_copy(self.policy)]  # a list: not a submodule, not checkpointed
+            shard_policy(self.policy, mesh)
+
+    def rollout_policy(self) -> torch.nn.Module:
+        """The module the rollout engine generates with: the policy, or its full copy when sharded
+        (refreshed by :meth:`sync_rollout_policy`)."""
+        return self._rollout_copy[0] if self._rollout_copy else self.policy
+
+    def sync_rollout_policy(self) -> torch.nn.Module:
+        """Refresh the full rollout copy of a sharded policy (a collective) and return :meth:`rollout_policy`."""
+        if self._rollout_copy:
+            self._rollout_copy[0].to(self.device)  # kept out of the module tree, so moved here
+            sync_full_copy(self._rollout_copy[0], self.policy)
+        return self.rollout_policy()
 
     def on_fit_start(self) -> None:
         """Fail before the first rollout on a KL term without a reference (callbacks' hooks ran first)."""
@@ -202,19 +229,16 @@ class MoERLModule(L.LightningModule):
                 "batch has no 'rollout': add lit_moe_rl.callbacks.RolloutCallback to trainer.callbacks"
             )
         metrics = dict(rollout.extras)
-        if rollout.num_sequences == 0:  # DAPO dropped every group: a step with no gradient, still counted
-            self.skipped_steps += 1
-            self.optimizers().step()
-            self.lr_schedulers().step()
-            metrics["policy/skipped_steps"] = float(self.skipped_steps)
-            self.log_dict(metrics, batch_size=1)
+        real = 0 if rollout.placeholder else rollout.num_sequences
+        if global_sum(float(real), self.device) == 0:  # DAPO dropped every group on every rank
+            self.skip_step(batch, metrics)
             return
         t0 = time.perf_counter()
         rollout = rollout.to(self.device, skip=("routes", "old_routes", "old_router_logp"))
         batch["rollout"] = rollout  # callbacks' on_train_batch_end sees old_logp, old_topk, ...
         if self.fuses_old_pass:
             metrics.update(self.policy_update(rollout))
-            metrics.update(self.collect_fused_old_logprobs(rollout))
+            metrics.update(old_pass.collect_fused_old_logprobs(self._fused_old, rollout))
         else:
             metrics.update(self.compute_old_logprobs(rollout))
             metrics.update(self.policy_update(rollout))
@@ -222,10 +246,43 @@ class MoERLModule(L.LightningModule):
         metrics["perf/update_s"] = update_s
         tokens = float(rollout.attention_mask.sum())
         metrics["perf/tokens_per_s"] = tokens / max(update_s + metrics.get("perf/rollout_s", 0.0), 1e-9)
-        self.log_dict(metrics, batch_size=rollout.num_sequences)
+        self._step_tokens = 0.0 if rollout.placeholder else float(rollout.response_mask.sum())
+        self.log_reduced(metrics)
+
+    def log_reduced(self, metrics: dict[str, Any]) -> None:
+        """Log one step's metrics, each reduced across ranks as :func:`~lit_moe_rl.distributed.reduction_of`
+        says (token means weighted by this step's response tokens). Every rank must call it at the same
+        point: callbacks call it from ``on_train_batch_end``."""
+        values = {key: float(value) for key, value in metrics.items()}
+        reduced = self.rank_metrics.reduce(values, tokens=self._step_tokens, device=self.device)
+        self.log_dict(reduced, on_step=True, on_epoch=False, batch_size=1)
+
+    def skip_step(self, batch: dict[str, Any], metrics: dict[str, float]) -> None:
+        """A step with no gradient (every group dropped), still counted so that ``max_steps`` ends the run."""
+        batch["rollout"] = batch["rollout"].select(torch.arange(0))
+        self.skipped_steps += 1
+        self.optimizers().step()
+        self.lr_schedulers().step()
+        metrics["policy/skipped_steps"] = float(self.skipped_steps)
+        self._step_tokens = 0.0
+        self.log_reduced(metrics)
 
     def micro_batches(self, rows: Tensor) -> list[Tensor]:
         return list(rows.split(self.hparams.micro_batch_size))
+
+    @property
+    def trims_padding(self) -> bool:
+        """Trim micro-batches (not under routing replay, whose route views keep the rollout's width)."""
+        return self.hparams.get("trim_padding", True) and not self._forward_contexts
+
+    def micro_lengths(self, rollout: Rollout) -> Tensor | None:
+        """Response lengths ``[N]`` to group micro-batches by, or None to keep the given order."""
+        return rollout.response_mask.sum(-1) if self.trims_padding else None
+
+    def micro_batch(self, rollout: Rollout, rows: Tensor) -> Rollout:
+        """Rows ``rows`` of ``rollout``, without trailing all-padding columns when trimming."""
+        micro = rollout.select(rows)
+        return trim_padding(micro) if self.trims_padding else micro
 
     @property
     def fuses_old_pass(self) -> bool:
@@ -240,256 +297,79 @@ class MoERLModule(L.LightningModule):
             and hp.correction == "none"
         )
 
-    def collect_fused_old_logprobs(self, rollout: Rollout) -> dict[str, float]:
-        """π_old from the update forward (detached, taken before the step) into ``rollout``, and its metrics."""
-        rows = torch.cat([r for r, _, _ in self._fused_old]).to(rollout.response_mask.device)
-        old = torch.empty_like(rollout.response_mask, dtype=torch.float32)
-        entropy = torch.empty_like(old)
-        old[rows] = torch.cat([lp for _, lp, _ in self._fused_old]).float()
-        entropy[rows] = torch.cat([e for _, _, e in self._fused_old]).float()
-        self._fused_old.clear()
-        rollout.old_logp = old
-        return self.old_pass_metrics(rollout, entropy)
-
     @property
     def tracks_router_shift(self) -> bool:
         return self.algorithm.router_shift or self.hparams.track_router_shift
 
-    def _router_capture(self, micro: Rollout) -> contextlib.AbstractContextManager:
+    def router_capture(self, micro: Rollout) -> contextlib.AbstractContextManager:
         """Capture router log-probs at the positions predicting response tokens (RSPO), or nothing."""
         if not self.tracks_router_shift:
             return contextlib.nullcontext()
         return capture_router_logits(self.policy, positions=slice(micro.prompt_len - 1, -1))
 
-    @torch.no_grad()
+    # The steps of an update, each in its own file; methods so that tests and callbacks can wrap them.
     def compute_old_logprobs(self, rollout: Rollout) -> dict[str, float]:
-        """π_old log-probs (and entropies) of every response token, once per rollout, into ``rollout``.
-
-        With router-shift tracking on, also the old top-K expert ids and their router log-probs at the
-        positions that predict each response token (RSPO, docs/algorithms.md §4.4).
-        """
-        self.policy.eval()
-        old, ent, topk, router_logp, ref = [], [], [], [], []
-        for rows in self.micro_batches(torch.arange(rollout.num_sequences)):
-            micro = rollout.select(rows)
-            with self.forward_context("old", micro), self._router_capture(micro) as cap:
-                logp, entropy, _ = self.sequence_logprobs(micro, with_entropy=True)
-            old.append(logp)
-            ent.append(entropy)
-            if self.reference is not None:
-                ref.append(self.reference.reference_logprobs(self, micro))
-            if cap is not None:
-                topk.append(cap.topk.cpu())
-                router_logp.append(gather_router_logp(cap.router_logp, cap.topk).cpu())
-        self.policy.train()
-        rollout.old_logp = torch.cat(old)
-        if topk:
-            rollout.old_topk, rollout.old_router_logp = torch.cat(topk), torch.cat(router_logp)
-        if ref:
-            rollout.ref_logp = torch.cat(ref)
-        metrics = self.old_pass_metrics(rollout, torch.cat(ent))
-        if rollout.infer_logp is not None:
-            metrics.update(self.apply_correction(rollout))
-        return metrics
-
-    def old_pass_metrics(self, rollout: Rollout, entropy: Tensor) -> dict[str, float]:
-        """``policy/entropy`` of π_old, ``ref/kl`` and the train-inference ``mismatch/*`` metrics."""
-        mask = rollout.response_mask
-        metrics = {"policy/entropy": float(masked_mean(entropy, mask))}
-        if rollout.ref_logp is not None:
-            kl = kl_estimate(rollout.old_logp, rollout.ref_logp, "k3", mask=mask)
-            metrics["ref/kl"] = float(masked_mean(kl, mask))
-        if rollout.infer_logp is not None:
-            metrics.update(mismatch_metrics(rollout.old_logp, rollout.infer_logp, mask))
-        return metrics
-
-    def apply_correction(self, rollout: Rollout) -> dict[str, float]:
-        """Off-policy correction weights on ρ = π_old/μ into ``rollout.token_weight``."""
-        kind = self.hparams.correction
-        if kind == "none":
-            return {}
-        weight, stats = apply_correction(
-            kind,
-            rollout.old_logp,
-            rollout.infer_logp,
-            rollout.response_mask,
-            **(self.hparams.correction_args or {}),
-        )
-        rollout.token_weight = weight
-        return {f"mismatch/{key}": float(value) for key, value in stats.items()}
+        return old_pass.compute_old_logprobs(self, rollout)
 
     def policy_update(self, rollout: Rollout) -> dict[str, float]:
-        """``mini_batches`` optimizer steps over shuffled slices of the rollout."""
-        gen = torch.Generator().manual_seed(self.global_step)  # same order on resume
-        order = torch.randperm(rollout.num_sequences, generator=gen)
-        totals: dict[str, list[float]] = defaultdict(list)
-        for rows in order.tensor_split(self.hparams.mini_batches):
-            if len(rows) == 0:
-                continue
-            for key, value in self.mini_batch_step(rollout, rows).items():
-                totals[key].append(value)
-        metrics = {key: sum(v) / len(v) for key, v in totals.items()}
-        metrics["policy/skipped_steps"] = float(self.skipped_steps)
-        metrics["policy/lr"] = self.optimizers().param_groups[0]["lr"]
-        return metrics
+        return update.policy_update(self, rollout)
 
     def mini_batch_step(self, rollout: Rollout, rows: Tensor) -> dict[str, float]:
-        """Accumulate gradients over the micro-batches of ``rows``, clip, step (or skip if non-finite)."""
-        opt = self.optimizers()
-        mask = rollout.response_mask[rows.to(rollout.response_mask.device)]
-        norms = dict(
-            num_tokens=float(mask.sum()),
-            num_seqs=float(len(rows)),
-            norm_const=float(rollout.max_response_len or mask.shape[1]),
-        )
-        stats: dict[str, float] = defaultdict(float)
-        finite = True
-        for micro_rows in self.micro_batches(rows):
-            micro = rollout.select(micro_rows)
-            with self.forward_context("update", micro), self._router_capture(micro) as cap:
-                loss, micro_stats = self.micro_batch_loss(micro, cap, **norms)
-                finite = finite and bool(torch.isfinite(loss))
-                if finite:
-                    self.manual_backward(loss)
-            weight = len(micro_rows) / len(rows)
-            stats["policy/loss"] += float(loss.detach())
-            for key, value in micro_stats.items():
-                stats[key if "/" in key else f"policy/{key}"] += float(value) * weight
-        grad_norm = self.clip_and_measure()
-        if not (finite and math.isfinite(grad_norm)):
-            # Drop the gradients: the optimizer skips parameters whose grad is None, so this step
-            # leaves weights and optimizer state untouched yet still counts (trainer.max_steps ends the run).
-            opt.zero_grad(set_to_none=True)
-            self.skipped_steps += 1
-        opt.step()
-        self.lr_schedulers().step()
-        opt.zero_grad(set_to_none=True)
-        stats["policy/grad_norm"] = grad_norm
-        return dict(stats)
+        return update.mini_batch_step(self, rollout, rows)
 
     def micro_batch_loss(
-        self, micro: Rollout, capture: Any, *, num_tokens: float, num_seqs: float, norm_const: float
+        self, micro: Rollout, capture: Any, **norms: float
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The algorithm's loss on one micro-batch, normalised by the mini-batch's global counts."""
-        fused = self.fuses_old_pass
-        logp, entropy, out = self.sequence_logprobs(
-            micro, with_entropy=fused, router_logits=self._aux_loss is not None
-        )
-        if fused:  # the single update forward is pi_old: ratio exactly 1, as on the first mini-batch
-            old_logp = logp.detach()
-            self._fused_old.append((micro.rows, old_logp, entropy))
-        else:
-            old_logp = micro.require("old_logp", "the module's old-log-prob pass")
-        log_weight, shift_metrics = self.router_shift_weight(micro, capture)
-        loss, stats = self.algorithm.objective(
-            logp,
-            old_logp,
-            micro.advantages,
-            micro.response_mask,
-            log_weight=log_weight,
-            token_weight=micro.token_weight,
-            num_tokens=num_tokens,
-            num_seqs=num_seqs,
-            norm_const=norm_const,
-        )
-        if self.algorithm.kl_coef > 0:
-            ref_logp = micro.require("ref_logp", "lit_moe_rl.callbacks.ReferenceKLCallback")
-            kl = kl_estimate(logp, ref_logp, self.algorithm.kl_kind, mask=micro.response_mask)
-            kl_loss = aggregate(kl, micro.response_mask, "token-mean", num_tokens=num_tokens)
-            loss = loss + self.algorithm.kl_coef * kl_loss
-            stats["kl_loss"] = kl_loss.detach()
-        if self._aux_loss is not None:  # a micro-batch mean, weighted by its share of the mini-batch
-            aux = self._aux_loss(out.router_logits, micro.attention_mask)
-            loss = loss + self.hparams.router_aux_loss_coef * aux * (micro.num_sequences / num_seqs)
-            stats["aux_loss"] = aux.detach()
-        return loss, stats | shift_metrics
+        return update.micro_batch_loss(self, micro, capture, **norms)
 
     def router_shift_weight(self, micro: Rollout, capture: Any) -> tuple[Tensor | None, dict[str, Tensor]]:
-        """RSPO's ``log γ̃`` ``[n, R]`` (None unless the algorithm weights by it) and its ``rspo/`` stats.
+        return router_shift_weight(self.algorithm, micro, capture)
 
-        ``γ`` compares the current router log-probs with the old ones at the old top-K experts
-        (:func:`lit_moe_rl.routing.shift.router_shift`, arXiv 2510.23027 v2); it is floored and detached.
-        """
-        if capture is None:
-            return None, {}
-        old_ids = micro.require("old_topk", "router-shift tracking in the old pass")
-        device = capture.router_logp.device
-        current = gather_router_logp(capture.router_logp, old_ids.to(device))  # [n, R, L, K]
-        mask = micro.response_mask
-        shift = router_shift(
-            current,
-            micro.old_router_logp.to(device),
-            mask,
-            floor=self.algorithm.router_shift_floor,
-            layer_reduce=self.algorithm.router_shift_layer_reduce,
+    def initial_policy(self) -> torch.nn.Module:
+        """The policy as :meth:`configure_model` first built it (same source, same seed), without LoRA,
+        on this module's device, and sharded like the policy under FSDP2."""
+        hp = self.hparams
+        policy, _ = load_policy(
+            hp.pretrained, hp.config, dtype=hp.dtype, tokenizer=hp.tokenizer, seed=self.init_seed
         )
-        stats = shift_stats(shift, mask, self.algorithm.router_shift_floor)
-        layer_shift = stats.pop("layer_shift")
-        metrics = {f"rspo/{key}": value for key, value in stats.items()}
-        metrics |= {f"rspo/layer_shift/{layer}": value for layer, value in enumerate(layer_shift)}
-        changed = topk_set_changed(old_ids.to(device), capture.topk, valid=mask)
-        metrics |= {f"rspo/{key}": value for key, value in changed.items()}
-        log_weight = shift.gamma.log() if self.algorithm.router_shift else None
-        return log_weight, metrics
+        policy.config.use_cache = False
+        policy.to(self.device)
+        mesh = data_parallel_mesh(self)
+        return shard_policy(policy, mesh) if mesh is not None else policy
 
-    def clip_and_measure(self) -> float:
-        """Clip the global gradient norm to ``grad_clip`` and return the norm before clipping."""
-        params = [p for p in self.policy.parameters() if p.grad is not None]
-        if not params:
-            return 0.0
-        max_norm = self.hparams.grad_clip if self.hparams.grad_clip > 0 else float("inf")
-        clip = getattr(self.policy, "clip_grad_norm_", None)  # FSDP1 exposes its own sharded version
-        norm = clip(max_norm) if callable(clip) else torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return float(norm)
+    @property
+    def saves_adapters_only(self) -> bool:
+        """LoRA on a model loaded from ``model.pretrained``: the frozen base weights are not saved (the
+        checkpoint holds the adapters, a ``full`` router and the optimizer); a resume reloads the base."""
+        return bool(self.hparams.lora) and self.hparams.pretrained is not None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["skipped_steps"] = self.skipped_steps
+        checkpoint["init_seed"] = self.init_seed
+        if self.saves_adapters_only and "state_dict" in checkpoint:
+            trained = {f"policy.{name}" for name, p in self.policy.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
+        self.init_seed = checkpoint.get("init_seed", self.init_seed)
 
     # ------------------------------------------------------------ validation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         rewards = batch.get("val_rewards")
         if rewards is None:
             raise RuntimeError("batch has no 'val_rewards': add lit_moe_rl.callbacks.RolloutCallback")
-        self.log("val/reward", rewards.float().mean(), batch_size=len(rewards), prog_bar=True)
+        self.log("val/reward", rewards.float().mean(), batch_size=len(rewards), prog_bar=True, sync_dist=True)
 
     # ------------------------------------------------------------ export
     def save_hf(self, path: str) -> None:
-        """Save the policy (LoRA merged) and tokenizer as a Hugging Face folder ``from_pretrained`` loads."""
-        model = self.policy
+        """Save the policy (LoRA merged) and tokenizer as a Hugging Face folder ``from_pretrained`` loads.
+
+        A sharded policy is saved from its full rollout copy (refreshed after every optimizer step)."""
+        model = self.rollout_policy()
         if hasattr(model, "merge_and_unload"):
             import copy
 
             model = copy.deepcopy(model).merge_and_unload()
         model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
-
-
-TAUS = (1.5, 2.0, 5.0, 10.0)
-
-
-def mismatch_metrics(train_logp: Tensor, infer_logp: Tensor, mask: Tensor) -> dict[str, float]:
-    """``mismatch/*``: train-inference KL (R3 Eq. 2), extreme-token fractions (Eq. 3), |Δ log p|."""
-    metrics = {"mismatch/train_infer_kl": float(train_infer_kl(train_logp, infer_logp, mask))}
-    for tau in TAUS:
-        metrics[f"mismatch/extreme_frac_tau{tau:g}"] = float(
-            extreme_token_fraction(train_logp, infer_logp, mask, tau)
-        )
-    for key, value in logp_diff_stats(train_logp, infer_logp, mask).items():
-        metrics[f"mismatch/{key}"] = float(value)
-    return metrics
-
-
-def check_correction(kind: str, args: dict[str, float]) -> None:
-    """Fail at start-up on an unknown correction or bad parameters, not at the first step."""
-    from lit_moe_rl.corrections import CORRECTIONS
-
-    if kind not in CORRECTIONS:
-        raise ValueError(f"model.correction: unknown {kind!r}; choose one of {', '.join(CORRECTIONS)}")
-    zeros = torch.zeros(1, 1)
-    try:
-        apply_correction(kind, zeros, zeros, torch.ones(1, 1, dtype=torch.bool), **args)
-    except TypeError as err:
-        raise ValueError(f"model.correction_args: {err}") from None

@@ -9,7 +9,7 @@
 | ``model.grad_clip`` | >= 0 (0 = no clipping) | a negative norm would silently disable clipping |
 | ``model.logprob_chunk_size`` | >= 1 | response positions per LM-head chunk |
 | ``model.router_aux_loss_coef`` | >= 0 | weight of the load-balancing loss |
-| ``model.lora`` | ``peft.LoraConfig`` keywords | built once up front so a typo fails before the model loads |
+| ``model.lora`` | rank >= 1, alpha > 0, dropout in [0, 1), router frozen/full/adapted | known keys only (:mod:`lit_moe_rl.lora`) |
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from lit_moe_rl.errors import SettingsError, describe
+from lit_moe_rl.errors import SettingsError
 
 
 def check_module_settings(
@@ -44,19 +44,9 @@ def check_module_settings(
     at_least(f"{prefix}.logprob_chunk_size", logprob_chunk_size, 1)
     at_least(f"{prefix}.router_aux_loss_coef", router_aux_loss_coef, 0)
     if lora:
-        check_lora(lora, f"{prefix}.lora")
+        from lit_moe_rl.lora import check_lora_settings
 
-
-def check_lora(lora: dict[str, Any], setting: str = "model.lora") -> None:
-    """``peft.LoraConfig(**lora)`` builds (known keys, valid values), else one line naming ``setting``."""
-    from peft import LoraConfig
-
-    if "r" in lora and not (isinstance(lora["r"], int) and lora["r"] >= 1):
-        raise SettingsError(f"{setting}.r: must be an integer >= 1, got {lora['r']!r}")
-    try:
-        LoraConfig(**lora)
-    except (TypeError, ValueError) as err:
-        raise SettingsError(f"{setting}: not a valid peft.LoraConfig ({describe(err)})") from None
+        check_lora_settings(lora, f"{prefix}.lora")
 
 
 def at_least(setting: str, value: float, low: float, note: str = "") -> None:

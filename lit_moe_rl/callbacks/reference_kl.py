@@ -1,11 +1,20 @@
 """ReferenceKLCallback: a frozen reference policy π_ref for the per-token KL term and ``ref/*`` metrics.
 
-It owns the reference model's lifecycle: a frozen copy of the policy at the start of training (or,
-under LoRA, the base model with the adapter disabled, which costs no memory), or a separate local
-checkpoint. The module scores π_ref once per rollout, in the old-log-prob pass, through
-:meth:`reference_logprobs`; the loss term is ``algorithm.kl_coef · KL_kind(π_θ‖π_ref)``
-(docs/algorithms.md §2.1). The reference routes natively (it never replays, as slime does) unless the
-routing-replay callback is told to replay it.
+It owns the reference model's lifecycle. π_ref is the policy's *initial* weights, across resumes:
+
+- under LoRA, the base model with the adapter disabled (no second copy);
+- a separate local checkpoint when ``pretrained`` is given;
+- otherwise a frozen copy of the policy in a fresh run; in a resumed run (Lightning has loaded the
+  resumed weights into the policy by ``on_fit_start``) or a sharded one (FSDP2 modules cannot be
+  deep-copied), the initial policy rebuilt from ``model.pretrained`` / ``model.config`` with the seed the
+  policy was first built with and sharded like it
+  (:meth:`~lit_moe_rl.module.MoERLModule.initial_policy`).
+
+The module scores π_ref once per rollout, in the old-log-prob pass, through :meth:`reference_logprobs`;
+the loss term is ``algorithm.kl_coef · KL_kind(π_θ‖π_ref)`` (DeepSeekMath's per-token k3 form, docs/algorithms.md §2.1). With
+``kl_coef: 0`` there is no reference forward at all unless ``monitor`` asks for the ``ref/kl`` metric.
+The reference routes natively (it never replays, as slime does) unless the routing-replay callback is
+told to replay it.
 """
 
 from __future__ import annotations
@@ -27,25 +36,32 @@ from lit_moe_rl.policy import load_policy, token_logprobs
 class ReferenceKLCallback(Callback):
     """Provides ``Rollout.ref_logp`` and logs ``ref/kl`` (k3 of π_old against π_ref)."""
 
-    def __init__(self, pretrained: str | None = None) -> None:
+    def __init__(self, pretrained: str | None = None, monitor: bool = False) -> None:
         """
         Args:
             pretrained: Local folder of the reference model; default: the policy's initial weights.
+            monitor: Score π_ref and log ``ref/kl`` even when ``algorithm.kl_coef`` is 0 (one reference
+                forward per rollout); off, a ``kl_coef: 0`` run has no reference model at all.
         """
         self.pretrained = pretrained
+        self.monitor = monitor
         self.model: torch.nn.Module | None = None
         self._use_disabled_adapter = False
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if pl_module.algorithm.kl_coef == 0 and not self.monitor:
+            return  # nothing reads π_ref: no model, no forward
         policy = pl_module.policy
         if self.pretrained is not None:
             self.model, _ = load_policy(self.pretrained, dtype=pl_module.hparams.dtype)
             self.model.to(pl_module.device)
         elif hasattr(policy, "disable_adapter"):
             self._use_disabled_adapter = True
-        else:
-            self.model = copy.deepcopy(policy)
+        elif trainer.ckpt_path is None and not getattr(pl_module, "_rollout_copy", None):
+            self.model = copy.deepcopy(policy)  # a fresh, unsharded run: the policy is the initial one
+        else:  # resumed (the policy holds the restored weights) or sharded (FSDP2 cannot be deep-copied)
+            self.model = pl_module.initial_policy()
         if self.model is not None:
             self.model.eval().requires_grad_(False)
         pl_module.reference = self

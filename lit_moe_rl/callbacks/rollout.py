@@ -16,10 +16,12 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lit_moe_rl.batch import Rollout
+from lit_moe_rl.distributed import is_distributed
 from lit_moe_rl.rewards import RewardFn, resolve_reward
 from lit_moe_rl.rewards.failures import FailureTracker
 from lit_moe_rl.rewards.workers import Isolation, RewardScorer
 from lit_moe_rl.rollout.engine import Generation, HFEngine, RolloutEngine
+from lit_moe_rl.rollout.per_prompt import generate_per_prompt
 from lit_moe_rl.rollout.prompts import Prompt, prompt_text
 from lit_moe_rl.routing.store import pack_routes
 
@@ -38,6 +40,7 @@ class RolloutCallback(Callback):
         stop_after_failed_batches: int = 1,
         val_samples: int = 1,
         seed: int = 0,
+        seed_per_prompt: bool = False,
     ) -> None:
         """
         Args:
@@ -53,8 +56,11 @@ class RolloutCallback(Callback):
                 row (training steps or validation batches) failed: the reward is broken or needs fields
                 the data lacks, and training on all-zero rewards learns nothing (>= 0; 0 = never stop).
             val_samples: k for validation Avg@k; 1 = one greedy completion per prompt.
-            seed: Sampling seed; each step samples with ``seed + global_step``, so a resumed run
-                samples what an uninterrupted one would.
+            seed: Sampling seed; each step samples with ``seed + global_step`` (rank ``r`` adds
+                ``r * 100003``), so a resumed run samples what an uninterrupted one would.
+            seed_per_prompt: Sample each prompt alone under a seed of (seed, step, prompt text): its
+                completions then do not depend on the rank or batch it lands in (W ranks sample what
+                one process with W times the batch does), at one engine call per prompt.
         """
         if group_size < 2:
             raise ValueError(
@@ -76,10 +82,14 @@ class RolloutCallback(Callback):
         self.reward_timeout_s = reward_timeout_s
         self.val_samples = val_samples
         self.seed = seed
+        self.seed_per_prompt = seed_per_prompt
         self.record_routes = False  # switched on by RoutingReplayCallback (R3)
 
     def _bind(self, pl_module: L.LightningModule) -> None:
-        self.engine.bind(pl_module.policy, pl_module.tokenizer)
+        self.engine.bind(_rollout_policy(pl_module), pl_module.tokenizer)
+
+    def _sync(self, pl_module: L.LightningModule) -> None:
+        self.engine.sync_weights(_rollout_policy(pl_module, sync=True))
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -89,11 +99,11 @@ class RolloutCallback(Callback):
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if getattr(self.engine, "model", None) is None:
             self._bind(pl_module)
-        self.engine.sync_weights(pl_module.policy)
+        self._sync(pl_module)
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.engine.sync_weights(pl_module.policy)  # after a checkpoint restore
+        self._sync(pl_module)  # after a checkpoint restore
 
     @override
     def on_train_batch_start(
@@ -105,7 +115,7 @@ class RolloutCallback(Callback):
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.engine.sync_weights(pl_module.policy)
+        self._sync(pl_module)
 
     @override
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
@@ -124,8 +134,18 @@ class RolloutCallback(Callback):
         """Generate, score and compute advantages for one step's prompts."""
         t0 = time.perf_counter()
         with torch.random.fork_rng(devices=_devices(pl_module)):
-            torch.manual_seed(self.seed + step)
-            gen = self.engine.generate(prompts, n=self.group_size, record_routes=self.record_routes)
+            if self.seed_per_prompt:
+                gen = generate_per_prompt(
+                    self.engine,
+                    prompts,
+                    n=self.group_size,
+                    seed=self.seed,
+                    step=step,
+                    record_routes=self.record_routes,
+                )
+            else:
+                torch.manual_seed(self.seed + step + 100_003 * getattr(pl_module, "global_rank", 0))
+                gen = self.engine.generate(prompts, n=self.group_size, record_routes=self.record_routes)
         texts = self.decode(gen)
         rewards, errors = self._score(texts, samples, self.group_size)
         algorithm = pl_module.algorithm
@@ -148,7 +168,7 @@ class RolloutCallback(Callback):
         keep = algorithm.keep_groups(rewards, self.group_size)
         if keep is not None:
             rollout.extras["rollout/kept_frac"] = float(keep.float().mean())
-            rollout = rollout.select(keep.nonzero().squeeze(-1))
+            rollout = keep_rows(rollout, keep)
         rollout.extras["perf/rollout_s"] = time.perf_counter() - t0
         return rollout
 
@@ -180,6 +200,23 @@ def rollout_metrics(gen: Generation, rewards: torch.Tensor, errors: int) -> dict
         "rollout/response_length_max": float(lengths.max()),
         "rollout/truncated_frac": float(gen.truncated.float().mean()),
     }
+
+
+def keep_rows(rollout: Rollout, keep: torch.Tensor) -> Rollout:
+    """The kept rows of ``rollout``; when none is kept and other ranks train, the first group stays as a
+    zero-weight placeholder (:attr:`Rollout.placeholder`) so that this rank joins their collectives."""
+    if keep.any() or not is_distributed():
+        return rollout.select(keep.nonzero().squeeze(-1))
+    placeholder = rollout.select(torch.arange(rollout.group_size))
+    placeholder.placeholder = True
+    return placeholder
+
+
+def _rollout_policy(pl_module: Any, *, sync: bool = False) -> Any:
+    """What the engine generates with: the policy, or (FSDP) its full copy, refreshed when ``sync``."""
+    if sync and hasattr(pl_module, "sync_rollout_policy"):
+        return pl_module.sync_rollout_policy()
+    return pl_module.rollout_policy() if hasattr(pl_module, "rollout_policy") else pl_module.policy
 
 
 def _devices(pl_module: Any) -> list[int]:

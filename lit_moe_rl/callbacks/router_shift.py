@@ -126,7 +126,8 @@ class RouterShiftCallback(Callback):
                 torch.cat(self._old_topk), self._num_experts, valid=torch.cat(self._old_valid)
             )
             metrics = {f"routing/expert_load_entropy/{layer}": value for layer, value in enumerate(entropy)}
-            pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=rollout.num_sequences)
+            log = getattr(pl_module, "log_reduced", None)  # reduced across ranks
+            log(metrics) if log else pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
         self._old_topk.clear()
         self._old_valid.clear()
         if (

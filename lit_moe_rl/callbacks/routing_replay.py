@@ -207,7 +207,8 @@ class RoutingReplayCallback(Callback):
         metrics = self.step_metrics()
         self._state = _StepState()  # free the step's routes
         if metrics:
-            pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+            log = getattr(pl_module, "log_reduced", None)  # reduced across ranks
+            log(metrics) if log else pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
 
     def step_metrics(self) -> dict[str, float]:
         """The ``routing/*`` scalars of the current step (empty if no forward ran through the callback)."""

@@ -120,7 +120,12 @@ class PromptDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Training prompts: shuffled by a seeded, resumable sampler; incomplete last batch dropped."""
         rows = self._require(self.train_rows)
-        self.sampler = ResumableSampler(len(rows), seed=self.seed, shuffle=self.shuffle)
+        self.sampler = ResumableSampler(len(rows), seed=self.seed, shuffle=self.shuffle, **self._ranks())
+        if len(self.sampler) < self.batch_size:
+            raise ValueError(
+                f"data.batch_size: {self.batch_size} prompts per rank is more than the {len(rows)} training rows "
+                f"give each of the {self.sampler.num_replicas} ranks"
+            )
         if self._resume is not None:
             self.sampler.resume_at(*self._resume)
             self._resume = None
@@ -133,13 +138,27 @@ class PromptDataModule(L.LightningDataModule):
             num_workers=0,
         )
 
-    def state_dict(self) -> dict[str, Any]:
-        """Where training is in the data: epoch and rows consumed (saved in Lightning checkpoints)."""
+    def _ranks(self) -> dict[str, int]:
+        """``num_replicas``/``rank`` of the data-parallel group (each rank draws its own prompts)."""
         trainer = getattr(self, "trainer", None)
-        if trainer is None:
+        kwargs = getattr(getattr(trainer, "strategy", None), "distributed_sampler_kwargs", None) or {}
+        return {"num_replicas": kwargs.get("num_replicas", 1), "rank": kwargs.get("rank", 0)}
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count the training rows actually trained on (Lightning prefetches one batch ahead)."""
+        trainer = getattr(self, "trainer", None)
+        if self.sampler is not None and trainer is not None and trainer.training:
+            self.sampler.consumed += len(batch["prompt"])
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where training is in the data: the data epoch and this rank's rows consumed in it (saved in
+        Lightning checkpoints). Counted here, not from Lightning's loop progress, which resets at a
+        resume and counts a ``max_steps``-stopped epoch as finished."""
+        if self.sampler is None:
             return {}
-        processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": trainer.current_epoch, "rows_consumed": processed * self.batch_size}
+        epoch, consumed = self.sampler.position()
+        return {"epoch": epoch, "rows_consumed": consumed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict:

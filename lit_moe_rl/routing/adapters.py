@@ -132,10 +132,30 @@ class MoERouter:
     block: nn.Module | None = None
 
 
+_PEFT_WRAPPED = (".base_layer", ".modules_to_save.default")  # where PEFT keeps the module it wraps
+
+
+def _unwrapped_name(name: str) -> str:
+    """``name`` without PEFT's wrapper suffixes: ``...mlp.gate.base_layer`` -> ``...mlp.gate``."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for suffix in _PEFT_WRAPPED:
+            if name.endswith(suffix):
+                name, stripped = name.removesuffix(suffix), True
+    return name
+
+
 def _is_router(name: str, module: nn.Module, modules: dict[str, nn.Module]) -> bool:
+    if (
+        hasattr(module, "base_layer")
+        or hasattr(module, "original_module")
+        or name.endswith(".original_module")
+    ):
+        return False  # a PEFT wrapper (its wrapped router is found under it) or the frozen pre-LoRA copy
     if type(module).__name__ in _ADAPTERS:
         return True
-    parent, _, child = name.rpartition(".")
+    parent, _, child = _unwrapped_name(name).rpartition(".")
     parent_module = modules.get(parent)
     return child in _ROUTER_CHILD_NAMES and parent_module is not None and hasattr(parent_module, "experts")
 
@@ -156,7 +176,7 @@ def find_moe_routers(model: nn.Module) -> list[MoERouter]:
     for name, module in modules.items():
         if not _is_router(name, module, modules):
             continue
-        parent = name.rpartition(".")[0]
+        parent = _unwrapped_name(name).rpartition(".")[0]
         routers.append(
             MoERouter(
                 name=name,

@@ -1,0 +1,78 @@
+"""How a rollout's rows are cut into micro-batches (one forward each).
+
+Every rank must run the same number of forwards and backwards (each is a collective under FSDP, each
+backward one under DDP), so a rank with fewer rows repeats its first micro-batch as *padding*: the
+forward runs, its outputs are discarded and its loss is multiplied by 0.
+
+Speed (``model.trim_padding``): rows are grouped by response length (sorted) before they are cut, and
+each micro-batch drops the response columns past its longest response. The loss normalisers are the
+mini-batch's counts, so neither changes the objective: only float rounding differs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lit_moe_rl.batch import Rollout
+from lit_moe_rl.distributed import max_over_ranks
+
+
+def micro_plan(
+    module: Any, rows: Tensor, *, fallback: Tensor | None = None, lengths: Tensor | None = None
+) -> list[tuple[Tensor, bool]]:
+    """``[(micro_rows, real)]``: ``rows`` in chunks of ``micro_batch_size`` (sorted by ``lengths`` when
+    given), padded to the largest chunk count over ranks. ``fallback`` rows stand in when ``rows`` is
+    empty on this rank."""
+    if lengths is not None and len(rows):
+        rows = rows[torch.argsort(lengths[rows.to(lengths.device)].cpu(), stable=True)]
+    chunks = list(rows.split(module.hparams.micro_batch_size)) if len(rows) else []
+    device = module.device if isinstance(module.device, torch.device) else torch.device("cpu")
+    count = max_over_ranks(len(chunks), device)
+    if len(chunks) == count:
+        return [(chunk, True) for chunk in chunks]
+    pad = chunks[0] if chunks else (fallback if fallback is not None else rows)[:1]
+    return [(chunk, True) for chunk in chunks] + [(pad, False)] * (count - len(chunks))
+
+
+def trim_padding(micro: Rollout) -> Rollout:
+    """``micro`` without the response columns past its longest response (all padding): every
+    ``[n, P + R, ...]`` tensor is cut to ``P + r`` columns and every ``[n, R, ...]`` one to ``r``.
+
+    Not for routes held in a :class:`~lit_moe_rl.routing.store.RouteStore` (a full-width view): the
+    module trims only when no forward context (routing replay) reads them.
+    """
+    used = micro.response_mask.any(0).nonzero()
+    width = int(used.max()) + 1 if len(used) else 1
+    full = micro.response_len
+    if width == full:
+        return micro
+    total = micro.prompt_len + full
+    updates = {}
+    for f in fields(micro):
+        value = getattr(micro, f.name)
+        if isinstance(value, Tensor) and value.dim() >= 2:
+            if value.shape[1] == total:
+                updates[f.name] = value[:, : micro.prompt_len + width]
+            elif value.shape[1] == full:
+                updates[f.name] = value[:, :width]
+    return replace(micro, **updates)
+
+
+def pad_columns(x: Tensor, width: int) -> Tensor:
+    """``x [n, r, ...]`` right-padded with zeros to ``[n, width, ...]`` (undoes :func:`trim_padding`)."""
+    if x.shape[1] == width:
+        return x
+    return torch.cat([x, x.new_zeros(x.shape[0], width - x.shape[1], *x.shape[2:])], dim=1)
+
+
+def scatter_rows(parts: list[tuple[Tensor, Tensor]], num_rows: int, width: int) -> Tensor:
+    """``[num_rows, width, ...]`` from ``(rows, values [n, r, ...])`` pieces (rows in any order)."""
+    first = parts[0][1]
+    out = first.new_zeros(num_rows, width, *first.shape[2:])
+    for rows, values in parts:
+        out[rows.to(out.device)] = pad_columns(values, width)
+    return out

@@ -1,0 +1,131 @@
+"""The π_old pass: log-probs of every response token once per rollout, without gradient.
+
+Also the reference model's log-probs (when a reference is attached), RSPO's old top-K expert ids and
+their router log-probs (router-shift tracking), the train-inference ``mismatch/*`` metrics and the
+off-policy correction weights on ``ρ = π_old / μ``. Every rank runs the same number of forwards
+(:func:`lit_moe_rl.batching.micro_plan`): under FSDP each forward is a collective.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lit_moe_rl.batch import Rollout
+from lit_moe_rl.batching import micro_plan, scatter_rows
+from lit_moe_rl.corrections import CORRECTIONS, apply_correction
+from lit_moe_rl.losses import kl_estimate, masked_mean
+from lit_moe_rl.metrics import extreme_token_fraction, logp_diff_stats, train_infer_kl
+from lit_moe_rl.routing.record import gather_router_logp
+
+TAUS = (1.5, 2.0, 5.0, 10.0)
+
+
+@torch.no_grad()
+def compute_old_logprobs(module: Any, rollout: Rollout) -> dict[str, float]:
+    """π_old log-probs (and entropies) of every response token, once per rollout, into ``rollout``.
+
+    With router-shift tracking on, also the old top-K expert ids and their router log-probs at the
+    positions that predict each response token (RSPO, arXiv 2510.23027).
+    """
+    module.policy.eval()
+    parts: dict[str, list[tuple[Tensor, Tensor]]] = {
+        "old": [],
+        "ent": [],
+        "topk": [],
+        "router": [],
+        "ref": [],
+    }
+    rows_all = torch.arange(rollout.num_sequences)
+    for rows, real in micro_plan(module, rows_all, lengths=module.micro_lengths(rollout)):
+        micro = module.micro_batch(rollout, rows)
+        with module.forward_context("old", micro), module.router_capture(micro) as cap:
+            logp, entropy, _ = module.sequence_logprobs(micro, with_entropy=True)
+        ref_logp = (
+            module.reference.reference_logprobs(module, micro) if module.reference is not None else None
+        )
+        if not real:  # a padding forward that keeps ranks in step: its outputs are duplicates
+            continue
+        parts["old"].append((rows, logp))
+        parts["ent"].append((rows, entropy))
+        if ref_logp is not None:
+            parts["ref"].append((rows, ref_logp))
+        if cap is not None:
+            parts["topk"].append((rows, cap.topk.cpu()))
+            parts["router"].append((rows, gather_router_logp(cap.router_logp, cap.topk).cpu()))
+    module.policy.train()
+    n, width = rollout.num_sequences, rollout.response_len
+    rollout.old_logp = scatter_rows(parts["old"], n, width)
+    if parts["topk"]:
+        rollout.old_topk = scatter_rows(parts["topk"], n, width)
+        rollout.old_router_logp = scatter_rows(parts["router"], n, width)
+    if parts["ref"]:
+        rollout.ref_logp = scatter_rows(parts["ref"], n, width)
+    metrics = old_pass_metrics(rollout, scatter_rows(parts["ent"], n, width))
+    if rollout.infer_logp is not None:
+        metrics.update(correction_weights(module.hparams, rollout))
+    return metrics
+
+
+def collect_fused_old_logprobs(
+    fused: list[tuple[Tensor, Tensor, Tensor]], rollout: Rollout
+) -> dict[str, float]:
+    """π_old from the update forward (detached, taken before the step) into ``rollout``, and its metrics.
+
+    ``fused``: ``(rows, logp, entropy)`` of each update micro-batch (padding ones repeat rows: harmless).
+    """
+    n, width = rollout.num_sequences, rollout.response_len
+    old = scatter_rows([(rows, logp.float()) for rows, logp, _ in fused], n, width)
+    entropy = scatter_rows([(rows, ent.float()) for rows, _, ent in fused], n, width)
+    fused.clear()
+    rollout.old_logp = old
+    return old_pass_metrics(rollout, entropy)
+
+
+def old_pass_metrics(rollout: Rollout, entropy: Tensor) -> dict[str, float]:
+    """``policy/entropy`` of π_old, ``ref/kl`` and the train-inference ``mismatch/*`` metrics."""
+    mask = rollout.response_mask
+    metrics = {"policy/entropy": float(masked_mean(entropy, mask))}
+    if rollout.ref_logp is not None:
+        kl = kl_estimate(rollout.old_logp, rollout.ref_logp, "k3", mask=mask)
+        metrics["ref/kl"] = float(masked_mean(kl, mask))
+    if rollout.infer_logp is not None:
+        metrics.update(mismatch_metrics(rollout.old_logp, rollout.infer_logp, mask))
+    return metrics
+
+
+def correction_weights(hparams: Any, rollout: Rollout) -> dict[str, float]:
+    """Off-policy correction weights on ρ = π_old/μ into ``rollout.token_weight``."""
+    kind = hparams.correction
+    if kind == "none":
+        return {}
+    weight, stats = apply_correction(
+        kind, rollout.old_logp, rollout.infer_logp, rollout.response_mask, **(hparams.correction_args or {})
+    )
+    rollout.token_weight = weight
+    return {f"mismatch/{key}": float(value) for key, value in stats.items()}
+
+
+def mismatch_metrics(train_logp: Tensor, infer_logp: Tensor, mask: Tensor) -> dict[str, float]:
+    """``mismatch/*``: train-inference KL (R3 Eq. 2), extreme-token fractions (Eq. 3), |Δ log p|."""
+    metrics = {"mismatch/train_infer_kl": float(train_infer_kl(train_logp, infer_logp, mask))}
+    for tau in TAUS:
+        metrics[f"mismatch/extreme_frac_tau{tau:g}"] = float(
+            extreme_token_fraction(train_logp, infer_logp, mask, tau)
+        )
+    for key, value in logp_diff_stats(train_logp, infer_logp, mask).items():
+        metrics[f"mismatch/{key}"] = float(value)
+    return metrics
+
+
+def check_correction(kind: str, args: dict[str, float]) -> None:
+    """Fail at start-up on an unknown correction or bad parameters, not at the first step."""
+    if kind not in CORRECTIONS:
+        raise ValueError(f"model.correction: unknown {kind!r}; choose one of {', '.join(CORRECTIONS)}")
+    zeros = torch.zeros(1, 1)
+    try:
+        apply_correction(kind, zeros, zeros, torch.ones(1, 1, dtype=torch.bool), **args)
+    except TypeError as err:
+        raise ValueError(f"model.correction_args: {err}") from None

@@ -1,0 +1,80 @@
+"""FSDP2 for the policy, applied in ``configure_model`` under Lightning's ``ModelParallelStrategy``.
+
+``fully_shard`` wraps every decoder layer, then the whole model (embeddings, final norm, LM head), on
+the strategy's data-parallel mesh: each rank holds ``1/W`` of every weight, gradient and AdamW state,
+and a layer's full weights exist only while it runs. Works on CPU with gloo (the CI runs 2 processes)
+and on CUDA with NCCL; Lightning's ``FSDPStrategy`` (FSDP1) refuses CPU.
+
+Generation needs full weights and a per-rank loop whose length differs between ranks (each stops at
+its own EOS), which sharded forwards (collectives) cannot run. So a sharded policy keeps a rank-local,
+unsharded *rollout copy*, refreshed after every optimizer step with :func:`sync_full_copy`: the
+rollout engine binds to it, R3 records its routes there, and the sharded training forward replays them.
+The copy costs one full set of weights per rank (in the training dtype; a bf16 engine keeps its own
+bf16 copy of it): the price of generating without collectives. A 30B model wants a separate inference
+engine (vLLM) instead.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from lit_moe_rl.distributed import full_tensor
+
+
+def decoder_layers(policy: nn.Module) -> list[nn.Module]:
+    """The decoder layers of an HF causal LM (``model.layers``), through a PEFT wrapper if any."""
+    base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+    layers = getattr(getattr(base, "model", None), "layers", None)
+    if layers is None:
+        raise ValueError(
+            f"trainer.strategy: cannot find the decoder layers of {type(base).__name__} to shard"
+        )
+    return list(layers)
+
+
+def data_parallel_mesh(module: Any) -> Any:
+    """The strategy's data-parallel device mesh, or None when the strategy does not shard."""
+    mesh = getattr(module, "_device_mesh", None)
+    if mesh is None:
+        return None
+    if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+        raise ValueError(
+            "trainer.strategy.tensor_parallel_size: tensor parallelism is not supported; set it to 1 and "
+            "data_parallel_size to the number of devices"
+        )
+    return mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+
+
+def shard_policy(policy: nn.Module, mesh: Any) -> nn.Module:
+    """``fully_shard`` each decoder layer, the decoder (embeddings, final norm) and the LM head on
+    ``mesh`` (FSDP2); returns ``policy``.
+
+    The decoder and the head are separate units, not one root: the log-prob pass calls them apart
+    (the head in chunks, :func:`lit_moe_rl.policy.token_logprobs`), never the model's own forward.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+    for layer in decoder_layers(policy):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(base.get_decoder(), mesh=mesh)
+    fully_shard(base.get_output_embeddings(), mesh=mesh)
+    return policy
+
+
+def unsharded_copy(policy: nn.Module) -> nn.Module:
+    """A frozen, rank-local copy of ``policy`` taken before sharding (the rollout copy)."""
+    return copy.deepcopy(policy).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def sync_full_copy(full: nn.Module, sharded: nn.Module) -> None:
+    """Copy the sharded policy's weights into its full copy (a collective per sharded parameter: every
+    rank must call it at the same point)."""
+    target = dict(full.named_parameters())
+    for name, param in sharded.named_parameters():
+        target[name].copy_(full_tensor(param.detach()))

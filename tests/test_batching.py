@@ -1,0 +1,80 @@
+"""Micro-batches grouped by length and trimmed of all-padding columns train exactly as untrimmed ones."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lit_moe_rl import module as module_lib
+from lit_moe_rl.batch import Rollout
+from lit_moe_rl.batching import micro_plan, pad_columns, scatter_rows, trim_padding
+from tests.helpers import run_fit, train_rows
+
+
+def _rollout() -> Rollout:
+    response_mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    prompt = torch.ones(3, 2, dtype=torch.long)
+    return Rollout(
+        input_ids=torch.arange(18).view(3, 6),
+        attention_mask=torch.cat([prompt, response_mask.long()], dim=1),
+        response_mask=response_mask,
+        prompt_len=2,
+        group_size=3,
+        temperature=1.0,
+        rewards=torch.zeros(3),
+        advantages=torch.arange(12.0).view(3, 4),  # token-level: trimmed too
+        old_topk=torch.zeros(3, 4, 2, 1, dtype=torch.long),
+    )
+
+
+def test_trim_drops_only_columns_past_the_longest_response():
+    micro = trim_padding(_rollout().select(torch.tensor([0, 1])))
+    assert micro.input_ids.tolist() == [[0, 1, 2, 3], [6, 7, 8, 9]]
+    assert micro.response_mask.shape == (2, 2) and micro.advantages.tolist() == [[0.0, 1.0], [4.0, 5.0]]
+    assert micro.old_topk.shape == (2, 2, 2, 1) and micro.rewards.shape == (2,)
+    full = _rollout().select(torch.tensor([2, 0]))
+    assert trim_padding(full) is full  # nothing to drop
+
+
+def test_plan_groups_rows_by_length_and_scatter_restores_the_order():
+    module = SimpleNamespace(hparams=SimpleNamespace(micro_batch_size=2), device=torch.device("cpu"))
+    lengths = torch.tensor([3, 1, 4, 1])
+    plan = micro_plan(module, torch.arange(4), lengths=lengths)
+    assert [rows.tolist() for rows, _ in plan] == [[1, 3], [0, 2]]
+    parts = [(rows, rows.float().view(-1, 1).expand(-1, 2)) for rows, _ in plan]
+    assert scatter_rows(parts, 4, 3).tolist() == [[r, r, 0.0] for r in (0.0, 1.0, 2.0, 3.0)]
+    assert pad_columns(torch.ones(1, 1), 3).tolist() == [[1.0, 0.0, 0.0]]
+
+
+@pytest.mark.parametrize(
+    "extra", [[], ["--model.mini_batches=2", "--model.algorithm=lit_moe_rl.algorithms.RSPO"]]
+)
+def test_trimmed_and_sorted_micro_batches_give_the_same_training(tmp_path, monkeypatch, extra):
+    args = [  # the warm-started built-in model ends its answers at different lengths: columns to trim
+        "--model.pretrained=builtin:countdown-tiny-moe", "--model.config=null", "--rollout.engine.max_new_tokens=12",
+        "--model.micro_batch_size=3", "--trainer.limit_val_batches=0", *extra,
+    ]  # fmt: skip
+    widths = []
+
+    def spy(micro: Rollout) -> Rollout:
+        trimmed = trim_padding(micro)
+        widths.append((micro.response_len, trimmed.response_len))
+        return trimmed
+
+    monkeypatch.setattr(module_lib, "trim_padding", spy)
+    trimmed = train_rows(run_fit(tmp_path / "trim", *args, steps=4))
+    plain = train_rows(run_fit(tmp_path / "plain", *args, "--model.trim_padding=false", steps=4))
+    assert len(trimmed) == len(plain) >= 2
+    assert any(after < before for before, after in widths)  # columns were dropped
+    keys = [
+        "reward/mean",
+        "policy/loss",
+        "policy/grad_norm",
+        "policy/entropy",
+        "policy/clipfrac",
+        "policy/ppo_kl",
+    ]
+    for key in keys + [k for k in plain[0] if k.startswith("rspo/gamma")]:
+        assert [r[key] for r in trimmed] == pytest.approx([r[key] for r in plain], rel=1e-5, abs=1e-6), key
