@@ -40,8 +40,7 @@ class Run:
 
 
 def run_grid(runs: Sequence[Run], out: Path, *, jobs: int = 2, timeout_s: float = 3600) -> dict[str, Rows]:
-    """Run every ``Run`` (``jobs`` at a time) and return ``{run.name: metric rows}``."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Run every ``Run`` (``jobs`` at a time), logging under ``out/<run.name>/``; ``{run.name: rows}``."""
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         results = list(pool.map(lambda run: (run.name, _fit(run, out, timeout_s)), runs))
     return dict(results)
@@ -53,7 +52,7 @@ def _fit(run: Run, out: Path, timeout_s: float) -> Rows:
         f"--seed_everything={run.seed}",
         f"--rollout.seed={run.seed}",
         "--trainer.enable_progress_bar=false",
-        f"--trainer.logger.init_args.save_dir={out / 'runs'}",
+        f"--trainer.logger.init_args.save_dir={out}",
         f"--trainer.logger.init_args.name={run.name}",
         "--trainer.logger.init_args.version=0",
     ]  # fmt: skip
@@ -64,18 +63,29 @@ def _fit(run: Run, out: Path, timeout_s: float) -> Rows:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise RuntimeError(f"{run.name}: lit-moe-rl fit exited {proc.returncode}: {tail[0]}")
     print(f"  {run.name}: {time.perf_counter() - t0:.0f} s", flush=True)
-    return read_metrics(out / "runs" / run.name / "version_0" / "metrics.csv")
+    return read_metrics(out / run.name / "version_0" / "metrics.csv")
 
 
 def read_metrics(path: Path) -> Rows:
-    """The rows of a Lightning ``CSVLogger`` file, numbers only (empty cells dropped)."""
+    """The rows of a Lightning ``CSVLogger`` file, numbers only (empty cells dropped), each with a
+    ``rollouts`` count: how many rollouts had been trained on when the row was logged.
+
+    Lightning logs a rollout's metrics, and the validation that follows it, at ``step`` = the index of
+    that rollout (0-based), while the pre-training baseline is logged at step 0 before any training
+    row; so ``rollouts`` is 0 for rows before the first training row and ``step + 1`` after it.
+    """
     with path.open() as f:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+        rows = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+    trained = False
+    for row in rows:
+        trained = trained or "policy/loss" in row or "reward/mean" in row
+        row["rollouts"] = row["step"] + 1 if trained else 0.0
+    return rows
 
 
 def series(rows: Rows, key: str) -> dict[int, float]:
-    """``{step: value}`` of one metric (the last value logged at a step)."""
-    return {int(r["step"]): r[key] for r in rows if key in r and not math.isnan(r[key])}
+    """``{rollouts: value}`` of one metric (the last value logged after that many rollouts)."""
+    return {int(r["rollouts"]): r[key] for r in rows if key in r and not math.isnan(r[key])}
 
 
 def across_seeds(runs: Iterable[Rows], key: str) -> tuple[list[int], list[float], list[float], list[float]]:
@@ -119,7 +129,7 @@ def plot_panels(
             ax.plot(steps, smooth(mean, w), label=variant)
             ax.fill_between(steps, smooth(lo, w), smooth(hi, w), alpha=0.2)
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("optimizer step")
+        ax.set_xlabel("rollouts")
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(panels) :]:
         ax.axis("off")
