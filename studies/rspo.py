@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     command = "python studies/rspo.py" + (" --quick" if args.quick else " --search" if args.search else "")
     text = "\n\n".join([
         "## RSPO: " + ("the regime search (GRPO only, seed 0)" if args.search else "stability off-policy"),
-        f"`{command}` on {machine()}; collapse = held-out reward below half its best from then to the end.",
+        f"`{command}` on {machine()}; collapse = the last three held-out evaluations all below half the run's best.",
         table(HEADER, arm_rows(grouped)),
         f"![{name}](img/{name}.png)",
     ])  # fmt: skip
