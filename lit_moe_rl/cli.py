@@ -20,6 +20,7 @@ from lit_moe_rl.callbacks.rollout import RolloutCallback
 from lit_moe_rl.callbacks.summary import RunSummary
 from lit_moe_rl.checkpoint import LastCheckpoint
 from lit_moe_rl.cli_base import OneLineCLI
+from lit_moe_rl.compat import unsupported_versions
 from lit_moe_rl.data.datamodule import PromptDataModule
 from lit_moe_rl.errors import first_line
 from lit_moe_rl.module import MoERLModule
@@ -94,6 +95,10 @@ def main(args: list[str] | None = None) -> None:
     ``LIT_MOE_RL_DEBUG=1`` shows the full traceback instead.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    problems = unsupported_versions()
+    if problems:  # e.g. a GPU image's older transformers: say which package, not a deep AttributeError
+        print(f"lit-moe-rl: error: {problems[0]}", file=sys.stderr)
+        raise SystemExit(2)
     if os.environ.get("LIT_MOE_RL_DEBUG"):
         _run(args)
         return

@@ -1,0 +1,168 @@
+"""Shared machinery of the studies: run a grid of ``lit-moe-rl fit`` configs over seeds, read their
+metrics, aggregate over seeds, plot, and write a section of ``docs/results.md``.
+
+Each run is a subprocess of the real CLI (one torch thread each, ``--jobs`` at a time), logging to
+``<out>/runs/<name>/version_0/metrics.csv``; nothing here knows about a particular study.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results.md"
+
+Rows = list[dict[str, float]]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One ``lit-moe-rl fit``: ``variant`` names the arm of the study, ``seed`` its repetition."""
+
+    variant: str
+    seed: int
+    args: tuple[str, ...] = field(default=())
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant}-seed{self.seed}"
+
+
+def run_grid(runs: Sequence[Run], out: Path, *, jobs: int = 2, timeout_s: float = 3600) -> dict[str, Rows]:
+    """Run every ``Run`` (``jobs`` at a time), logging under ``out/<run.name>/``; ``{run.name: rows}``."""
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        results = list(pool.map(lambda run: (run.name, _fit(run, out, timeout_s)), runs))
+    return dict(results)
+
+
+def _fit(run: Run, out: Path, timeout_s: float) -> Rows:
+    cmd = [
+        sys.executable, "-m", "lit_moe_rl.cli", "fit", *run.args,
+        f"--seed_everything={run.seed}",
+        f"--rollout.seed={run.seed}",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.init_args.save_dir={out}",
+        f"--trainer.logger.init_args.name={run.name}",
+        "--trainer.logger.init_args.version=0",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"{run.name}: lit-moe-rl fit exited {proc.returncode}: {tail[0]}")
+    print(f"  {run.name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    return read_metrics(out / run.name / "version_0" / "metrics.csv")
+
+
+def read_metrics(path: Path) -> Rows:
+    """The rows of a Lightning ``CSVLogger`` file, numbers only (empty cells dropped), each with a
+    ``rollouts`` count: how many rollouts had been trained on when the row was logged.
+
+    Lightning logs a rollout's metrics, and the validation that follows it, at ``step`` = the index of
+    that rollout (0-based), while the pre-training baseline is logged at step 0 before any training
+    row; so ``rollouts`` is 0 for rows before the first training row and ``step + 1`` after it.
+    """
+    with path.open() as f:
+        rows = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+    trained = False
+    for row in rows:
+        trained = trained or "policy/loss" in row or "reward/mean" in row
+        row["rollouts"] = row["step"] + 1 if trained else 0.0
+    return rows
+
+
+def series(rows: Rows, key: str) -> dict[int, float]:
+    """``{rollouts: value}`` of one metric (the last value logged after that many rollouts)."""
+    return {int(r["rollouts"]): r[key] for r in rows if key in r and not math.isnan(r[key])}
+
+
+def across_seeds(runs: Iterable[Rows], key: str) -> tuple[list[int], list[float], list[float], list[float]]:
+    """``(steps, mean, min, max)`` of ``key`` over the seeds, at the steps every seed logged."""
+    per_seed = [series(rows, key) for rows in runs]
+    steps = sorted(set.intersection(*(set(s) for s in per_seed))) if per_seed else []
+    values = [[s[step] for s in per_seed] for step in steps]
+    return steps, [statistics.fmean(v) for v in values], [min(v) for v in values], [max(v) for v in values]
+
+
+def by_variant(results: dict[str, Rows], runs: Sequence[Run]) -> dict[str, list[Rows]]:
+    grouped: dict[str, list[Rows]] = {}
+    for run in runs:
+        grouped.setdefault(run.variant, []).append(results[run.name])
+    return grouped
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average (the first points average what there is)."""
+    return [statistics.fmean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+
+
+def plot_panels(
+    grouped: dict[str, list[Rows]], panels: Sequence[tuple[str, str]], path: Path, *, window: int = 1
+) -> None:
+    """One panel per ``(metric, title)``: each variant's mean over seeds, shaded between min and max."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
+    for ax, (key, title) in zip(axes.flat, panels, strict=False):
+        for variant, runs in grouped.items():
+            steps, mean, lo, hi = across_seeds(runs, key)
+            if not steps:
+                continue
+            w = 1 if key.startswith("val/") else window
+            ax.plot(steps, smooth(mean, w), label=variant)
+            ax.fill_between(steps, smooth(lo, w), smooth(hi, w), alpha=0.2)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("rollouts")
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A Markdown table; floats printed with 4 significant digits."""
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    import torch
+
+    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+
+
+def write_section(path: Path, study: str, text: str) -> None:
+    """Replace the text between ``<!-- study:NAME -->`` and ``<!-- /study:NAME -->`` (appended if absent)."""
+    start, end = f"<!-- study:{study} -->", f"<!-- /study:{study} -->"
+    page = path.read_text() if path.exists() else "# Results\n"
+    block = f"{start}\n{text.strip()}\n{end}"
+    if start in page and end in page:
+        before, rest = page.split(start, 1)
+        page = before + block + rest.split(end, 1)[1]
+    else:
+        page = page.rstrip() + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page)

@@ -1,0 +1,83 @@
+"""The studies' quick modes run end to end and write a results section, a plot and parseable numbers;
+their overlay configs parse on top of the quickstart."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from lit_moe_rl.cli import main
+from tests.helpers import ROOT
+
+OVERLAYS = sorted((ROOT / "studies" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", OVERLAYS, ids=lambda p: p.name)
+def test_study_overlay_parses_over_the_quickstart(path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(
+            ["fit", f"--config={ROOT / 'configs' / 'quickstart.yaml'}", f"--config={path}", "--print_config"]
+        )
+    assert exc.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["rollout"]["engine"]["init_args"]["dtype"] == "bfloat16"
+
+
+def test_r3_study_quick_mode(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "studies" / "r3.py"), "--quick", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    page = (tmp_path / "results.md").read_text()
+    assert "<!-- study:r3 -->" in page and "<!-- /study:r3 -->" in page
+    rows = {line.split("|")[1].strip(): line for line in page.splitlines() if line.startswith("| r3_")}
+    assert set(rows) == {"r3_off", "r3_on"}
+    kl = {arm: float(line.split("|")[3]) for arm, line in rows.items()}
+    assert (
+        kl["r3_off"] > 0 and kl["r3_on"] > 0
+    )  # a bf16 engine beside an fp32 trainer always differs a little
+    disagreement_on = float(rows["r3_on"].split("|")[8])
+    assert disagreement_on == 0.0  # R3 replays the engine's routes: the trainer used exactly those experts
+    assert (tmp_path / "img" / "r3_mismatch.png").stat().st_size > 10_000
+
+
+def _rspo():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rspo_study", ROOT / "studies" / "rspo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _val_rows(*rewards):
+    return [{"rollouts": float(20 * i), "val/reward": r} for i, r in enumerate(rewards)]
+
+
+def test_collapse_means_the_last_three_evaluations_below_half_the_best():
+    collapsed = _rspo().collapsed
+    assert collapsed(_val_rows(0.2, 0.5, 0.24, 0.1, 0.2))  # best 0.5: 0.24, 0.1, 0.2 all < 0.25
+    assert not collapsed(_val_rows(0.2, 0.5, 0.1, 0.1, 0.3))  # recovered at the end
+    assert not collapsed(_val_rows(0.2, 0.5, 0.24, 0.25, 0.1))  # 0.25 is not below half of 0.5
+    assert not collapsed(_val_rows(0.5, 0.1, 0.1))  # too few evaluations to tell
+
+
+def test_rspo_study_quick_mode(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "studies" / "rspo.py"), "--quick", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    page = (tmp_path / "results.md").read_text()
+    rows = {
+        line.split("|")[1].strip(): line.split("|") for line in page.splitlines() if line.startswith("| ")
+    }
+    arms = {"GRPO", "GSPO", "GMPO", "RSPO", "GRPO+RS", "GRPO+R3"}
+    assert arms <= set(rows)
+    starts = {float(rows[arm][3]) for arm in arms}
+    assert len(starts) == 1  # every arm starts from the same warm start, evaluated before training
+    for arm in arms:  # γ̃ is logged exactly by the arms that weight by the router shift
+        gamma = float(rows[arm][10])
+        assert (0.8 <= gamma <= 1.0) if arm in ("RSPO", "GRPO+RS") else gamma != gamma
+    assert (tmp_path / "img" / "rspo.png").stat().st_size > 10_000
