@@ -22,7 +22,12 @@ def test_study_overlay_parses_over_the_quickstart(path, capsys):
         )
     assert exc.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["rollout"]["engine"]["init_args"]["dtype"] == "bfloat16"
+    overlay = yaml.safe_load(path.read_text())
+    assert printed["model"]["lr"] == overlay.get("model", {}).get("lr", printed["model"]["lr"])
+    assert printed["trainer"]["max_steps"] == overlay["trainer"]["max_steps"]  # the overlay wins
+    if path.name == "r3.yaml":  # merged into the quickstart's engine, not replacing it
+        assert printed["rollout"]["engine"]["init_args"]["dtype"] == "bfloat16"
+        assert printed["rollout"]["engine"]["init_args"]["max_new_tokens"] == 12
 
 
 def test_r3_study_quick_mode(tmp_path):

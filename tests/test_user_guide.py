@@ -6,17 +6,31 @@ import hashlib
 import math
 
 import pytest
+import yaml
 
 from lit_moe_rl.cli import main
 from tests.helpers import ROOT, latest_metrics, run_fit, train_rows
 
-SNIPPETS = sorted(p for p in (ROOT / "callbacks").glob("*.yaml") if p.name != "rollout.yaml")
+# rollout.yaml is a config file; checkpoint.yaml is the CLI's default, pasted into a list to change it
+SNIPPETS = sorted(
+    p for p in (ROOT / "callbacks").glob("*.yaml") if p.name not in ("rollout.yaml", "checkpoint.yaml")
+)
 
 
 @pytest.mark.parametrize("snippet", SNIPPETS, ids=lambda p: p.name)
 def test_each_callback_snippet_is_accepted_by_callbacks_plus(tmp_path, snippet):
     rows = train_rows(run_fit(tmp_path, f"--trainer.callbacks+={snippet}", steps=1))
     assert len(rows) == 1 and math.isfinite(rows[0]["policy/loss"])
+
+
+def test_checkpoint_snippet_pasted_into_a_callbacks_list_replaces_the_default(tmp_path):
+    item = yaml.safe_load((ROOT / "callbacks" / "checkpoint.yaml").read_text())
+    item["init_args"]["every_n_train_steps"] = 1
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"trainer": {"callbacks": [item]}}))
+    rows = train_rows(run_fit(tmp_path, f"--config={config}", steps=2))
+    assert len(rows) == 2
+    assert [p.name for p in tmp_path.rglob("*.ckpt")] == ["last.ckpt"]
 
 
 def test_rollout_snippet_is_a_config_file(tmp_path):
