@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 from jsonargparse import ArgumentParser, lazy_instance
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -77,7 +78,18 @@ def rich_progress_bar(config: dict) -> list[ProgressBar]:
     return [] if chosen or config.get("enable_progress_bar") is False else [RichProgressBar()]
 
 
+# Lightning warnings that describe this trainer's design, not a user's mistake: the policy trains with
+# dropout off (eval mode), and manual optimisation checkpoints the weights after the step, as intended.
+EXPECTED_WARNINGS = (
+    r".*module\(s\) in eval mode at the start of training.*",
+    r"Using ModelCheckpoint with manual optimization and every_n_train_steps.*",
+    r".*isinstance\(treespec, LeafSpec\).* is deprecated.*",  # Lightning 2.6 internals on torch >= 2.10
+)
+
+
 def _run(args: list[str] | None) -> None:
+    for message in EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
     argv = sys.argv[1:] if args is None else args
     if argv and argv[0] in REMOVED:
         raise ValueError(REMOVED[argv[0]])
