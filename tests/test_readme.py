@@ -98,3 +98,26 @@ def test_real_checkpoint_command_parses(capsys):
     finally:
         os.chdir(cwd)
     assert "Qwen3-30B-A3B" in capsys.readouterr().out
+
+
+def test_fsdp2_command_runs_shortened_on_two_processes(tmp_path):
+    """`lit-moe-rl fit --config configs/tiny_fsdp2.yaml`: Lightning launches the second rank itself."""
+    import subprocess
+    import sys
+
+    (command,) = [c for c in _commands() if "tiny_fsdp2" in c]
+    args = shlex.split(command)[1:]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "lit_moe_rl.cli", *args, "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
+         "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false", "--data.num_val=8",
+         f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.default_root_dir={tmp_path}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = train_rows(latest_metrics(tmp_path))
+    assert len(rows) == 1 and 0.0 <= rows[0]["reward/mean"] <= 1.0
+
+
+def test_gpu_check_command_is_the_one_the_tests_run():
+    assert "python bench/gpu_check.py --device cpu" in _commands()  # tests/test_gpu_check.py runs it
