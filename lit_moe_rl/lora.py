@@ -69,10 +69,22 @@ def lora_config(settings: dict[str, Any], policy: nn.Module) -> Any:
 
 
 def apply_lora(policy: nn.Module, settings: dict[str, Any]) -> nn.Module:
-    """``policy`` wrapped by PEFT: only the adapters (and a ``full`` router) require grad."""
+    """``policy`` wrapped by PEFT: only the adapters (and a ``full`` router) require grad.
+
+    PEFT's own refusals (a target that names no module or parameter of this model) become one line
+    naming ``model.lora``.
+    """
     from peft import get_peft_model
 
-    return get_peft_model(policy, lora_config(settings, policy))
+    from lit_moe_rl.errors import SettingsError, first_line
+
+    config = lora_config(settings, policy)
+    try:
+        return get_peft_model(policy, config)
+    except (ValueError, TypeError, KeyError) as err:
+        raise SettingsError(
+            f"model.lora: PEFT cannot apply it to this model: {first_line(str(err))}"
+        ) from None
 
 
 def _router_names(policy: nn.Module) -> list[str]:

@@ -11,7 +11,7 @@ import transformers
 from lit_moe_rl.lora import apply_lora
 from lit_moe_rl.policy import load_policy
 from lit_moe_rl.routing.adapters import find_moe_routers
-from tests.helpers import run_fit, train_rows
+from tests.helpers import TINY_ARGS, run_fit, train_rows
 
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
@@ -116,3 +116,14 @@ def test_lora_checkpoint_holds_only_the_adapters_and_resumes_exactly(tmp_path):
     for before, after in zip(full[2:], resumed, strict=True):
         for key in ("reward/mean", "policy/loss", "policy/grad_norm", "policy/entropy"):
             assert after[key] == before[key], key
+
+
+def test_a_target_the_model_lacks_is_one_line_naming_model_lora(capsys):
+    from lit_moe_rl.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", *TINY_ARGS, '--model.config={"family": "qwen3_moe"}', "--trainer.max_steps=1",
+              '--model.lora={"target_modules": ["no_such_proj"]}', "--data.num_val=0"])  # fmt: skip
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lit-moe-rl: error: model.lora: PEFT cannot apply it"), err
