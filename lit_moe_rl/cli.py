@@ -7,6 +7,7 @@ with ``trainer.callbacks``. Settings errors print one line and exit with status 
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import warnings
@@ -87,9 +88,15 @@ EXPECTED_WARNINGS = (
 )
 
 
+def _drop_cloud_tip(record: logging.LogRecord) -> bool:
+    """Lightning advertises its cloud logger on every run; an offline trainer's log has no use for it."""
+    return "litlogger" not in record.getMessage()
+
+
 def _run(args: list[str] | None) -> None:
     for message in EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_drop_cloud_tip)
     argv = sys.argv[1:] if args is None else args
     if argv and argv[0] in REMOVED:
         raise ValueError(REMOVED[argv[0]])
