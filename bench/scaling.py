@@ -37,6 +37,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # bench.* and lit_moe_rl from this checkout
+
+from bench.steptimer import timed_fit_command  # noqa: E402
+
 BASE = {"G": 8, "response_len": 32, "experts": 8, "vocab": 99}
 AXES = {"G": [4, 8, 16], "response_len": [16, 32, 64], "experts": [4, 8, 16], "vocab": [99, 16384, 151936]}
 SMOKE_AXES = {"G": [2], "response_len": [4], "experts": [4], "vocab": [99]}
@@ -90,34 +94,15 @@ def fit_command(point: dict[str, int], steps: int, tokenizer: Path, prompts: Pat
         "max_position_embeddings": 512,
     }
     return [
-        sys.executable,
-        "-m",
-        "lit_moe_rl.cli",
-        "fit",
-        "--trainer.accelerator=cpu",
-        "--trainer.devices=1",
-        f"--trainer.max_steps={steps}",
-        "--trainer.limit_val_batches=0",
-        "--trainer.num_sanity_val_steps=0",
-        "--trainer.enable_checkpointing=false",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
+        *timed_fit_command(
+            steps, out, prompts=prompts, batch_size=PROMPTS_PER_STEP, group_size=point["G"],
+            max_new_tokens=point["response_len"],
+        ),
         "--trainer.logger=false",
-        "--trainer.callbacks=bench.steptimer.StepTimer",
-        f"--trainer.callbacks.path={out}",
         f"--model.config={json.dumps(config)}",
         f"--model.tokenizer={tokenizer}",
         "--model.lr=1e-6",
-        f"--model.micro_batch_size={PROMPTS_PER_STEP * point['G']}",
-        "--data.source=file",
-        f"--data.path={prompts}",
-        "--data.num_val=0",
-        f"--data.batch_size={PROMPTS_PER_STEP}",
-        f"--rollout.group_size={point['G']}",
-        "--rollout.reward=bench.vs_trl:digit_reward",
-        "--rollout.engine=lit_moe_rl.rollout.engine.HFEngine",
-        f"--rollout.engine.max_new_tokens={point['response_len']}",
-    ]
+    ]  # fmt: skip
 
 
 def measure(point: dict[str, int], steps: int, threads: int, work: Path) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -61,3 +62,33 @@ class StepTimer(Callback):
             "peak_rss_kib": rss_kib("VmHWM"),
         }
         Path(self.path).write_text(json.dumps(result))
+
+
+def timed_fit_command(
+    steps: int, timings: Path, *, prompts: Path, batch_size: int, group_size: int, max_new_tokens: int
+) -> list[str]:
+    """``lit-moe-rl fit`` (this interpreter, so the checkout's code) on a prompt file, timed by
+    :class:`StepTimer` into ``timings``: no validation, checkpoints or progress bar, the whole rollout in one
+    forward, the digit reward. The caller adds the model and logger settings."""
+    return [
+        sys.executable, "-m", "lit_moe_rl.cli", "fit",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        f"--trainer.max_steps={steps}",
+        "--trainer.limit_val_batches=0",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--trainer.callbacks=bench.steptimer.StepTimer",
+        f"--trainer.callbacks.path={timings}",
+        f"--model.micro_batch_size={batch_size * group_size}",
+        "--data.source=file",
+        f"--data.path={prompts}",
+        "--data.num_val=0",
+        f"--data.batch_size={batch_size}",
+        f"--rollout.group_size={group_size}",
+        "--rollout.reward=bench.vs_trl:digit_reward",
+        "--rollout.engine=lit_moe_rl.rollout.engine.HFEngine",
+        f"--rollout.engine.max_new_tokens={max_new_tokens}",
+    ]  # fmt: skip

@@ -53,6 +53,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # bench.* and lit_moe_rl from this checkout
+
+from bench.steptimer import timed_fit_command  # noqa: E402
+
 ALPHABET = string.digits + string.ascii_letters + string.punctuation + " "  # 95 + 4 specials = 99 symbols
 MODEL = dict(
     hidden_size=256,
@@ -102,40 +106,21 @@ def build_workload(folder: Path, num_prompts: int = 64) -> Path:
 def lit_command(folder: Path, steps: int, out: Path, logs: Path) -> list[str]:
     """``lit-moe-rl fit`` on the workload (the module run with this interpreter, so the checkout's code)."""
     return [
-        sys.executable,
-        "-m",
-        "lit_moe_rl.cli",
-        "fit",
-        "--trainer.accelerator=cpu",
-        "--trainer.devices=1",
-        f"--trainer.max_steps={steps}",
-        "--trainer.limit_val_batches=0",
-        "--trainer.num_sanity_val_steps=0",
-        "--trainer.enable_checkpointing=false",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
+        *timed_fit_command(
+            steps, out, prompts=folder / "prompts.jsonl", batch_size=PROMPTS_PER_STEP, group_size=GROUP,
+            max_new_tokens=MAX_NEW_TOKENS,
+        ),
         "--trainer.log_every_n_steps=1",
         "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
         f"--trainer.logger.save_dir={logs}",
-        "--trainer.callbacks=bench.steptimer.StepTimer",
-        f"--trainer.callbacks.path={out}",
         f"--model.pretrained={folder}",
         "--model.dtype=float32",
         f"--model.lr={LR}",
-        f"--model.micro_batch_size={PROMPTS_PER_STEP * GROUP}",
         "--model.mini_batches=1",
-        "--data.source=file",
-        f"--data.path={folder / 'prompts.jsonl'}",
-        "--data.num_val=0",
-        f"--data.batch_size={PROMPTS_PER_STEP}",
-        f"--rollout.group_size={GROUP}",
-        "--rollout.reward=bench.vs_trl:digit_reward",
-        "--rollout.engine=lit_moe_rl.rollout.engine.HFEngine",
-        f"--rollout.engine.max_new_tokens={MAX_NEW_TOKENS}",
         "--rollout.engine.temperature=1.0",
         "--rollout.engine.top_p=1.0",
         "--rollout.engine.top_k=0",
-    ]
+    ]  # fmt: skip
 
 
 def trl_worker(folder: Path, steps: int, out: Path, gradient_checkpointing: bool | None) -> None:
