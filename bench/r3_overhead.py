@@ -77,6 +77,9 @@ def zero_reward(completion: str, sample: dict) -> float:
     return 0.0
 
 
+zero_reward.thread_safe = True  # defined in __main__: worker processes could not import it
+
+
 def paired(iters: int) -> dict[str, list[float]]:
     """Seconds per step of each variant, same work (same weights, same seed) per iteration."""
     from types import SimpleNamespace

@@ -121,13 +121,13 @@ def plot_panels(
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
     for ax, (key, title) in zip(axes.flat, panels, strict=False):
-        for variant, runs in grouped.items():
+        for i, (variant, runs) in enumerate(grouped.items()):  # a variant keeps its colour in every panel
             steps, mean, lo, hi = across_seeds(runs, key)
             if not steps:
                 continue
             w = 1 if key.startswith("val/") else window
-            ax.plot(steps, smooth(mean, w), label=variant)
-            ax.fill_between(steps, smooth(lo, w), smooth(hi, w), alpha=0.2)
+            ax.plot(steps, smooth(mean, w), label=variant, color=f"C{i}")
+            ax.fill_between(steps, smooth(lo, w), smooth(hi, w), alpha=0.2, color=f"C{i}")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("rollouts")
         ax.grid(alpha=0.3)
