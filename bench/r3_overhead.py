@@ -124,7 +124,7 @@ def paired(iters: int) -> dict[str, list[float]]:
             for micro_rows in module.micro_batches(torch.arange(rollout.num_sequences)):
                 micro = rollout.select(micro_rows)
                 with module.forward_context("update", micro):
-                    logp, _ = module.sequence_logprobs(micro)
+                    logp, _, _ = module.sequence_logprobs(micro)
                     (logp * micro.response_mask).sum().backward()
             callback.step_metrics()
             module.policy.zero_grad(set_to_none=True)
