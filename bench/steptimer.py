@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -92,3 +93,18 @@ def timed_fit_command(
         "--rollout.engine=lit_moe_rl.rollout.engine.HFEngine",
         f"--rollout.engine.max_new_tokens={max_new_tokens}",
     ]  # fmt: skip
+
+
+def bench_env(threads: int) -> dict[str, str]:
+    """The environment of a timed subprocess: ``threads`` intra-op threads, this checkout first on the
+    path, offline Hugging Face, no W&B."""
+    root = str(Path(__file__).resolve().parents[1])
+    return os.environ | {
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "WANDB_MODE": "disabled",
+    }

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import string
 import subprocess
@@ -55,7 +54,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # bench.* and lit_moe_rl from this checkout
 
-from bench.steptimer import timed_fit_command  # noqa: E402
+from bench.steptimer import bench_env, timed_fit_command  # noqa: E402
 
 ALPHABET = string.digits + string.ascii_letters + string.punctuation + " "  # 95 + 4 specials = 99 symbols
 MODEL = dict(
@@ -190,18 +189,7 @@ def run(name: str, folder: Path, steps: int, threads: int, work: Path) -> dict[s
     else:
         gc = {"TRL (defaults)": None, "TRL (no grad ckpt)": False}[name]
         command = [sys.executable, __file__, "--worker", json.dumps([str(folder), steps, str(out), gc])]
-    threads_env = {k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    env = (
-        os.environ
-        | threads_env
-        | {
-            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-            "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "WANDB_MODE": "disabled",
-        }
-    )
+    env = bench_env(threads)
     proc = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True)
     if proc.returncode != 0 or not out.is_file():
         sys.exit(f"{name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
