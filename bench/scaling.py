@@ -29,7 +29,6 @@ import os
 import platform
 import statistics
 import string
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # bench.* and lit_moe_rl from this checkout
 
-from bench.steptimer import bench_env, timed_fit_command  # noqa: E402
+from bench.steptimer import run_timed, timed_fit_command  # noqa: E402
 
 BASE = {"G": 8, "response_len": 32, "experts": 8, "vocab": 99}
 AXES = {"G": [4, 8, 16], "response_len": [16, 32, 64], "experts": [4, 8, 16], "vocab": [99, 16384, 151936]}
@@ -111,13 +110,8 @@ def measure(point: dict[str, int], steps: int, threads: int, work: Path) -> dict
     out = work / f"point-{time.monotonic_ns()}.json"
     command = fit_command(point, steps, tokenizer, work / "prompts.jsonl", out)
     command.append(f"--trainer.default_root_dir={work / out.stem}")  # where the CLI saves config.yaml
-    env = bench_env(threads)
-    proc = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True)
-    if proc.returncode != 0 or not out.is_file():
-        sys.exit(f"point {point} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    result = json.loads(out.read_text())
-    ends = result["ends"]
-    step_s = [b - a for a, b in zip(ends, ends[1:], strict=False)]
+    result = run_timed(command, work, out, threads, f"point {point}")
+    step_s = result["step_s"]
     return {
         **point,
         "s_per_step": statistics.median(step_s),

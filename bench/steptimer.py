@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -108,3 +109,14 @@ def bench_env(threads: int) -> dict[str, str]:
         "TOKENIZERS_PARALLELISM": "false",
         "WANDB_MODE": "disabled",
     }
+
+
+def run_timed(command: list[str], work: Path, out: Path, threads: int, what: str) -> dict:
+    """Run a :class:`StepTimer`-timed subprocess in ``work`` and return its JSON report (``out``), with
+    ``step_s``: the seconds between consecutive step ends. Exits naming ``what`` when it fails."""
+    proc = subprocess.run(command, cwd=work, env=bench_env(threads), capture_output=True, text=True)
+    if proc.returncode != 0 or not out.is_file():
+        sys.exit(f"{what} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    result = json.loads(out.read_text())
+    ends = result["ends"]
+    return result | {"step_s": [b - a for a, b in zip(ends, ends[1:], strict=False)]}

@@ -44,7 +44,6 @@ import argparse
 import json
 import statistics
 import string
-import subprocess
 import sys
 import tempfile
 import time
@@ -54,7 +53,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # bench.* and lit_moe_rl from this checkout
 
-from bench.steptimer import bench_env, timed_fit_command  # noqa: E402
+from bench.steptimer import run_timed, timed_fit_command  # noqa: E402
 
 ALPHABET = string.digits + string.ascii_letters + string.punctuation + " "  # 95 + 4 specials = 99 symbols
 MODEL = dict(
@@ -189,13 +188,8 @@ def run(name: str, folder: Path, steps: int, threads: int, work: Path) -> dict[s
     else:
         gc = {"TRL (defaults)": None, "TRL (no grad ckpt)": False}[name]
         command = [sys.executable, __file__, "--worker", json.dumps([str(folder), steps, str(out), gc])]
-    env = bench_env(threads)
-    proc = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True)
-    if proc.returncode != 0 or not out.is_file():
-        sys.exit(f"{name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    result = json.loads(out.read_text())
-    ends = result["ends"]
-    return {"step_s": [b - a for a, b in zip(ends, ends[1:], strict=False)], "lengths": result["lengths"]}
+    result = run_timed(command, work, out, threads, name)
+    return {"step_s": result["step_s"], "lengths": result["lengths"]}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

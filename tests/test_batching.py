@@ -11,6 +11,7 @@ from lit_moe_rl import module as module_lib
 from lit_moe_rl.batch import Rollout
 from lit_moe_rl.batching import micro_plan, pad_columns, scatter_rows, trim_padding
 from tests.helpers import run_fit, train_rows
+from tests.test_distributed_e2e import KEYS
 
 
 def _rollout() -> Rollout:
@@ -68,13 +69,5 @@ def test_trimmed_and_sorted_micro_batches_give_the_same_training(tmp_path, monke
     plain = train_rows(run_fit(tmp_path / "plain", *args, "--model.trim_padding=false", steps=4))
     assert len(trimmed) == len(plain) >= 2
     assert any(after < before for before, after in widths)  # columns were dropped
-    keys = [
-        "reward/mean",
-        "policy/loss",
-        "policy/grad_norm",
-        "policy/entropy",
-        "policy/clipfrac",
-        "policy/ppo_kl",
-    ]
-    for key in keys + [k for k in plain[0] if k.startswith("rspo/gamma")]:
+    for key in KEYS + [k for k in plain[0] if k.startswith("rspo/gamma")]:
         assert [r[key] for r in trimmed] == pytest.approx([r[key] for r in plain], rel=1e-5, abs=1e-6), key
