@@ -24,6 +24,7 @@ from lit_moe_rl.checkpoint import LastCheckpoint
 from lit_moe_rl.cli_base import OneLineCLI
 from lit_moe_rl.compat import unsupported_versions
 from lit_moe_rl.data.datamodule import PromptDataModule
+from lit_moe_rl.distributed import close_process_group
 from lit_moe_rl.errors import first_line
 from lit_moe_rl.module import MoERLModule
 
@@ -105,7 +106,10 @@ def _run(args: list[str] | None) -> None:
 
         SFTCLI(SFTModule, PromptDataModule, args=["fit", *argv[1:]], trainer_defaults=SFTCLI.TRAINER_DEFAULTS)
         return
-    MoERLCLI(MoERLModule, PromptDataModule, args=args, trainer_defaults=TRAINER_DEFAULTS)
+    try:
+        MoERLCLI(MoERLModule, PromptDataModule, args=args, trainer_defaults=TRAINER_DEFAULTS)
+    finally:
+        close_process_group()
 
 
 def main(args: list[str] | None = None) -> None:

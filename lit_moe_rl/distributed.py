@@ -176,3 +176,10 @@ def full_tensor(tensor: Tensor) -> Tensor:
     """
     gather = getattr(tensor, "full_tensor", None)
     return gather() if callable(gather) else tensor
+
+
+def close_process_group() -> None:
+    """Destroy the default process group once a run is over. Left to interpreter exit, gloo's worker
+    threads can abort a finished process ("terminate called without an active exception", exit -6)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
