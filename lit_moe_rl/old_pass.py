@@ -124,7 +124,7 @@ def check_correction(kind: str, args: dict[str, float]) -> None:
     """Fail at start-up on an unknown correction or bad parameters, not at the first step."""
     if kind not in CORRECTIONS:
         raise ValueError(f"model.correction: unknown {kind!r}; choose one of {', '.join(CORRECTIONS)}")
-    zeros = torch.zeros(1, 1)
+    zeros = torch.zeros(1, 1, dtype=torch.float32)
     try:
         apply_correction(kind, zeros, zeros, torch.ones(1, 1, dtype=torch.bool), **args)
     except TypeError as err:
