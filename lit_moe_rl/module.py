@@ -359,7 +359,9 @@ class MoERLModule(L.LightningModule):
         rewards = batch.get("val_rewards")
         if rewards is None:
             raise RuntimeError("batch has no 'val_rewards': add lit_moe_rl.callbacks.RolloutCallback")
-        self.log("val/reward", rewards.float().mean(), batch_size=len(rewards), prog_bar=True, sync_dist=True)
+        # on the module's device: sync_dist all-reduces it, and NCCL cannot reduce a CPU tensor
+        mean = rewards.float().mean().to(self.device)
+        self.log("val/reward", mean, batch_size=len(rewards), prog_bar=True, sync_dist=True)
 
     # ------------------------------------------------------------ export
     def save_hf(self, path: str) -> None:
