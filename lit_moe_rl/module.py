@@ -35,7 +35,13 @@ from lit_moe_rl.policy import load_balancing_loss, load_policy, token_logprobs
 from lit_moe_rl.routing.checks import require_moe
 from lit_moe_rl.routing.record import capture_router_logits
 from lit_moe_rl.rspo_weight import router_shift_weight
-from lit_moe_rl.sharding import data_parallel_mesh, shard_policy, sync_full_copy, unsharded_copy
+from lit_moe_rl.sharding import (
+    data_parallel_mesh,
+    refuse_fsdp1,
+    shard_policy,
+    sync_full_copy,
+    unsharded_copy,
+)
 
 Phase = Literal["old", "update", "ref"]
 ForwardContext = Callable[[Phase, Rollout], contextlib.AbstractContextManager]
@@ -142,6 +148,12 @@ class MoERLModule(L.LightningModule):
         ] = []  # a sharded policy's full copy for generation  # logged values, reduced across ranks by torchmetrics
 
     # ------------------------------------------------------------------ model
+    def setup(self, stage: str) -> None:
+        """Refuse Lightning's FSDP v1 before the model is built (a Trainer made in Python skips the CLI)."""
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None:
+            refuse_fsdp1(trainer.strategy)
+
     def configure_model(self) -> None:
         """Load the policy (idempotent; runs under the strategy's init context, e.g. FSDP)."""
         if self.policy is not None:

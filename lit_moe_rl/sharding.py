@@ -78,3 +78,42 @@ def sync_full_copy(full: nn.Module, sharded: nn.Module) -> None:
     target = dict(full.named_parameters())
     for name, param in sharded.named_parameters():
         target[name].copy_(full_tensor(param.detach()))
+
+
+FSDP1_REFUSED = (
+    "trainer.strategy: Lightning's FSDPStrategy (FSDP1) cannot run this trainer (manual_backward inside "
+    "its wrapped forward fails: 'Expects BACKWARD_PRE or BACKWARD_POST state', Lightning issues #19626, "
+    "#19685); use FSDP2: strategy: {class_path: lightning.pytorch.strategies.ModelParallelStrategy}"
+)
+
+
+def refuse_fsdp1(strategy: Any) -> None:
+    """Raise :class:`~lit_moe_rl.errors.SettingsError` (one line) when ``trainer.strategy`` is Lightning's
+    FSDP v1: a registered name (``fsdp``, ``fsdp_cpu_offload``), a ``class_path`` or an instance of
+    ``FSDPStrategy`` or a subclass. Checked before the Trainer is built (which on a CPU machine would
+    refuse FSDP for another reason) and again when the module is set up."""
+    from lightning.pytorch.strategies import FSDPStrategy, StrategyRegistry
+
+    from lit_moe_rl.errors import SettingsError
+
+    if isinstance(strategy, str):
+        entry = dict.get(StrategyRegistry, strategy.lower())  # the registry's own get() instantiates
+        cls = entry["strategy"] if entry else _import_class(strategy)
+    elif isinstance(strategy, FSDPStrategy):
+        cls = FSDPStrategy
+    else:
+        path = strategy.get("class_path") if hasattr(strategy, "get") else None
+        cls = _import_class(path) if isinstance(path, str) else None
+    if isinstance(cls, type) and issubclass(cls, FSDPStrategy):
+        raise SettingsError(FSDP1_REFUSED)
+
+
+def _import_class(path: str) -> Any:
+    """The class at dotted ``path``, or None when it is not one (Lightning reports bad names itself)."""
+    import importlib
+
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name, None) if module else None
+    except ImportError:
+        return None
