@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lit_moe_rl import old_pass, update
@@ -31,7 +32,7 @@ from lit_moe_rl.batching import trim_padding
 from lit_moe_rl.distributed import RankMetrics, global_sum
 from lit_moe_rl.lora import apply_lora
 from lit_moe_rl.old_pass import check_correction
-from lit_moe_rl.policy import load_balancing_loss, load_policy, token_logprobs
+from lit_moe_rl.policy import load_balancing_loss, load_policy, set_training_mode, token_logprobs
 from lit_moe_rl.routing.checks import require_moe
 from lit_moe_rl.routing.record import capture_router_logits
 from lit_moe_rl.rspo_weight import router_shift_weight
@@ -172,6 +173,9 @@ class MoERLModule(L.LightningModule):
         if hp.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.policy.config.use_cache = False
+        zeroed = set_training_mode(self.policy)  # the one mode of every forward; the engine toggles its own
+        if zeroed:
+            rank_zero_warn(f"model: {zeroed} dropout/noise probabilities set to 0 (RL trains without dropout)")
         mesh = data_parallel_mesh(self)
         if mesh is not None:  # FSDP2 (ModelParallelStrategy): keep a full copy to generate with, then shard
             self._rollout_copy = [unsharded_copy(self.policy)]  # a list: not a submodule, not checkpointed
