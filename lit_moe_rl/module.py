@@ -38,6 +38,7 @@ from lit_moe_rl.routing.record import capture_router_logits
 from lit_moe_rl.rspo_weight import router_shift_weight
 from lit_moe_rl.sharding import (
     data_parallel_mesh,
+    place_full_copy,
     refuse_fsdp1,
     shard_policy,
     sync_full_copy,
@@ -146,7 +147,8 @@ class MoERLModule(L.LightningModule):
         self.rank_metrics = RankMetrics()
         self._rollout_copy: list[
             torch.nn.Module
-        ] = []  # a sharded policy's full copy for generation  # logged values, reduced across ranks by torchmetrics
+        ] = []  # a sharded policy's full copy for generation
+        self._rollout_copy_placement: tuple | None = None  # (device, dtype) place_full_copy matched
 
     # ------------------------------------------------------------------ model
     def setup(self, stage: str) -> None:
@@ -183,14 +185,22 @@ class MoERLModule(L.LightningModule):
 
     def rollout_policy(self) -> torch.nn.Module:
         """The module the rollout engine generates with: the policy, or its full copy when sharded
-        (refreshed by :meth:`sync_rollout_policy`)."""
-        return self._rollout_copy[0] if self._rollout_copy else self.policy
+        (refreshed by :meth:`sync_rollout_policy`). The copy is first given the policy's dtypes, buffers
+        and device (:func:`~lit_moe_rl.sharding.place_full_copy`): Lightning casts and moves the policy
+        after ``configure_model`` took the copy, and an engine binding to it copies what it finds."""
+        if not self._rollout_copy:
+            return self.policy
+        copy = self._rollout_copy[0]
+        placement = (self.device, next(self.policy.parameters()).dtype)
+        if self._rollout_copy_placement != placement:
+            place_full_copy(copy, self.policy, self.device)  # kept out of the module tree, so moved here
+            self._rollout_copy_placement = placement
+        return copy
 
     def sync_rollout_policy(self) -> torch.nn.Module:
         """Refresh the full rollout copy of a sharded policy (a collective) and return :meth:`rollout_policy`."""
         if self._rollout_copy:
-            self._rollout_copy[0].to(self.device)  # kept out of the module tree, so moved here
-            sync_full_copy(self._rollout_copy[0], self.policy)
+            sync_full_copy(self.rollout_policy(), self.policy)
         return self.rollout_policy()
 
     def on_fit_start(self) -> None:

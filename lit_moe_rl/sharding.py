@@ -72,12 +72,41 @@ def unsharded_copy(policy: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
+def place_full_copy(full: nn.Module, sharded: nn.Module, device: torch.device) -> None:
+    """Give the full copy the sharded policy's dtypes and buffers, on ``device`` (no collective).
+
+    The copy is taken in ``configure_model``, before Lightning's precision plugin casts the policy
+    (``bf16-true``: ``module.to(bfloat16)``, buffers included) and moves it: each parameter takes the
+    policy's dtype here, and each buffer (RoPE ``inv_freq``) the policy's own value and dtype, so that
+    generation and training compute with the same tensors. Call it before the engine binds to the copy.
+    """
+    params = dict(full.named_parameters())
+    for name, param in sharded.named_parameters():
+        target = params[name]
+        if target.dtype != param.dtype:
+            target.data = target.data.to(param.dtype)
+    _copy_buffers(full, sharded)
+    full.to(device)
+
+
+def _copy_buffers(full: nn.Module, sharded: nn.Module) -> None:
+    """Replace every buffer of ``full`` by a copy of ``sharded``'s (value, dtype and device; FSDP2 does
+    not shard buffers)."""
+    for name, buf in sharded.named_buffers():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = full.get_submodule(owner_name) if owner_name else full
+        if leaf in owner._buffers:
+            owner._buffers[leaf] = buf.detach().clone()
+
+
+@torch.no_grad()
 def sync_full_copy(full: nn.Module, sharded: nn.Module) -> None:
-    """Copy the sharded policy's weights into its full copy (a collective per sharded parameter: every
-    rank must call it at the same point)."""
+    """Copy the sharded policy's weights and buffers into its full copy (a collective per sharded
+    parameter: every rank must call it at the same point)."""
     target = dict(full.named_parameters())
     for name, param in sharded.named_parameters():
         target[name].copy_(full_tensor(param.detach()))
+    _copy_buffers(full, sharded)
 
 
 FSDP1_REFUSED = (
