@@ -259,7 +259,7 @@ class MoERLModule(L.LightningModule):
         if global_sum(float(real), self.device) == 0:  # DAPO dropped every group on every rank
             self.skip_step(batch, metrics)
             return
-        t0 = time.perf_counter()
+        t0 = self._synced_clock()
         rollout = rollout.to(self.device, skip=("routes", "old_routes", "old_router_logp"))
         batch["rollout"] = rollout  # callbacks' on_train_batch_end sees old_logp, old_topk, ...
         if self.fuses_old_pass:
@@ -268,12 +268,19 @@ class MoERLModule(L.LightningModule):
         else:
             metrics.update(self.compute_old_logprobs(rollout))
             metrics.update(self.policy_update(rollout))
-        update_s = time.perf_counter() - t0
+        update_s = self._synced_clock() - t0
         metrics["perf/update_s"] = update_s
         tokens = float(rollout.attention_mask.sum())
         metrics["perf/tokens_per_s"] = tokens / max(update_s + metrics.get("perf/rollout_s", 0.0), 1e-9)
         self._step_tokens = 0.0 if rollout.placeholder else float(rollout.response_mask.sum())
         self.log_reduced(metrics)
+
+    def _synced_clock(self) -> float:
+        """``time.perf_counter()`` once the device has finished its queued work (CUDA runs kernels
+        asynchronously: without the sync ``perf/update_s`` would miss the optimizer step's tail)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def log_reduced(self, metrics: dict[str, Any]) -> None:
         """Log one step's metrics, each reduced across ranks as :func:`~lit_moe_rl.distributed.reduction_of`
