@@ -170,3 +170,10 @@ def test_install_falls_back_to_a_target_folder_when_site_packages_refuses(tmp_pa
         True,
     ]  # only the missing one
     assert "--no-index" in calls[0] and "--target" in calls[1]
+
+
+def test_the_readme_gives_the_printed_gpu_command_and_carry_folder():
+    readme = (ROOT / "README.md").read_text()
+    assert gpu_check.GPU_COMMAND in readme and f"carrying the folder `{gpu_check.WHEELS}`" in readme
+    assert f"python bench/gpu_check.py --wheels {gpu_check.WHEELS}" in readme
+    assert f"{gpu_check.WHEELS}/" in (ROOT / ".gitignore").read_text().splitlines()
