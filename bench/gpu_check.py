@@ -47,6 +47,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -98,6 +99,7 @@ LR = 1e-4
 # Mean |log μ - log π| above which the engine and the training forward disagree beyond rounding
 LOGP_TOLERANCE = {"bfloat16": 0.1, "float32": 1e-3}
 RESERVE_S = 15.0  # of the budget, kept for the report
+WATCHDOG_GRACE_S = 30.0  # past the budget, the watchdog ends the check
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -602,6 +604,22 @@ def main(argv: list[str] | None = None) -> int:
     return run_checks(args, budget, installed, site)
 
 
+def start_watchdog(args: argparse.Namespace, budget: Budget, report: dict[str, Any]) -> threading.Timer:
+    """Past the budget (plus a grace period) write what the report has and exit 124: an in-process
+    check stuck on the device must not hold a lent GPU beyond the time it was given."""
+
+    def expire() -> None:
+        report["budget_exceeded"] = {"ok": False, "error": f"--budget {args.budget:g} s exceeded"}
+        (args.out / f"report_{args.device}.json").write_text(json.dumps(report, indent=2, default=str))
+        print(f"budget: FAIL --budget {args.budget:g} s exceeded; partial report in {args.out}", flush=True)
+        os._exit(124)
+
+    timer = threading.Timer(max(budget.left(), 0.0) + WATCHDOG_GRACE_S, expire)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
 def run_checks(args: argparse.Namespace, budget: Budget, installed: dict[str, Any], site: Path | None) -> int:
     import torch
 
@@ -612,6 +630,7 @@ def run_checks(args: argparse.Namespace, budget: Budget, installed: dict[str, An
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"device": args.device, "layers": args.layers, "model": model_config(args)}
+    watchdog = start_watchdog(args, budget, report)
     torch.manual_seed(0)
     if wanted("env"):
         run_check(report, "env", lambda: check_env(args, installed))
@@ -636,6 +655,7 @@ def run_checks(args: argparse.Namespace, budget: Budget, installed: dict[str, An
         )
     if wanted("overhead"):
         run_check(report, "overhead", lambda: check_overhead(report))
+    watchdog.cancel()
     path = args.out / f"report_{args.device}.json"
     path.write_text(json.dumps(report, indent=2, default=str))
     failed = [k for k, v in report.items() if isinstance(v, dict) and v.get("ok") is False]

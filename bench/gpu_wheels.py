@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 from packaging.requirements import Requirement
@@ -111,8 +112,9 @@ def install(folder: Path) -> Path | None:
     """Install offline the wheels in ``folder`` whose distribution this interpreter lacks.
 
     ``pip install --no-index --no-deps`` into site-packages; if that fails (a read-only image),
-    ``--target`` a fresh folder, which is put first on ``sys.path`` and returned (the caller puts it
-    on its children's ``PYTHONPATH``). Returns None when site-packages took them or nothing was missing.
+    ``--target`` a fresh folder (or, without a working pip, the wheels unzipped there), which is put
+    first on ``sys.path`` and returned (the caller puts it on its children's ``PYTHONPATH``). Returns
+    None when site-packages took them or nothing was missing.
     """
     wheels = sorted(folder.glob("*.whl"))
     if not wheels:
@@ -130,11 +132,10 @@ def install(folder: Path) -> Path | None:
         proc = subprocess.run(
             [*base, "--target", str(target), *map(str, missing)], capture_output=True, text=True
         )
-        if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()
-            raise RuntimeError(
-                f"pip install --target {target} failed: {tail[-1] if tail else proc.returncode}"
-            )
+        if proc.returncode != 0:  # no working pip: a pure-Python wheel is a zip of site-packages' layout
+            for wheel in missing:
+                with zipfile.ZipFile(wheel) as archive:
+                    archive.extractall(target)
         sys.path.insert(0, str(target))
     importlib.invalidate_caches()
     return target

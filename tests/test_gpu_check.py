@@ -177,3 +177,39 @@ def test_the_readme_gives_the_printed_gpu_command_and_carry_folder():
     assert gpu_check.GPU_COMMAND in readme and f"carrying the folder `{gpu_check.WHEELS}`" in readme
     assert f"python bench/gpu_check.py --wheels {gpu_check.WHEELS}" in readme
     assert f"{gpu_check.WHEELS}/" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def test_install_unzips_the_wheels_when_pip_cannot_install_at_all(tmp_path, monkeypatch):
+    import zipfile
+
+    wheel = tmp_path / "wheels" / "gpu_check_fake_dist-1.0-py3-none-any.whl"
+    wheel.parent.mkdir()
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("gpu_check_fake_mod.py", "VALUE = 7\n")
+    monkeypatch.setattr(
+        gpu_wheels.subprocess,
+        "run",
+        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "No module named pip"),
+    )
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    target = gpu_wheels.install(wheel.parent)
+    import gpu_check_fake_mod  # noqa: F401  (found on sys.path[0], the unzipped target)
+
+    assert gpu_check_fake_mod.VALUE == 7 and Path(gpu_check_fake_mod.__file__).parent == target
+    sys.modules.pop("gpu_check_fake_mod")
+
+
+def test_the_watchdog_writes_the_partial_report_and_exits_124(tmp_path, monkeypatch):
+    import threading
+
+    args = gpu_check.parse_args(["--device", "cpu", "--out", str(tmp_path), "--budget", "16"])
+    budget = gpu_check.Budget(16.0)
+    budget.deadline = 0.0  # already past
+    exited = threading.Event()
+    codes = []
+    monkeypatch.setattr(gpu_check, "WATCHDOG_GRACE_S", 0.05)
+    monkeypatch.setattr(gpu_check.os, "_exit", lambda code: (codes.append(code), exited.set()))
+    gpu_check.start_watchdog(args, budget, {"env": {"ok": True}})
+    assert exited.wait(10) and codes == [124]
+    report = json.loads((tmp_path / "report_cpu.json").read_text())
+    assert report["env"]["ok"] and report["budget_exceeded"]["ok"] is False
