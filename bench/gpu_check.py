@@ -47,6 +47,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -646,7 +647,10 @@ def run_checks(args: argparse.Namespace, budget: Budget, installed: dict[str, An
             torch.cuda.empty_cache()
     fits = [v for v in FIT_VARIANTS if wanted(f"fit_{v}")]
     if fits:
-        tokenizer = save_wide_tokenizer(args.out / "tokenizer", model_config(args)["vocab_size"])
+        # outside --out: $OUT comes back from the GPU machine, and this is 3 MB of generated JSON
+        tokenizer = save_wide_tokenizer(
+            Path(tempfile.mkdtemp(prefix="gpu_check_tok_")), model_config(args)["vocab_size"]
+        )
         print(f"fits: {len(fits)} runs share {budget.left():.0f} s of the --budget", flush=True)
     for i, variant in enumerate(fits):
         timeout = budget.share(len(fits) - i)

@@ -213,3 +213,16 @@ def test_the_watchdog_writes_the_partial_report_and_exits_124(tmp_path, monkeypa
     assert exited.wait(10) and codes == [124]
     report = json.loads((tmp_path / "report_cpu.json").read_text())
     assert report["env"]["ok"] and report["budget_exceeded"]["ok"] is False
+
+
+def test_the_update_is_timed_after_a_device_sync(monkeypatch):
+    import torch
+
+    from lit_moe_rl.module import MoERLModule
+
+    module = MoERLModule(config={"family": "qwen3_moe"})
+    module._device = torch.device("cuda", 0)
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    module._synced_clock()
+    assert synced == [torch.device("cuda", 0)]
