@@ -17,6 +17,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from lit_moe_rl import cli_checks
 from lit_moe_rl.errors import SettingsError, first_line, parse_error
+from lit_moe_rl.sharding import refuse_fsdp1
 from lit_moe_rl.threads import apply_num_threads
 
 
@@ -76,6 +77,7 @@ class OneLineCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.get("trainer") or Namespace()
         cli_checks.check_accelerator(trainer.get("accelerator"))
+        refuse_fsdp1(trainer.get("strategy"))
         cli_checks.check_wandb(trainer.get("logger"))
         cli_checks.check_logger_dirs(trainer)
         apply_num_threads(config.get("num_threads", 0), "num_threads")

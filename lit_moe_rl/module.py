@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lit_moe_rl import old_pass, update
@@ -31,11 +32,18 @@ from lit_moe_rl.batching import trim_padding
 from lit_moe_rl.distributed import RankMetrics, global_sum
 from lit_moe_rl.lora import apply_lora
 from lit_moe_rl.old_pass import check_correction
-from lit_moe_rl.policy import load_balancing_loss, load_policy, token_logprobs
+from lit_moe_rl.policy import load_balancing_loss, load_policy, set_training_mode, token_logprobs
 from lit_moe_rl.routing.checks import require_moe
 from lit_moe_rl.routing.record import capture_router_logits
 from lit_moe_rl.rspo_weight import router_shift_weight
-from lit_moe_rl.sharding import data_parallel_mesh, shard_policy, sync_full_copy, unsharded_copy
+from lit_moe_rl.sharding import (
+    data_parallel_mesh,
+    place_full_copy,
+    refuse_fsdp1,
+    shard_policy,
+    sync_full_copy,
+    unsharded_copy,
+)
 
 Phase = Literal["old", "update", "ref"]
 ForwardContext = Callable[[Phase, Rollout], contextlib.AbstractContextManager]
@@ -139,9 +147,16 @@ class MoERLModule(L.LightningModule):
         self.rank_metrics = RankMetrics()
         self._rollout_copy: list[
             torch.nn.Module
-        ] = []  # a sharded policy's full copy for generation  # logged values, reduced across ranks by torchmetrics
+        ] = []  # a sharded policy's full copy for generation
+        self._rollout_copy_placement: tuple | None = None  # (device, dtype) place_full_copy matched
 
     # ------------------------------------------------------------------ model
+    def setup(self, stage: str) -> None:
+        """Refuse Lightning's FSDP v1 before the model is built (a Trainer made in Python skips the CLI)."""
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None:
+            refuse_fsdp1(trainer.strategy)
+
     def configure_model(self) -> None:
         """Load the policy (idempotent; runs under the strategy's init context, e.g. FSDP)."""
         if self.policy is not None:
@@ -160,6 +175,9 @@ class MoERLModule(L.LightningModule):
         if hp.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.policy.config.use_cache = False
+        zeroed = set_training_mode(self.policy)  # the one mode of every forward; the engine toggles its own
+        if zeroed:
+            rank_zero_warn(f"model: {zeroed} dropout/noise probabilities set to 0 (RL trains without dropout)")
         mesh = data_parallel_mesh(self)
         if mesh is not None:  # FSDP2 (ModelParallelStrategy): keep a full copy to generate with, then shard
             self._rollout_copy = [unsharded_copy(self.policy)]  # a list: not a submodule, not checkpointed
@@ -167,14 +185,22 @@ class MoERLModule(L.LightningModule):
 
     def rollout_policy(self) -> torch.nn.Module:
         """The module the rollout engine generates with: the policy, or its full copy when sharded
-        (refreshed by :meth:`sync_rollout_policy`)."""
-        return self._rollout_copy[0] if self._rollout_copy else self.policy
+        (refreshed by :meth:`sync_rollout_policy`). The copy is first given the policy's dtypes, buffers
+        and device (:func:`~lit_moe_rl.sharding.place_full_copy`): Lightning casts and moves the policy
+        after ``configure_model`` took the copy, and an engine binding to it copies what it finds."""
+        if not self._rollout_copy:
+            return self.policy
+        copy = self._rollout_copy[0]
+        placement = (self.device, next(self.policy.parameters()).dtype)
+        if self._rollout_copy_placement != placement:
+            place_full_copy(copy, self.policy, self.device)  # kept out of the module tree, so moved here
+            self._rollout_copy_placement = placement
+        return copy
 
     def sync_rollout_policy(self) -> torch.nn.Module:
         """Refresh the full rollout copy of a sharded policy (a collective) and return :meth:`rollout_policy`."""
         if self._rollout_copy:
-            self._rollout_copy[0].to(self.device)  # kept out of the module tree, so moved here
-            sync_full_copy(self._rollout_copy[0], self.policy)
+            sync_full_copy(self.rollout_policy(), self.policy)
         return self.rollout_policy()
 
     def on_fit_start(self) -> None:
@@ -233,7 +259,7 @@ class MoERLModule(L.LightningModule):
         if global_sum(float(real), self.device) == 0:  # DAPO dropped every group on every rank
             self.skip_step(batch, metrics)
             return
-        t0 = time.perf_counter()
+        t0 = self._synced_clock()
         rollout = rollout.to(self.device, skip=("routes", "old_routes", "old_router_logp"))
         batch["rollout"] = rollout  # callbacks' on_train_batch_end sees old_logp, old_topk, ...
         if self.fuses_old_pass:
@@ -242,12 +268,19 @@ class MoERLModule(L.LightningModule):
         else:
             metrics.update(self.compute_old_logprobs(rollout))
             metrics.update(self.policy_update(rollout))
-        update_s = time.perf_counter() - t0
+        update_s = self._synced_clock() - t0
         metrics["perf/update_s"] = update_s
         tokens = float(rollout.attention_mask.sum())
         metrics["perf/tokens_per_s"] = tokens / max(update_s + metrics.get("perf/rollout_s", 0.0), 1e-9)
         self._step_tokens = 0.0 if rollout.placeholder else float(rollout.response_mask.sum())
         self.log_reduced(metrics)
+
+    def _synced_clock(self) -> float:
+        """``time.perf_counter()`` once the device has finished its queued work (CUDA runs kernels
+        asynchronously: without the sync ``perf/update_s`` would miss the optimizer step's tail)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def log_reduced(self, metrics: dict[str, Any]) -> None:
         """Log one step's metrics, each reduced across ranks as :func:`~lit_moe_rl.distributed.reduction_of`
@@ -359,7 +392,9 @@ class MoERLModule(L.LightningModule):
         rewards = batch.get("val_rewards")
         if rewards is None:
             raise RuntimeError("batch has no 'val_rewards': add lit_moe_rl.callbacks.RolloutCallback")
-        self.log("val/reward", rewards.float().mean(), batch_size=len(rewards), prog_bar=True, sync_dist=True)
+        # on the module's device: sync_dist all-reduces it, and NCCL cannot reduce a CPU tensor
+        mean = rewards.float().mean().to(self.device)
+        self.log("val/reward", mean, batch_size=len(rewards), prog_bar=True, sync_dist=True)
 
     # ------------------------------------------------------------ export
     def save_hf(self, path: str) -> None:

@@ -246,3 +246,35 @@ def token_logprobs(
         ents.append(ent)
     entropy = torch.cat(ents, dim=1).detach() if with_entropy else None
     return torch.cat(logps, dim=1), entropy, out
+
+
+# Module attributes that HF models read as a dropout or noise probability in training mode only
+# (attention modules' ``attention_dropout``, Mixtral's router ``jitter_noise``, ...).
+STOCHASTIC_ATTRS = ("attention_dropout", "dropout", "hidden_dropout", "activation_dropout", "jitter_noise")
+
+
+def set_training_mode(model: nn.Module) -> int:
+    """Put ``model`` in training mode once, with every dropout and router noise zeroed; returns how many
+    were non-zero.
+
+    RL needs a deterministic policy: the importance ratio π_θ/π_old is exactly 1 at the first update only
+    if both passes compute the same function (LoRA dropout gave ppo_kl 0.0097 there). Eval mode would do
+    that too but turns HF's gradient checkpointing off (it recomputes only in training mode), so dropout
+    is zeroed instead: ``nn.Dropout`` modules (PEFT's ``lora_dropout`` included) get ``p = 0``, float
+    attributes of :data:`STOCHASTIC_ATTRS` become 0, and the config's ``*dropout``/``*jitter*`` values too.
+    """
+    zeroed = 0
+    for module in model.modules():
+        if isinstance(module, nn.Dropout) and module.p > 0:
+            module.p, zeroed = 0.0, zeroed + 1
+        for name in STOCHASTIC_ATTRS:
+            value = getattr(module, name, None)
+            if isinstance(value, float) and not isinstance(value, bool) and value > 0:
+                setattr(module, name, 0.0)
+                zeroed += 1
+    config = getattr(model, "config", None)
+    for key, value in (vars(config) if config is not None else {}).items():
+        if ("dropout" in key or "jitter" in key) and isinstance(value, float) and value > 0:
+            setattr(config, key, 0.0)
+    model.train()
+    return zeroed

@@ -9,6 +9,7 @@ with ``--model.export_dir=lit_moe_rl/assets/countdown-tiny-moe``.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Literal
 
@@ -136,7 +137,7 @@ class SFTModule(L.LightningModule):
             if step < hp.warmup_steps:
                 return (step + 1) / (hp.warmup_steps + 1)
             progress = (step - hp.warmup_steps) / max(total - hp.warmup_steps, 1)
-            return 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * min(progress, 1.0))).item())
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))  # not a default-dtype tensor
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

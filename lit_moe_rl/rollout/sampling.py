@@ -23,7 +23,9 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "NonFiniteProbabilities",
     "SamplingParams",
+    "check_probabilities",
     "sample_step",
     "temper",
     "token_logp",
@@ -85,6 +87,28 @@ def token_logp(logits: Tensor, tokens: Tensor) -> Tensor:
     return logits.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+class NonFiniteProbabilities(RuntimeError):
+    """The policy's next-token distribution holds NaN or inf: sampling it would be meaningless."""
+
+
+def check_probabilities(probs: Tensor) -> None:
+    """Raise :class:`NonFiniteProbabilities` (one line) unless every row of ``probs [N, V]`` is finite.
+
+    ``torch.multinomial`` on a NaN or inf row is a device-side assert on CUDA, which kills the CUDA
+    context (and the run) without saying which step or why; a NaN row comes from NaN/inf logits (weights
+    that diverged, an overflow in low precision) or a row whose logits are all -inf. One host sync per
+    decode step, which the decode loop pays anyway for its stopping test.
+    """
+    bad = ~torch.isfinite(probs).all(dim=-1)
+    count = int(bad.sum())
+    if count:
+        raise NonFiniteProbabilities(
+            f"rollout: the policy's next-token probabilities are NaN or inf in {count} of {len(probs)} "
+            "rows (diverged weights or an overflow in low precision); see policy/grad_norm and policy/loss "
+            "of the previous steps"
+        )
+
+
 def sample_step(logits: Tensor, params: SamplingParams) -> tuple[Tensor, Tensor]:
     """One decode step: ``logits [N, V]`` -> ``(tokens [N] long, logp [N] float32)``.
 
@@ -96,6 +120,8 @@ def sample_step(logits: Tensor, params: SamplingParams) -> tuple[Tensor, Tensor]
         tokens = tempered.argmax(-1)
         return tokens, token_logp(tempered, tokens)
     truncated = truncate(tempered, params.top_k, params.top_p)
-    tokens = torch.multinomial(truncated.softmax(-1), 1).squeeze(-1)
+    probs = truncated.softmax(-1)
+    check_probabilities(probs)
+    tokens = torch.multinomial(probs, 1).squeeze(-1)
     scored = truncated if params.logp_of == "sampled" else tempered
     return tokens, token_logp(scored, tokens)
