@@ -192,15 +192,15 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
 def _chunk_logp(
     head: nn.Module, hidden: Tensor, targets: Tensor, temperature: float, want_entropy: bool
 ) -> tuple[Tensor, Tensor]:
-    logits = head(hidden).float()  # [N, c, V]
+    logits = head(hidden).float()  # [c, V]
     if temperature != 1.0:
         logits = logits / temperature
-    logz = torch.logsumexp(logits, dim=-1)  # [N, c]
-    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz  # [N, c]
+    logz = torch.logsumexp(logits, dim=-1)  # [c]
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz  # [c]
     if not want_entropy:
         return logp, torch.zeros_like(logp)
     probs = torch.softmax(logits, dim=-1)
-    entropy = logz - (probs * logits).sum(-1)  # [N, c]
+    entropy = logz - (probs * logits).sum(-1)  # [c]
     return logp, entropy
 
 
@@ -211,18 +211,19 @@ def token_logprobs(
     prompt_len: int,
     *,
     temperature: float = 1.0,
-    chunk_size: int = 256,
+    chunk_size: int = 1024,
     with_entropy: bool = False,
     **forward_kwargs: Any,
 ) -> tuple[Tensor, Tensor | None, Any]:
     """Log-probs ``[N, R]`` (and entropies) of the response tokens ``input_ids[:, prompt_len:]``.
 
-    The decoder runs once; the LM head and log-softmax run over chunks of ``chunk_size`` response
-    positions. Under grad each chunk is checkpointed, so at most one chunk of fp32 logits
-    ``[N, chunk, V]`` is alive at a time in the forward and again in the backward: a 150k vocabulary
-    never materialises a full ``[N, T, V]`` tensor. Logits are divided by ``temperature`` so that
-    the trainer scores the distribution the engine sampled from.
-    Returns ``(logp, entropy or None, decoder outputs)``.
+    The decoder runs once. The LM head and log-softmax then run only on the response tokens that
+    exist (``attention_mask`` 1; padding gets log-prob and entropy 0), flattened across rows and
+    taken ``chunk_size`` tokens at a time. Under grad each chunk is checkpointed, so at most one
+    chunk of fp32 logits ``[chunk_size, V]`` is alive in the forward and again in the backward,
+    whatever the batch size and response length: at a 151,936-token vocabulary, 1024 tokens are
+    0.6 GB. Logits are divided by ``temperature`` so that the trainer scores the distribution the
+    engine sampled from. Returns ``(logp, entropy or None, decoder outputs)``.
     """
     decoder = model.get_decoder()
     head = model.get_output_embeddings()
@@ -235,14 +236,26 @@ def token_logprobs(
     )
     hidden = out.last_hidden_state[:, prompt_len - 1 : -1]  # [N, R, H]: positions predicting the response
     targets = input_ids[:, prompt_len:]  # [N, R]
+    where = attention_mask[:, prompt_len:].reshape(-1).nonzero().squeeze(-1)  # [n] real response tokens
+    hidden_n = hidden.reshape(-1, hidden.shape[-1]).index_select(0, where)  # [n, H]
+    targets_n = targets.reshape(-1).index_select(0, where)  # [n]
     logps, ents = [], []
-    for start in range(0, targets.shape[1], chunk_size):
-        args = (head, hidden[:, start : start + chunk_size], targets[:, start : start + chunk_size])
+    for start in range(0, where.numel(), chunk_size):
+        args = (head, hidden_n[start : start + chunk_size], targets_n[start : start + chunk_size])
         if torch.is_grad_enabled() and hidden.requires_grad:
             lp, ent = checkpoint(_chunk_logp, *args, temperature, with_entropy, use_reentrant=False)
         else:
             lp, ent = _chunk_logp(*args, temperature, with_entropy)
         logps.append(lp)
         ents.append(ent)
-    entropy = torch.cat(ents, dim=1).detach() if with_entropy else None
-    return torch.cat(logps, dim=1), entropy, out
+    logp = _scatter_tokens(logps, where, targets.shape, hidden)
+    entropy = _scatter_tokens(ents, where, targets.shape, hidden).detach() if with_entropy else None
+    return logp, entropy, out
+
+
+def _scatter_tokens(parts: list[Tensor], where: Tensor, shape: torch.Size, like: Tensor) -> Tensor:
+    """Per-token values of the real tokens ``where`` (flat indices) back into a zero ``[N, R]``."""
+    flat = torch.zeros(shape.numel(), dtype=torch.float32, device=like.device)
+    if parts:
+        flat = flat.index_copy(0, where, torch.cat(parts))
+    return flat.view(shape)

@@ -7,7 +7,7 @@
 | ``model.betas`` | each in [0, 1) | AdamW's moment decay rates |
 | ``model.warmup_steps`` | >= 0 | linear warm-up length in optimizer steps |
 | ``model.grad_clip`` | >= 0 (0 = no clipping) | a negative norm would silently disable clipping |
-| ``model.logprob_chunk_size`` | >= 1 | response positions per LM-head chunk |
+| ``model.logprob_chunk_size`` | >= 1 | response tokens (across rows) per LM-head chunk |
 | ``model.router_aux_loss_coef`` | >= 0 | weight of the load-balancing loss |
 | ``model.lora`` | rank >= 1, alpha > 0, dropout in [0, 1), router frozen/full/adapted | known keys only (:mod:`lit_moe_rl.lora`) |
 """

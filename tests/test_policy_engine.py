@@ -43,8 +43,9 @@ def test_chunked_logprobs_match_full_logits_and_gradients(family):
     logp, entropy, _ = token_logprobs(
         model, ids, attn, prompt_len, temperature=0.7, chunk_size=2, with_entropy=True
     )
-    torch.testing.assert_close(logp, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(entropy, -(full.exp() * full).sum(-1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logp[mask], expected[mask], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy[mask], -(full.exp() * full).sum(-1)[mask], rtol=1e-4, atol=1e-5)
+    assert not mask.all() and (logp[~mask] == 0).all() and (entropy[~mask] == 0).all()  # padding skipped
 
     (g_full,) = torch.autograd.grad(expected[mask].sum(), model.get_output_embeddings().weight)
     logp, _, _ = token_logprobs(model, ids, attn, prompt_len, temperature=0.7, chunk_size=2)
