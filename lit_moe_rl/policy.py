@@ -211,7 +211,7 @@ def token_logprobs(
     prompt_len: int,
     *,
     temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     with_entropy: bool = False,
     **forward_kwargs: Any,
 ) -> tuple[Tensor, Tensor | None, Any]:
@@ -219,11 +219,11 @@ def token_logprobs(
 
     The decoder runs once. The LM head and log-softmax then run only on the response tokens that
     exist (``attention_mask`` 1; padding gets log-prob and entropy 0), flattened across rows and
-    taken ``chunk_size`` tokens at a time. Under grad each chunk is checkpointed, so at most one
-    chunk of fp32 logits ``[chunk_size, V]`` is alive in the forward and again in the backward,
-    whatever the batch size and response length: at a 151,936-token vocabulary, 1024 tokens are
-    0.6 GB. Logits are divided by ``temperature`` so that the trainer scores the distribution the
-    engine sampled from. Returns ``(logp, entropy or None, decoder outputs)``.
+    taken ``chunk_size`` tokens at a time (default :func:`logprob_chunk_tokens`). Under grad each
+    chunk is checkpointed, so at most one chunk of fp32 logits ``[chunk_size, V]`` is alive in the
+    forward and again in the backward, whatever the batch size and response length. Logits are
+    divided by ``temperature`` so that the trainer scores the distribution the engine sampled from.
+    Returns ``(logp, entropy or None, decoder outputs)``.
     """
     decoder = model.get_decoder()
     head = model.get_output_embeddings()
@@ -239,6 +239,7 @@ def token_logprobs(
     where = attention_mask[:, prompt_len:].reshape(-1).nonzero().squeeze(-1)  # [n] real response tokens
     hidden_n = hidden.reshape(-1, hidden.shape[-1]).index_select(0, where)  # [n, H]
     targets_n = targets.reshape(-1).index_select(0, where)  # [n]
+    chunk_size = chunk_size or logprob_chunk_tokens(model.config.get_text_config().vocab_size, hidden.device)
     logps, ents = [], []
     for start in range(0, where.numel(), chunk_size):
         args = (head, hidden_n[start : start + chunk_size], targets_n[start : start + chunk_size])
@@ -251,6 +252,22 @@ def token_logprobs(
     logp = _scatter_tokens(logps, where, targets.shape, hidden)
     entropy = _scatter_tokens(ents, where, targets.shape, hidden).detach() if with_entropy else None
     return logp, entropy, out
+
+
+CPU_CHUNK_BYTES = 32 * 2**20  # glibc's largest mmap threshold: bigger blocks are mmap'd and faulted anew
+GPU_CHUNK_BYTES = 2**30  # PyTorch's caching allocator reuses blocks: the cap is memory, not churn
+
+
+def logprob_chunk_tokens(vocab_size: int, device: torch.device) -> int:
+    """Default tokens per LM-head chunk: the most whose fp32 logits ``[tokens, V]`` fit the device's budget.
+
+    On CPU the budget is 32 MiB. glibc serves larger blocks with a fresh ``mmap`` that is page-faulted
+    and zeroed on every use: at V = 151,936, chunks of 1024 tokens spent more time faulting pages in
+    the kernel than computing (``bench/logprob_chunks.py``). At most 55 tokens there; 4096 at most for
+    small vocabularies. On a GPU the budget is 1 GiB (1,766 tokens at V = 151,936).
+    """
+    budget = GPU_CHUNK_BYTES if device.type == "cuda" else CPU_CHUNK_BYTES
+    return max(1, min(4096, budget // (4 * vocab_size)))
 
 
 def _scatter_tokens(parts: list[Tensor], where: Tensor, shape: torch.Size, like: Tensor) -> Tensor:
