@@ -66,7 +66,7 @@ class MoERLModule(L.LightningModule):
         mini_batches: int = 1,
         micro_batch_size: int = 16,
         grad_clip: float = 1.0,
-        logprob_chunk_size: int = 256,
+        logprob_chunk_size: int | None = None,
         gradient_checkpointing: bool = False,
         router_aux_loss_coef: float = 0.0,
         lora: dict[str, Any] | None = None,
@@ -92,7 +92,9 @@ class MoERLModule(L.LightningModule):
             mini_batches: Optimizer updates per rollout (1 = on-policy).
             micro_batch_size: Sequences per forward; gradients accumulate over a mini-batch.
             grad_clip: Max global gradient norm (0 = no clipping).
-            logprob_chunk_size: Response positions per LM-head chunk when computing log-probs.
+            logprob_chunk_size: Response tokens (across rows) per LM-head chunk when computing log-probs:
+                bounds the fp32 logits alive at once to ``[logprob_chunk_size, V]``; padding is skipped.
+                Default (null): 32 MiB of logits on CPU, 1 GiB on a GPU (``policy.logprob_chunk_tokens``).
             gradient_checkpointing: Recompute decoder activations in the backward pass.
             router_aux_loss_coef: Load-balancing aux loss weight during RL (0 = off, as in R3). Under
                 routing replay HF's aux loss still sees the router's native top-K, not the replayed ids.

@@ -192,15 +192,15 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
 def _chunk_logp(
     head: nn.Module, hidden: Tensor, targets: Tensor, temperature: float, want_entropy: bool
 ) -> tuple[Tensor, Tensor]:
-    logits = head(hidden).float()  # [N, c, V]
+    logits = head(hidden).float()  # [c, V]
     if temperature != 1.0:
         logits = logits / temperature
-    logz = torch.logsumexp(logits, dim=-1)  # [N, c]
-    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz  # [N, c]
+    logz = torch.logsumexp(logits, dim=-1)  # [c]
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz  # [c]
     if not want_entropy:
         return logp, torch.zeros_like(logp)
     probs = torch.softmax(logits, dim=-1)
-    entropy = logz - (probs * logits).sum(-1)  # [N, c]
+    entropy = logz - (probs * logits).sum(-1)  # [c]
     return logp, entropy
 
 
@@ -211,17 +211,18 @@ def token_logprobs(
     prompt_len: int,
     *,
     temperature: float = 1.0,
-    chunk_size: int = 256,
+    chunk_size: int | None = None,
     with_entropy: bool = False,
     **forward_kwargs: Any,
 ) -> tuple[Tensor, Tensor | None, Any]:
     """Log-probs ``[N, R]`` (and entropies) of the response tokens ``input_ids[:, prompt_len:]``.
 
-    The decoder runs once; the LM head and log-softmax run over chunks of ``chunk_size`` response
-    positions. Under grad each chunk is checkpointed, so at most one chunk of fp32 logits
-    ``[N, chunk, V]`` is alive at a time in the forward and again in the backward: a 150k vocabulary
-    never materialises a full ``[N, T, V]`` tensor. Logits are divided by ``temperature`` so that
-    the trainer scores the distribution the engine sampled from.
+    The decoder runs once. The LM head and log-softmax then run only on the response tokens that
+    exist (``attention_mask`` 1; padding gets log-prob and entropy 0), flattened across rows and
+    taken ``chunk_size`` tokens at a time (default :func:`logprob_chunk_tokens`). Under grad each
+    chunk is checkpointed, so at most one chunk of fp32 logits ``[chunk_size, V]`` is alive in the
+    forward and again in the backward, whatever the batch size and response length. Logits are
+    divided by ``temperature`` so that the trainer scores the distribution the engine sampled from.
     Returns ``(logp, entropy or None, decoder outputs)``.
     """
     decoder = model.get_decoder()
@@ -235,17 +236,46 @@ def token_logprobs(
     )
     hidden = out.last_hidden_state[:, prompt_len - 1 : -1]  # [N, R, H]: positions predicting the response
     targets = input_ids[:, prompt_len:]  # [N, R]
+    where = attention_mask[:, prompt_len:].reshape(-1).nonzero().squeeze(-1)  # [n] real response tokens
+    hidden_n = hidden.reshape(-1, hidden.shape[-1]).index_select(0, where)  # [n, H]
+    targets_n = targets.reshape(-1).index_select(0, where)  # [n]
+    chunk_size = chunk_size or logprob_chunk_tokens(model.config.get_text_config().vocab_size, hidden.device)
     logps, ents = [], []
-    for start in range(0, targets.shape[1], chunk_size):
-        args = (head, hidden[:, start : start + chunk_size], targets[:, start : start + chunk_size])
+    for start in range(0, where.numel(), chunk_size):
+        args = (head, hidden_n[start : start + chunk_size], targets_n[start : start + chunk_size])
         if torch.is_grad_enabled() and hidden.requires_grad:
             lp, ent = checkpoint(_chunk_logp, *args, temperature, with_entropy, use_reentrant=False)
         else:
             lp, ent = _chunk_logp(*args, temperature, with_entropy)
         logps.append(lp)
         ents.append(ent)
-    entropy = torch.cat(ents, dim=1).detach() if with_entropy else None
-    return torch.cat(logps, dim=1), entropy, out
+    logp = _scatter_tokens(logps, where, targets.shape, hidden)
+    entropy = _scatter_tokens(ents, where, targets.shape, hidden).detach() if with_entropy else None
+    return logp, entropy, out
+
+
+CPU_CHUNK_BYTES = 32 * 2**20  # glibc's largest mmap threshold: bigger blocks are mmap'd and faulted anew
+GPU_CHUNK_BYTES = 2**30  # PyTorch's caching allocator reuses blocks: the cap is memory, not churn
+
+
+def logprob_chunk_tokens(vocab_size: int, device: torch.device) -> int:
+    """Default tokens per LM-head chunk: the most whose fp32 logits ``[tokens, V]`` fit the device's budget.
+
+    On CPU the budget is 32 MiB. glibc serves larger blocks with a fresh ``mmap`` that is page-faulted
+    and zeroed on every use: at V = 151,936, chunks of 1024 tokens spent more time faulting pages in
+    the kernel than computing (``bench/logprob_chunks.py``). At most 55 tokens there; 4096 at most for
+    small vocabularies. On a GPU the budget is 1 GiB (1,766 tokens at V = 151,936).
+    """
+    budget = GPU_CHUNK_BYTES if device.type == "cuda" else CPU_CHUNK_BYTES
+    return max(1, min(4096, budget // (4 * vocab_size)))
+
+
+def _scatter_tokens(parts: list[Tensor], where: Tensor, shape: torch.Size, like: Tensor) -> Tensor:
+    """Per-token values of the real tokens ``where`` (flat indices) back into a zero ``[N, R]``."""
+    flat = torch.zeros(shape.numel(), dtype=torch.float32, device=like.device)
+    if parts:
+        flat = flat.index_copy(0, where, torch.cat(parts))
+    return flat.view(shape)
 
 
 # Module attributes that HF models read as a dropout or noise probability in training mode only
