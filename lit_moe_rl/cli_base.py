@@ -25,6 +25,9 @@ class OneLineCLI(LightningCLI):
     """LightningCLI with one-line settings errors and start-up checks; no ``test``/``predict``."""
 
     def __init__(self, *args: Any, parser_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault(
+            "auto_configure_optimizers", False
+        )  # no --optimizer/--lr_scheduler (errors.NOT_SETTINGS)
         super().__init__(*args, parser_kwargs={**(parser_kwargs or {}), "exit_on_error": False}, **kwargs)
 
     @staticmethod
@@ -80,6 +83,7 @@ class OneLineCLI(LightningCLI):
         refuse_fsdp1(trainer.get("strategy"))
         cli_checks.check_wandb(trainer.get("logger"))
         cli_checks.check_logger_dirs(trainer)
+        cli_checks.check_trainer_values(trainer)
         apply_num_threads(config.get("num_threads", 0), "num_threads")
 
 
@@ -92,7 +96,15 @@ def _in_config_file(message: str, argv: list[str]) -> str:
     return f" (in --config {', '.join(files)})"
 
 
-TRAINER_SETTINGS = ("strategy", "devices", "precision", "accelerator", "num_nodes", "plugins")
+TRAINER_SETTINGS = (
+    "strategy",
+    "devices",
+    "precision",
+    "accelerator",
+    "num_nodes",
+    "plugins",
+    "enable_checkpointing",
+)
 
 
 def trainer_error(message: str, config: dict[str, Any]) -> str:

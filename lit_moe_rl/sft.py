@@ -85,6 +85,11 @@ class SFTModule(L.LightningModule):
                 hp.pretrained, hp.config, tokenizer=hp.tokenizer, seed=torch.initial_seed()
             )
 
+    def on_fit_start(self) -> None:
+        """Every training row needs the ``solution`` field the warm start learns to write."""
+        rows = getattr(getattr(self.trainer, "datamodule", None), "train_rows", None) or []
+        check_targets(rows)
+
     def encode(self, prompts: list[str], completions: list[str]) -> tuple[Tensor, Tensor, Tensor]:
         """Left-padded ``(input_ids, attention_mask, loss_mask)``; the loss covers completion + EOS.
 
@@ -148,6 +153,16 @@ class SFTModule(L.LightningModule):
             self.policy.save_pretrained(out)
             self.tokenizer.save_pretrained(out)
             rank_zero_info(f"sft: exported the trained model to {out} (load it with model.pretrained={out})")
+
+
+def check_targets(rows: list[dict[str, Any]], field: str = "solution") -> None:
+    """A one-line error naming the first training row without ``field`` (the completion sft trains on)."""
+    for i, row in enumerate(rows):
+        if field not in row:
+            raise ValueError(
+                f"data: sft trains on each row's {field!r} field (the completion to learn), but training row {i} "
+                f"has only {', '.join(map(repr, row)) or 'no fields'}: add {field!r} to the rows of data.path"
+            )
 
 
 def export_path(export_dir: str | None, log_dir: str) -> str | None:
