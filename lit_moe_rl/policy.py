@@ -158,7 +158,13 @@ def check_model_config(config: transformers.PretrainedConfig, setting: str) -> N
         raise ValueError(f"{setting}: num_experts_per_tok {top_k} is more than the {experts} experts")
     heads, hidden = getattr(config, "num_attention_heads", None), getattr(config, "hidden_size", None)
     explicit_head_dim = getattr(config, "head_dim", None)
-    if isinstance(heads, int) and isinstance(hidden, int) and explicit_head_dim is None:
+    if (
+        isinstance(heads, int)
+        and isinstance(hidden, int)
+        and heads > 0
+        and hidden > 0
+        and explicit_head_dim is None
+    ):
         if hidden % heads:
             raise ValueError(
                 f"{setting}: hidden_size {hidden} is not divisible by num_attention_heads {heads} "
@@ -172,7 +178,7 @@ def check_model_config(config: transformers.PretrainedConfig, setting: str) -> N
                 "size, which rotary position embeddings cannot rotate (make it even)"
             )
     kv_heads = getattr(config, "num_key_value_heads", None)
-    if isinstance(heads, int) and isinstance(kv_heads, int) and kv_heads and heads % kv_heads:
+    if isinstance(heads, int) and isinstance(kv_heads, int) and kv_heads > 0 and heads % kv_heads:
         raise ValueError(
             f"{setting}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
         )

@@ -7,6 +7,7 @@ import shutil
 import warnings
 
 import pytest
+import torch
 import transformers
 import yaml
 
@@ -153,3 +154,20 @@ def test_init_args_after_the_switch_are_kept(capsys):
     assert (algorithm["init_args"]["clip_low"], algorithm["init_args"]["clip_high"]) == (1e-3, 4e-4)
     algorithm, _ = _algorithm(capsys, "--model.algorithm.kl_coef=0.5")  # same class: the config's values stay
     assert algorithm["init_args"]["clip_high"] == 0.28 and algorithm["init_args"]["kl_coef"] == 0.5
+
+
+def test_finished_checkpoint_exports_to_a_hugging_face_folder(tmp_path, caplog):
+    """README "Export": fit with the run's config, --ckpt_path and HFExportCallback; the loop is done, so
+    the restored policy is written by on_fit_end (before: nothing was exported and nothing said)."""
+    from safetensors.torch import load_file
+
+    run_fit(tmp_path, steps=1)
+    (ckpt,) = tmp_path.rglob("last.ckpt")
+    out = tmp_path / "hf"
+    run_fit(tmp_path, f"--ckpt_path={ckpt}", "--trainer.callbacks+=lit_moe_rl.callbacks.HFExportCallback",
+            f"--trainer.callbacks.dirpath={out}", steps=1)  # fmt: skip
+    assert f"(step 1) as a Hugging Face folder: {out}" in caplog.text
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    exported = load_file(out / "model.safetensors")
+    name = next(k for k in exported if k.endswith("embed_tokens.weight"))
+    assert torch.equal(exported[name], state[f"policy.{name}"])
