@@ -138,6 +138,9 @@ def _run(args: list[str] | None) -> None:
     if argv and argv[0] == "sft":
         from lit_moe_rl.sft import SFTCLI, SFTModule
 
+        # `sft` is `fit` with the SFT module: the argv rewrite below is ours, not the user's mistake
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+
         SFTCLI(SFTModule, PromptDataModule, args=["fit", *argv[1:]], trainer_defaults=SFTCLI.TRAINER_DEFAULTS)
         return
     try:

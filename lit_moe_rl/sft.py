@@ -185,6 +185,13 @@ class SFTCLI(OneLineCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.template", "model.template")
 
+    def _add_subcommands(self, parser: Any, **kwargs: Any) -> None:
+        """``sft`` runs Lightning's ``fit``; its ``--help`` says ``lit-moe-rl sft``, not ``... fit``."""
+        super()._add_subcommands(parser, **kwargs)
+        fit = self._subcommand_parsers["fit"]
+        fit.prog = "lit-moe-rl sft"
+        fit.description = (__doc__ or "").split("\n\n", 1)[0].replace("``", "")
+
     def _instantiate_trainer(self, config: dict, callbacks: list) -> Any:
         from lit_moe_rl.cli import rich_progress_bar
 

@@ -171,3 +171,14 @@ def test_finished_checkpoint_exports_to_a_hugging_face_folder(tmp_path, caplog):
     exported = load_file(out / "model.safetensors")
     name = next(k for k in exported if k.endswith("embed_tokens.weight"))
     assert torch.equal(exported[name], state[f"policy.{name}"])
+
+
+def test_sft_help_says_sft(capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["lit-moe-rl", "sft", "--help"])  # as the console script sees it
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("usage: lit-moe-rl sft ") and " fit " not in captured.out.splitlines()[0]
+    assert "Supervised warm start (lit-moe-rl sft)" in captured.out
+    assert "LightningCLI's args parameter" not in captured.err
