@@ -69,7 +69,9 @@ def switch_notice(prev_path: str, new_class: type, carried: dict[str, Any]) -> s
     changes = [
         f"{key} {value!r} -> {params[key].default!r}"
         for key, value in carried.items()
-        if key in params and params[key].default is not inspect.Parameter.empty and value != params[key].default
+        if key in params
+        and params[key].default is not inspect.Parameter.empty
+        and value != params[key].default
     ]
     if not changes:
         return None

@@ -46,7 +46,9 @@ class ReferenceKLCallback(Callback):
         """
         if pretrained is not None:
             with _renamed_setting():
-                resolve_pretrained(pretrained)  # a missing folder fails at start-up, under this setting's name
+                resolve_pretrained(
+                    pretrained
+                )  # a missing folder fails at start-up, under this setting's name
         self.pretrained = pretrained
         self.monitor = monitor
         self.model: torch.nn.Module | None = None
