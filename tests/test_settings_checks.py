@@ -32,6 +32,8 @@ CASES = [
     (['--model.config={"family": "qwen3_moe", "hidden_size": 30}'], "= 15, an odd head size"),
     (['--model.config={"family": "mixtral", "num_attention_heads": 4, "num_key_value_heads": 3}'],
      "model.config: num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+    (["--trainer.enable_checkpointing=false", "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint"],
+     "trainer.enable_checkpointing: Trainer was configured with enable_checkpointing=False but found ModelCheckpoint"),
     (["--rollout.reward=lit_moe_rl.rewards.countdown"],
      "rollout.reward: 'lit_moe_rl.rewards.countdown' is a module, not a function"),
     (["--rollout.reward=my_reward.py"], "rollout.reward: 'my_reward.py' names a file but no function in it"),
