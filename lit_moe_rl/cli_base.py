@@ -25,9 +25,8 @@ class OneLineCLI(LightningCLI):
     """LightningCLI with one-line settings errors and start-up checks; no ``test``/``predict``."""
 
     def __init__(self, *args: Any, parser_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        kwargs.setdefault(
-            "auto_configure_optimizers", False
-        )  # no --optimizer/--lr_scheduler (errors.NOT_SETTINGS)
+        # no --optimizer/--lr_scheduler: the modules build their own (errors.NOT_SETTINGS says what to set)
+        kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(*args, parser_kwargs={**(parser_kwargs or {}), "exit_on_error": False}, **kwargs)
 
     @staticmethod
@@ -96,15 +95,8 @@ def _in_config_file(message: str, argv: list[str]) -> str:
     return f" (in --config {', '.join(files)})"
 
 
-TRAINER_SETTINGS = (
-    "strategy",
-    "devices",
-    "precision",
-    "accelerator",
-    "num_nodes",
-    "plugins",
-    "enable_checkpointing",
-)
+TRAINER_SETTINGS = ("strategy", "devices", "precision", "accelerator", "num_nodes", "plugins")
+TRAINER_SETTINGS += ("enable_checkpointing",)  # "enable_checkpointing=False but found ModelCheckpoint"
 
 
 def trainer_error(message: str, config: dict[str, Any]) -> str:

@@ -3,6 +3,9 @@
 Each function raises :class:`~lit_moe_rl.errors.SettingsError` naming the file or setting: a config
 file that is not valid YAML, a GPU accelerator on a machine without one, an online W&B logger with no
 API key, a log folder that cannot be written, a ``--ckpt_path`` that is not a Lightning checkpoint.
+Settings that would otherwise run silently wrong or end in a traceback deep in a run are refused too: a
+YAML key given twice, ``data.path`` without ``data.source: file``, more ``model.mini_batches`` than a
+rollout has sequences, ``val_check_interval: 0``, 64-bit precision, float16 weights on a CPU.
 """
 
 from __future__ import annotations
