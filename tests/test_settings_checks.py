@@ -184,3 +184,18 @@ def test_sft_help_says_sft(capsys, monkeypatch):
     assert captured.out.startswith("usage: lit-moe-rl sft ") and " fit " not in captured.out.splitlines()[0]
     assert "Supervised warm start (lit-moe-rl sft)" in captured.out
     assert "LightningCLI's args parameter" not in captured.err
+
+
+def test_a_skipped_update_is_said_once():
+    from types import SimpleNamespace
+
+    from lit_moe_rl.update import note_skipped
+
+    module = SimpleNamespace(global_step=7)
+    with pytest.warns(
+        UserWarning, match="model: optimizer step 7 skipped: its loss or gradient norm is not finite"
+    ):
+        note_skipped(module)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        note_skipped(module)
