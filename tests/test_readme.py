@@ -87,7 +87,9 @@ def test_sft_command_runs_shortened(tmp_path):
     )
     assert (tmp_path / "model" / "config.json").is_file()
     assert (tmp_path / "model" / "tokenizer.json").is_file()
-    assert list(tmp_path.glob("quickstart_sft/version_*/config.yaml"))  # README: runs/quickstart_sft/version_*
+    assert list(
+        tmp_path.glob("quickstart_sft/version_*/config.yaml")
+    )  # README: runs/quickstart_sft/version_*
 
 
 def test_real_checkpoint_command_parses(capsys):
