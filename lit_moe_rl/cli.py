@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import warnings
+from typing import Any
 
 from jsonargparse import ArgumentParser, lazy_instance
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -18,6 +19,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger
 
+from lit_moe_rl import algorithm_switch, cli_checks
 from lit_moe_rl.callbacks.rollout import RolloutCallback
 from lit_moe_rl.callbacks.summary import RunSummary
 from lit_moe_rl.checkpoint import LastCheckpoint
@@ -68,15 +70,46 @@ class MoERLCLI(OneLineCLI):
             config, callbacks + rich_progress_bar(config) + last_checkpoint(config)
         )
 
+    def before_instantiate_classes(self) -> None:
+        """The shared checks, then those of an RL run; the default checkpoint goes when checkpoints are off."""
+        super().before_instantiate_classes()
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        cli_checks.check_run_settings(config)
+        drop_default_checkpoint(config.get("trainer"))
+
+
+def drop_default_checkpoint(trainer: Any) -> None:
+    """``trainer.enable_checkpointing: false`` removes the ``trainer.callbacks`` default's checkpoint, which the
+    user never added (Lightning would refuse it); a ModelCheckpoint the user added is still refused."""
+    if trainer is None or trainer.get("enable_checkpointing") is not False:
+        return
+    callbacks = trainer.get("callbacks")
+    if isinstance(callbacks, list):
+        trainer["callbacks"] = [c for c in callbacks if not _is_default_checkpoint(c)]
+
+
+def _is_default_checkpoint(callback: Any) -> bool:
+    default = DEFAULT_CALLBACKS[0]
+    if not hasattr(callback, "get") or callback.get("class_path") != default["class_path"]:
+        return False
+    init_args = callback.get("init_args") or {}
+    return all(init_args.get(k) == v for k, v in default["init_args"].items())
+
+
+def callbacks_of(config: dict) -> list:
+    """``trainer.callbacks`` as a list: a single mapping in YAML gives one callback, not a list."""
+    chosen = config.get("callbacks")
+    return [] if chosen is None else chosen if isinstance(chosen, list) else [chosen]
+
 
 def last_checkpoint(config: dict) -> list[LastCheckpoint]:
     """A crash-safe ``last.ckpt`` at the end of every run, unless the config has one or disables checkpoints."""
-    chosen = [c for c in config.get("callbacks") or [] if isinstance(c, ModelCheckpoint) and c.save_last]
+    chosen = [c for c in callbacks_of(config) if isinstance(c, ModelCheckpoint) and c.save_last]
     return [] if chosen or config.get("enable_checkpointing") is False else [LastCheckpoint()]
 
 
 def rich_progress_bar(config: dict) -> list[ProgressBar]:
-    chosen = [c for c in config.get("callbacks") or [] if isinstance(c, ProgressBar)]
+    chosen = [c for c in callbacks_of(config) if isinstance(c, ProgressBar)]
     return [] if chosen or config.get("enable_progress_bar") is False else [RichProgressBar()]
 
 
@@ -95,6 +128,7 @@ def _drop_cloud_tip(record: logging.LogRecord) -> bool:
 
 
 def _run(args: list[str] | None) -> None:
+    algorithm_switch.install()
     for message in EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_drop_cloud_tip)
@@ -103,6 +137,9 @@ def _run(args: list[str] | None) -> None:
         raise ValueError(REMOVED[argv[0]])
     if argv and argv[0] == "sft":
         from lit_moe_rl.sft import SFTCLI, SFTModule
+
+        # `sft` is `fit` with the SFT module: the argv rewrite below is ours, not the user's mistake
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
 
         SFTCLI(SFTModule, PromptDataModule, args=["fit", *argv[1:]], trainer_defaults=SFTCLI.TRAINER_DEFAULTS)
         return

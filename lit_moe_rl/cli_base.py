@@ -25,6 +25,8 @@ class OneLineCLI(LightningCLI):
     """LightningCLI with one-line settings errors and start-up checks; no ``test``/``predict``."""
 
     def __init__(self, *args: Any, parser_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        # no --optimizer/--lr_scheduler: the modules build their own (errors.NOT_SETTINGS says what to set)
+        kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(*args, parser_kwargs={**(parser_kwargs or {}), "exit_on_error": False}, **kwargs)
 
     @staticmethod
@@ -80,6 +82,7 @@ class OneLineCLI(LightningCLI):
         refuse_fsdp1(trainer.get("strategy"))
         cli_checks.check_wandb(trainer.get("logger"))
         cli_checks.check_logger_dirs(trainer)
+        cli_checks.check_trainer_values(trainer)
         apply_num_threads(config.get("num_threads", 0), "num_threads")
 
 
@@ -93,6 +96,7 @@ def _in_config_file(message: str, argv: list[str]) -> str:
 
 
 TRAINER_SETTINGS = ("strategy", "devices", "precision", "accelerator", "num_nodes", "plugins")
+TRAINER_SETTINGS += ("enable_checkpointing",)  # "enable_checkpointing=False but found ModelCheckpoint"
 
 
 def trainer_error(message: str, config: dict[str, Any]) -> str:

@@ -91,6 +91,7 @@ def load_policy(
     if pretrained is not None:
         path = resolve_pretrained(pretrained)
         with naming_setting("model.pretrained", path):
+            require_causal_lm(transformers.AutoConfig.from_pretrained(path, local_files_only=True), path)
             model = transformers.AutoModelForCausalLM.from_pretrained(
                 path, dtype=torch_dtype, local_files_only=True
             )
@@ -98,16 +99,100 @@ def load_policy(
     else:
         with torch.random.fork_rng(), naming_setting("model.config", config):
             torch.manual_seed(seed)
-            model = transformers.AutoModelForCausalLM.from_config(build_config(config), dtype=torch_dtype)
+            built = build_config(config)
+            check_model_config(built, "model.config")
+            model = transformers.AutoModelForCausalLM.from_config(built, dtype=torch_dtype)
+            probe_forward(model)
         tok_path = tokenizer
     if tokenizer is not None and not Path(tokenizer).is_dir():
         raise ValueError(
             f"model.tokenizer: {tokenizer!r} is not a local folder (models and tokenizers load offline)"
         )
+    if tok_path is not None:
+        require_tokenizer_files(tok_path, "model.tokenizer" if tokenizer else "model.pretrained")
     with naming_setting("model.tokenizer" if tokenizer else "model.pretrained", tok_path):
         tok = load_tokenizer(tok_path, model.config.vocab_size)
     note_aux_loss(model.config)
     return model, tok
+
+
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+)  # fmt: skip
+
+
+def require_causal_lm(config: transformers.PretrainedConfig, path: Any) -> None:
+    """The folder holds a decoder-only causal LM (a BERT or T5 would load as a random-headed model)."""
+    architectures = list(getattr(config, "architectures", None) or [])
+    causal = any(a.endswith(CAUSAL_LM_SUFFIXES) for a in architectures) if architectures else (
+        type(config) in transformers.MODEL_FOR_CAUSAL_LM_MAPPING and not getattr(config, "is_encoder_decoder", False)
+    )  # fmt: skip
+    if not causal:
+        found = ", ".join(architectures) or f"model_type {config.model_type!r}"
+        raise ValueError(
+            f"model.pretrained: {path} holds a {found}, not a causal LM: lit-moe-rl trains decoder-only (MoE) "
+            "language models such as Qwen3-MoE, Mixtral, OLMoE, DeepSeek-V3 or GPT-OSS"
+        )
+
+
+def require_tokenizer_files(path: Any, setting: str) -> None:
+    """A tokenizer folder has a tokenizer file (without one, transformers falls back to a tokenizer that
+    turns every prompt into nothing)."""
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(
+            f"{setting}: {path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...); copy the "
+            "tokenizer into it, or set model.tokenizer to a folder that has one"
+        )
+
+
+def check_model_config(config: transformers.PretrainedConfig, setting: str) -> None:
+    """Shapes transformers accepts in a config but fails on in the first forward, named in one line."""
+    top_k = getattr(config, "num_experts_per_tok", None)
+    experts = next(
+        (getattr(config, n) for n in ("num_experts", "num_local_experts", "n_routed_experts") if getattr(config, n, None)),
+        None,
+    )  # fmt: skip
+    if isinstance(top_k, int) and isinstance(experts, int) and top_k > experts:
+        raise ValueError(f"{setting}: num_experts_per_tok {top_k} is more than the {experts} experts")
+    heads, hidden = getattr(config, "num_attention_heads", None), getattr(config, "hidden_size", None)
+    explicit_head_dim = getattr(config, "head_dim", None)
+    if (
+        isinstance(heads, int)
+        and isinstance(hidden, int)
+        and heads > 0
+        and hidden > 0
+        and explicit_head_dim is None
+    ):
+        if hidden % heads:
+            raise ValueError(
+                f"{setting}: hidden_size {hidden} is not divisible by num_attention_heads {heads} "
+                "(or set head_dim)"
+            )
+        if (hidden // heads) % 2 and (
+            getattr(config, "rope_parameters", None) or getattr(config, "rope_theta", None)
+        ):
+            raise ValueError(
+                f"{setting}: hidden_size {hidden} / num_attention_heads {heads} = {hidden // heads}, an odd head "
+                "size, which rotary position embeddings cannot rotate (make it even)"
+            )
+    kv_heads = getattr(config, "num_key_value_heads", None)
+    if isinstance(heads, int) and isinstance(kv_heads, int) and kv_heads > 0 and heads % kv_heads:
+        raise ValueError(
+            f"{setting}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+        )
+
+
+def probe_forward(model: nn.Module) -> None:
+    """One two-token forward of a freshly built model, so that any shape transformers rejects fails here,
+    under the setting's name, instead of in the first rollout. Skipped for weights not yet materialised."""
+    param = next(model.parameters(), None)
+    if param is None or param.device.type == "meta":
+        return
+    ids = torch.zeros((1, 2), dtype=torch.long, device=param.device)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
 
 
 @contextlib.contextmanager

@@ -85,6 +85,11 @@ class SFTModule(L.LightningModule):
                 hp.pretrained, hp.config, tokenizer=hp.tokenizer, seed=torch.initial_seed()
             )
 
+    def on_fit_start(self) -> None:
+        """Every training row needs the ``solution`` field the warm start learns to write."""
+        rows = getattr(getattr(self.trainer, "datamodule", None), "train_rows", None) or []
+        check_targets(rows)
+
     def encode(self, prompts: list[str], completions: list[str]) -> tuple[Tensor, Tensor, Tensor]:
         """Left-padded ``(input_ids, attention_mask, loss_mask)``; the loss covers completion + EOS.
 
@@ -150,6 +155,16 @@ class SFTModule(L.LightningModule):
             rank_zero_info(f"sft: exported the trained model to {out} (load it with model.pretrained={out})")
 
 
+def check_targets(rows: list[dict[str, Any]], field: str = "solution") -> None:
+    """A one-line error naming the first training row without ``field`` (the completion sft trains on)."""
+    for i, row in enumerate(rows):
+        if field not in row:
+            raise ValueError(
+                f"data: sft trains on each row's {field!r} field (the completion to learn), but training row {i} "
+                f"has only {', '.join(map(repr, row)) or 'no fields'}: add {field!r} to the rows of data.path"
+            )
+
+
 def export_path(export_dir: str | None, log_dir: str) -> str | None:
     """The export folder: ``<log_dir>/hf_model`` for ``auto``, ``export_dir`` as given, or None."""
     if export_dir is None:
@@ -169,6 +184,13 @@ class SFTCLI(OneLineCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.template", "model.template")
+
+    def _add_subcommands(self, parser: Any, **kwargs: Any) -> None:
+        """``sft`` runs Lightning's ``fit``; its ``--help`` says ``lit-moe-rl sft``, not ``... fit``."""
+        super()._add_subcommands(parser, **kwargs)
+        fit = self._subcommand_parsers["fit"]
+        fit.prog = "lit-moe-rl sft"
+        fit.description = (__doc__ or "").split("\n\n", 1)[0].replace("``", "")
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> Any:
         from lit_moe_rl.cli import rich_progress_bar
