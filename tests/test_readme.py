@@ -29,7 +29,7 @@ def _commands() -> list[str]:
 def test_readme_opens_with_install_then_quickstart_then_tests():
     commands = _commands()
     assert commands[:4] == [
-        "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu",
+        "pip install torch==2.13.0",
         'pip install -e ".[dev]"',
         "lit-moe-rl fit --config configs/quickstart.yaml",
         "python -m pytest -q",
