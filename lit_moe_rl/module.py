@@ -1,56 +1,35 @@
-"""The LightningModule: policy forward -> per-token log-probs -> algorithm -> manual optimisation.
+"""The LightningModule: a thin adapter over :class:`~lit_moe_rl.learner.Learner`.
 
-No generation and no rewards here: :class:`~lit_moe_rl.callbacks.rollout.RolloutCallback` puts a
-scored :class:`~lit_moe_rl.batch.Rollout` into the batch. One training step is one rollout:
-
-1. old log-probs once, without grad, in micro-batches (the PPO anchor π_old);
-2. ``mini_batches`` optimizer updates over shuffled slices of the rollout, each accumulating
-   micro-batch gradients scaled by the mini-batch's *global* token (or sequence) count, then
-   gradient clipping and a step; a non-finite loss or gradient norm skips the step.
-
-Callbacks that must wrap the policy's forwards (routing replay) register a context factory with
-:meth:`add_forward_context`; it is entered around every forward (and its backward, so that
-gradient-checkpointing recomputation happens inside it).
+It builds the policy (``configure_model``) and the optimizer, hands each rollout that
+:class:`~lit_moe_rl.callbacks.rollout.RolloutCallback` put into the batch to the learner
+(``training_step``), logs what the learner returns, and saves, restores and exports. No RL math here:
+the step, its statistics and their reduction across ranks live in :mod:`lit_moe_rl.learner`.
+Optimisation is manual (several updates per rollout); Lightning's wrapped optimizer and
+``manual_backward`` are the learner's ``optimizer`` and ``backward``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import time
-from collections.abc import Callable, Iterator
+import copy
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor
 
-from lit_moe_rl import old_pass, update
 from lit_moe_rl.algorithms import GRPO, Algorithm
-from lit_moe_rl.batch import Rollout
-from lit_moe_rl.batching import trim_padding
-from lit_moe_rl.distributed import RankMetrics, global_sum
+from lit_moe_rl.distributed import Collectives
+from lit_moe_rl.learner import ForwardContext, Learner, LearnerSettings, Stats, add_named
+from lit_moe_rl.learner.old_pass import check_correction
 from lit_moe_rl.lora import apply_lora
-from lit_moe_rl.old_pass import check_correction
-from lit_moe_rl.policy import load_balancing_loss, load_policy, set_training_mode, token_logprobs
+from lit_moe_rl.policy import load_balancing_loss, load_policy, set_training_mode
 from lit_moe_rl.routing.checks import require_moe
-from lit_moe_rl.routing.record import capture_router_logits
-from lit_moe_rl.rspo_weight import router_shift_weight
-from lit_moe_rl.sharding import (
-    data_parallel_mesh,
-    place_full_copy,
-    refuse_fsdp1,
-    shard_policy,
-    sync_full_copy,
-    unsharded_copy,
-)
-
-Phase = Literal["old", "update", "ref"]
-ForwardContext = Callable[[Phase, Rollout], contextlib.AbstractContextManager]
+from lit_moe_rl.sharding import RolloutCopy, data_parallel_mesh, refuse_fsdp1, shard_policy
+from lit_moe_rl.validation import check_module_settings
 
 
 class MoERLModule(L.LightningModule):
-    """Holds the MoE policy and the RL objective; optimises it manually, several updates per rollout."""
+    """Holds the MoE policy and its learner; optimises it manually, several updates per rollout."""
 
     def __init__(
         self,
@@ -114,22 +93,13 @@ class MoERLModule(L.LightningModule):
         super().__init__()
         if pretrained is None and config is None:
             raise ValueError("model: set model.pretrained (a local folder or builtin:<name>) or model.config")
-        if mini_batches < 1:
-            raise ValueError(f"model.mini_batches: must be >= 1, got {mini_batches}")
-        if micro_batch_size < 1:
-            raise ValueError(f"model.micro_batch_size: must be >= 1, got {micro_batch_size}")
-        from lit_moe_rl.validation import check_module_settings  # ranges: lit_moe_rl/validation.py
-
+        for name, value in (("mini_batches", mini_batches), ("micro_batch_size", micro_batch_size)):
+            if value < 1:
+                raise ValueError(f"model.{name}: must be >= 1, got {value}")
         check_module_settings(
-            lr=lr,
-            weight_decay=weight_decay,
-            betas=betas,
-            warmup_steps=warmup_steps,
-            grad_clip=grad_clip,
-            logprob_chunk_size=logprob_chunk_size,
-            router_aux_loss_coef=router_aux_loss_coef,
-            lora=lora,
-        )
+            lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps, grad_clip=grad_clip,
+            logprob_chunk_size=logprob_chunk_size, router_aux_loss_coef=router_aux_loss_coef, lora=lora,
+        )  # fmt: skip
         if pretrained is not None:
             from lit_moe_rl.policy import resolve_pretrained
 
@@ -140,27 +110,19 @@ class MoERLModule(L.LightningModule):
         self.automatic_optimization = False
         self.policy: torch.nn.Module | None = None
         self.tokenizer: Any = None
-        self._forward_contexts: list[ForwardContext] = []
-        self.reference: Any = None  # set by ReferenceKLCallback: provides reference_logprobs(module, micro)
-        self.skipped_steps = 0
+        self.learner: Learner | None = None  # built with the policy (configure_model)
+        self.forward_contexts: list[ForwardContext] = []  # registered by callbacks, shared with the learner
         self.init_seed = 0  # the seed configure_model built the policy with (kept in checkpoints)
-        self._aux_loss: Any = None  # the family's load-balancing loss when router_aux_loss_coef > 0
-        self._fused_old: list[tuple[Tensor, Tensor, Tensor]] = []  # (rows, logp, entropy) of a fused pass
-        self.rank_metrics = RankMetrics()
-        self._rollout_copy: list[
-            torch.nn.Module
-        ] = []  # a sharded policy's full copy for generation
-        self._rollout_copy_placement: tuple | None = None  # (device, dtype) place_full_copy matched
+        self.rollout_copy: RolloutCopy | None = None  # a sharded policy's full copy for generation
 
     # ------------------------------------------------------------------ model
     def setup(self, stage: str) -> None:
         """Refuse Lightning's FSDP v1 before the model is built (a Trainer made in Python skips the CLI)."""
-        trainer = getattr(self, "_trainer", None)
-        if trainer is not None:
-            refuse_fsdp1(trainer.strategy)
+        if getattr(self, "_trainer", None) is not None:
+            refuse_fsdp1(self.trainer.strategy)
 
     def configure_model(self) -> None:
-        """Load the policy (idempotent; runs under the strategy's init context, e.g. FSDP)."""
+        """Load the policy and build its learner (idempotent; runs under the strategy's init context)."""
         if self.policy is not None:
             return
         hp = self.hparams
@@ -171,9 +133,10 @@ class MoERLModule(L.LightningModule):
         if hp.lora:
             self.policy = apply_lora(self.policy, hp.lora)
             self.strict_loading = not self.saves_adapters_only  # the base comes from model.pretrained
-        if self.tracks_router_shift:
+        if self.algorithm.router_shift or hp.track_router_shift:
             require_moe(self.policy, "router_shift")
-        self._aux_loss = load_balancing_loss(self.policy) if hp.router_aux_loss_coef > 0 else None
+        if hp.router_aux_loss_coef > 0:
+            load_balancing_loss(self.policy)  # fails now on a family without one
         if hp.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.policy.config.use_cache = False
@@ -182,65 +145,24 @@ class MoERLModule(L.LightningModule):
             rank_zero_warn(f"model: {zeroed} dropout/noise probabilities set to 0 (RL trains without dropout)")
         mesh = data_parallel_mesh(self)
         if mesh is not None:  # FSDP2 (ModelParallelStrategy): keep a full copy to generate with, then shard
-            self._rollout_copy = [unsharded_copy(self.policy)]  # a list: not a submodule, not checkpointed
+            self.rollout_copy = RolloutCopy(self.policy)
             shard_policy(self.policy, mesh)
+        settings = LearnerSettings.from_hparams(hp)
+        self.learner = Learner(self.policy, self.algorithm, settings, forward_contexts=self.forward_contexts)
+
+    def add_forward_context(self, factory: ForwardContext) -> None:
+        """Register ``factory(phase, micro_rollout)``, entered around every policy forward (before or after
+        ``configure_model``: the learner shares this list)."""
+        self.forward_contexts.append(factory)
 
     def rollout_policy(self) -> torch.nn.Module:
-        """The module the rollout engine generates with: the policy, or its full copy when sharded
-        (refreshed by :meth:`sync_rollout_policy`). The copy is first given the policy's dtypes, buffers
-        and device (:func:`~lit_moe_rl.sharding.place_full_copy`): Lightning casts and moves the policy
-        after ``configure_model`` took the copy, and an engine binding to it copies what it finds."""
-        if not self._rollout_copy:
-            return self.policy
-        copy = self._rollout_copy[0]
-        placement = (self.device, next(self.policy.parameters()).dtype)
-        if self._rollout_copy_placement != placement:
-            place_full_copy(copy, self.policy, self.device)  # kept out of the module tree, so moved here
-            self._rollout_copy_placement = placement
-        return copy
+        """The module the rollout engine generates with: the policy, or its full copy when sharded."""
+        return self.rollout_copy.get(self.policy, self.device) if self.rollout_copy else self.policy
 
     def sync_rollout_policy(self) -> torch.nn.Module:
         """Refresh the full rollout copy of a sharded policy (a collective) and return :meth:`rollout_policy`."""
-        if self._rollout_copy:
-            sync_full_copy(self.rollout_policy(), self.policy)
-        return self.rollout_policy()
+        return self.rollout_copy.sync(self.policy, self.device) if self.rollout_copy else self.policy
 
-    def on_fit_start(self) -> None:
-        """Fail before the first rollout on a KL term without a reference (callbacks' hooks ran first)."""
-        if self.algorithm.kl_coef > 0 and self.reference is None:
-            raise ValueError(
-                "algorithm.kl_coef: > 0 needs a reference model: add lit_moe_rl.callbacks.ReferenceKLCallback"
-            )
-
-    def add_forward_context(self, factory: ForwardContext) -> None:
-        """Register ``factory(phase, micro_rollout)``, entered around every policy forward."""
-        self._forward_contexts.append(factory)
-
-    @contextlib.contextmanager
-    def forward_context(self, phase: Phase, micro: Rollout) -> Iterator[None]:
-        with contextlib.ExitStack() as stack:
-            for factory in self._forward_contexts:
-                stack.enter_context(factory(phase, micro))
-            yield
-
-    def sequence_logprobs(
-        self, micro: Rollout, *, with_entropy: bool = False, router_logits: bool = False
-    ) -> tuple[Tensor, Tensor | None, Any]:
-        """Per-token log-probs ``[n, R]`` of ``micro``'s response tokens under the current policy,
-        their entropies (when asked) and the decoder outputs (``router_logits`` when asked)."""
-        extra = {"output_router_logits": True} if router_logits else {}
-        return token_logprobs(
-            self.policy,
-            micro.input_ids,
-            micro.attention_mask,
-            micro.prompt_len,
-            temperature=micro.temperature,
-            chunk_size=self.hparams.logprob_chunk_size,
-            with_entropy=with_entropy,
-            **extra,
-        )
-
-    # ------------------------------------------------------------- optimiser
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -249,6 +171,20 @@ class MoERLModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / (warmup + 1)))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def on_fit_start(self) -> None:
+        """Give the learner Lightning's optimizer, backward and device (callbacks' hooks ran first), and
+        fail before the first rollout on a KL term without a reference."""
+        learner = self.learner
+        learner.optimizer, learner.scheduler = self.optimizers(), self.lr_schedulers()
+        learner.backward = self.manual_backward
+        learner.collectives = Collectives(self.device)
+        block = getattr(self.trainer.strategy, "block_backward_sync", None)  # DDP's no_sync
+        learner.no_sync = block if callable(block) else None
+        if self.algorithm.kl_coef > 0 and learner.reference is None:
+            raise ValueError(
+                "algorithm.kl_coef: > 0 needs a reference model: add lit_moe_rl.callbacks.ReferenceKLCallback"
+            )
+
     # ------------------------------------------------------------- training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         rollout = batch.get("rollout")
@@ -256,117 +192,40 @@ class MoERLModule(L.LightningModule):
             raise RuntimeError(
                 "batch has no 'rollout': add lit_moe_rl.callbacks.RolloutCallback to trainer.callbacks"
             )
-        metrics = dict(rollout.extras)
-        real = 0 if rollout.placeholder else rollout.num_sequences
-        if global_sum(float(real), self.device) == 0:  # DAPO dropped every group on every rank
-            self.skip_step(batch, metrics)
-            return
-        t0 = self._synced_clock()
-        rollout = rollout.to(self.device, skip=("routes", "old_routes", "old_router_logp"))
-        batch["rollout"] = rollout  # callbacks' on_train_batch_end sees old_logp, old_topk, ...
-        if self.fuses_old_pass:
-            metrics.update(self.policy_update(rollout))
-            metrics.update(old_pass.collect_fused_old_logprobs(self._fused_old, rollout))
+        if self.learner.collectives.sum(0.0 if rollout.placeholder else float(rollout.num_sequences)) > 0:
+            rollout = rollout.to(self.device, skip=("routes", "old_routes", "old_router_logp"))
         else:
-            metrics.update(self.compute_old_logprobs(rollout))
-            metrics.update(self.policy_update(rollout))
-        update_s = self._synced_clock() - t0
-        metrics["perf/update_s"] = update_s
-        tokens = float(rollout.attention_mask.sum())
-        metrics["perf/tokens_per_s"] = tokens / max(update_s + metrics.get("perf/rollout_s", 0.0), 1e-9)
-        self._step_tokens = 0.0 if rollout.placeholder else float(rollout.response_mask.sum())
-        self.log_reduced(metrics)
-
-    def _synced_clock(self) -> float:
-        """``time.perf_counter()`` once the device has finished its queued work (CUDA runs kernels
-        asynchronously: without the sync ``perf/update_s`` would miss the optimizer step's tail)."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
+            rollout = rollout.select(torch.arange(0))  # every group dropped on every rank: a skipped step
+        batch["rollout"] = rollout  # callbacks' on_train_batch_end sees old_logp, old_topk, ...
+        metrics = self.learner.step(rollout, shuffle_seed=self.global_step)
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
 
     def log_reduced(self, metrics: dict[str, Any]) -> None:
-        """Log one step's metrics, each reduced across ranks as :func:`~lit_moe_rl.distributed.reduction_of`
-        says (token means weighted by this step's response tokens). Every rank must call it at the same
-        point: callbacks call it from ``on_train_batch_end``."""
-        values = {key: float(value) for key, value in metrics.items()}
-        reduced = self.rank_metrics.reduce(values, tokens=self._step_tokens, device=self.device)
-        self.log_dict(reduced, on_step=True, on_epoch=False, batch_size=1)
+        """Log callbacks' per-rank metrics reduced across ranks by name
+        (:func:`~lit_moe_rl.distributed.reduction_of`; token means weighted by this step's response
+        tokens). Every rank must call it at the same point: callbacks call it from ``on_train_batch_end``."""
+        stats = Stats()
+        add_named(stats, metrics, self.learner.step_tokens)
+        self.log_dict(stats.reduce(self.learner.collectives), on_step=True, on_epoch=False, batch_size=1)
 
-    def skip_step(self, batch: dict[str, Any], metrics: dict[str, float]) -> None:
-        """A step with no gradient (every group dropped), still counted so that ``max_steps`` ends the run."""
-        batch["rollout"] = batch["rollout"].select(torch.arange(0))
-        self.skipped_steps += 1
-        self.optimizers().step()
-        self.lr_schedulers().step()
-        metrics["policy/skipped_steps"] = float(self.skipped_steps)
-        self._step_tokens = 0.0
-        self.log_reduced(metrics)
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        rewards = batch.get("val_rewards")
+        if rewards is None:
+            raise RuntimeError("batch has no 'val_rewards': add lit_moe_rl.callbacks.RolloutCallback")
+        # on the module's device: sync_dist all-reduces it, and NCCL cannot reduce a CPU tensor
+        mean = rewards.float().mean().to(self.device)
+        self.log("val/reward", mean, batch_size=len(rewards), prog_bar=True, sync_dist=True)
 
-    def micro_batches(self, rows: Tensor) -> list[Tensor]:
-        return list(rows.split(self.hparams.micro_batch_size))
-
+    # ------------------------------------------------------------ checkpoints and export
     @property
-    def trims_padding(self) -> bool:
-        """Trim micro-batches (not under routing replay, whose route views keep the rollout's width)."""
-        return self.hparams.get("trim_padding", True) and not self._forward_contexts
-
-    def micro_lengths(self, rollout: Rollout) -> Tensor | None:
-        """Response lengths ``[N]`` to group micro-batches by, or None to keep the given order."""
-        return rollout.response_mask.sum(-1) if self.trims_padding else None
-
-    def micro_batch(self, rollout: Rollout, rows: Tensor) -> Rollout:
-        """Rows ``rows`` of ``rollout``, without trailing all-padding columns when trimming."""
-        micro = rollout.select(rows)
-        return trim_padding(micro) if self.trims_padding else micro
-
-    @property
-    def fuses_old_pass(self) -> bool:
-        """True when π_old can be read off the (single) update forward instead of a separate pass."""
-        hp = self.hparams
-        return (
-            hp.old_logp_pass == "auto"
-            and hp.mini_batches == 1
-            and not self._forward_contexts
-            and not self.tracks_router_shift
-            and self.reference is None
-            and hp.correction == "none"
-        )
-
-    @property
-    def tracks_router_shift(self) -> bool:
-        return self.algorithm.router_shift or self.hparams.track_router_shift
-
-    def router_capture(self, micro: Rollout) -> contextlib.AbstractContextManager:
-        """Capture router log-probs at the positions predicting response tokens (RSPO), or nothing."""
-        if not self.tracks_router_shift:
-            return contextlib.nullcontext()
-        return capture_router_logits(self.policy, positions=slice(micro.prompt_len - 1, -1))
-
-    # The steps of an update, each in its own file; methods so that tests and callbacks can wrap them.
-    def compute_old_logprobs(self, rollout: Rollout) -> dict[str, float]:
-        return old_pass.compute_old_logprobs(self, rollout)
-
-    def policy_update(self, rollout: Rollout) -> dict[str, float]:
-        return update.policy_update(self, rollout)
-
-    def mini_batch_step(self, rollout: Rollout, rows: Tensor) -> dict[str, float]:
-        return update.mini_batch_step(self, rollout, rows)
-
-    def micro_batch_loss(
-        self, micro: Rollout, capture: Any, **norms: float
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        return update.micro_batch_loss(self, micro, capture, **norms)
-
-    def router_shift_weight(self, micro: Rollout, capture: Any) -> tuple[Tensor | None, dict[str, Tensor]]:
-        return router_shift_weight(self.algorithm, micro, capture)
+    def skipped_steps(self) -> int:
+        return self.learner.skipped_steps if self.learner is not None else 0
 
     def initial_policy(self) -> torch.nn.Module:
         """The policy as :meth:`configure_model` first built it (same source, same seed), without LoRA,
         on this module's device, and sharded like the policy under FSDP2."""
         hp = self.hparams
-        policy, _ = load_policy(
-            hp.pretrained, hp.config, dtype=hp.dtype, tokenizer=hp.tokenizer, seed=self.init_seed
-        )
+        policy, _ = load_policy(hp.pretrained, hp.config, dtype=hp.dtype, tokenizer=hp.tokenizer, seed=self.init_seed)
         policy.config.use_cache = False
         policy.to(self.device)
         mesh = data_parallel_mesh(self)
@@ -386,27 +245,14 @@ class MoERLModule(L.LightningModule):
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.skipped_steps = checkpoint.get("skipped_steps", 0)
+        self.learner.skipped_steps = checkpoint.get("skipped_steps", 0)
         self.init_seed = checkpoint.get("init_seed", self.init_seed)
 
-    # ------------------------------------------------------------ validation
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        rewards = batch.get("val_rewards")
-        if rewards is None:
-            raise RuntimeError("batch has no 'val_rewards': add lit_moe_rl.callbacks.RolloutCallback")
-        # on the module's device: sync_dist all-reduces it, and NCCL cannot reduce a CPU tensor
-        mean = rewards.float().mean().to(self.device)
-        self.log("val/reward", mean, batch_size=len(rewards), prog_bar=True, sync_dist=True)
-
-    # ------------------------------------------------------------ export
     def save_hf(self, path: str) -> None:
         """Save the policy (LoRA merged) and tokenizer as a Hugging Face folder ``from_pretrained`` loads.
-
         A sharded policy is saved from its full rollout copy (refreshed after every optimizer step)."""
         model = self.rollout_policy()
         if hasattr(model, "merge_and_unload"):
-            import copy
-
             model = copy.deepcopy(model).merge_and_unload()
         model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)

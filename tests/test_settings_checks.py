@@ -189,9 +189,9 @@ def test_sft_help_says_sft(capsys, monkeypatch):
 def test_a_skipped_update_is_said_once():
     from types import SimpleNamespace
 
-    from lit_moe_rl.update import note_skipped
+    from lit_moe_rl.learner.update import note_skipped
 
-    module = SimpleNamespace(global_step=7)
+    module = SimpleNamespace(optimizer_step=7, skip_noted=False)
     with pytest.warns(
         UserWarning, match="model: optimizer step 7 skipped: its loss or gradient norm is not finite"
     ):
