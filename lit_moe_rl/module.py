@@ -197,7 +197,7 @@ class MoERLModule(L.LightningModule):
         else:
             rollout = rollout.select(torch.arange(0))  # every group dropped on every rank: a skipped step
         batch["rollout"] = rollout  # callbacks' on_train_batch_end sees old_logp, old_topk, ...
-        metrics = self.learner.step(rollout, shuffle_seed=self.global_step)
+        metrics = self.learner.step(rollout, optimizer_step=self.global_step)
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
 
     def log_reduced(self, metrics: dict[str, Any]) -> None:

@@ -73,7 +73,7 @@ def plain_loop() -> tuple[list[dict[str, float]], dict[str, torch.Tensor]]:
     metrics = []
     for step, (prompts, samples) in enumerate(SEEN["batches"]):
         rollout = rollouts.make_rollout(caller, prompts, samples, step=step)
-        metrics.append(learner.step(rollout, shuffle_seed=step))
+        metrics.append(learner.step(rollout, optimizer_step=step))
         rollouts.engine.sync_weights(policy)
     rollouts.scorer.close()
     return metrics, policy.state_dict()

@@ -17,4 +17,13 @@ from lit_moe_rl.learner.learner import ForwardContext, Learner, Phase, Reference
 from lit_moe_rl.learner.settings import LearnerSettings
 from lit_moe_rl.learner.stats import Gathered, Stats, add_named
 
-__all__ = ["ForwardContext", "Gathered", "Learner", "LearnerSettings", "Phase", "Reference", "Stats", "add_named"]
+__all__ = [
+    "ForwardContext",
+    "Gathered",
+    "Learner",
+    "LearnerSettings",
+    "Phase",
+    "Reference",
+    "Stats",
+    "add_named",
+]

@@ -162,29 +162,30 @@ class Learner:
         )
 
     # ------------------------------------------------------------------ the step
-    def step(self, rollout: Rollout, *, shuffle_seed: int) -> dict[str, float]:
+    def step(self, rollout: Rollout, *, optimizer_step: int) -> dict[str, float]:
         """One RL step on ``rollout`` (on this learner's device); returns every statistic, reduced
-        across ranks. ``shuffle_seed`` orders the mini-batches (the optimizer step count: same on resume).
+        across ranks. ``optimizer_step``: the optimizer steps taken so far (Lightning's ``global_step``); it
+        seeds the mini-batch shuffle (the same order on resume).
         Every rank must call it. ``rollout`` receives ``old_logp`` (and RSPO's old routes)."""
         stats = Stats()
-        self.optimizer_step = shuffle_seed
+        self.optimizer_step = optimizer_step
         real = 0 if rollout.placeholder else rollout.num_sequences
         if self.collectives.sum(float(real)) == 0:  # DAPO dropped every group on every rank
             self.skip(stats)
         else:
-            self.train(rollout, stats, shuffle_seed)
+            self.train(rollout, stats, optimizer_step)
         add_named(stats, rollout.extras, self.step_tokens)
         return stats.reduce(self.collectives)
 
-    def train(self, rollout: Rollout, stats: Stats, shuffle_seed: int) -> None:
+    def train(self, rollout: Rollout, stats: Stats, optimizer_step: int) -> None:
         """π_old, then the updates, timed; statistics into ``stats``."""
         t0 = self._synced_clock()
         if self.fuses_old_pass:
-            update.policy_update(self, rollout, stats, shuffle_seed)
+            update.policy_update(self, rollout, stats, optimizer_step)
             old_pass.collect_fused_old_logprobs(self.fused_old, rollout, stats)
         else:
             old_pass.compute_old_logprobs(self, rollout, stats)
-            update.policy_update(self, rollout, stats, shuffle_seed)
+            update.policy_update(self, rollout, stats, optimizer_step)
         update_s = self._synced_clock() - t0
         self.step_tokens = 0.0 if rollout.placeholder else float(rollout.response_mask.sum())
         rollout_s = float(rollout.extras.get("perf/rollout_s", 0.0))
@@ -195,6 +196,7 @@ class Learner:
         """A step with no gradient (every group dropped), still counted so that a step budget ends the run."""
         self.skipped_steps += 1
         self.optimizer.step()
+        self.optimizer_step += 1
         self.scheduler.step()
         self.step_tokens = 0.0
         stats.mean("policy/skipped_steps", float(self.skipped_steps), 1.0)
@@ -215,6 +217,3 @@ class Learner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
-
-
-

@@ -111,13 +111,17 @@ def correction_weights(kind: str, args: dict[str, float], rollout: Rollout, stat
     """Off-policy correction weights on ρ = π_old/μ into ``rollout.token_weight``; their token means."""
     if kind == "none":
         return
-    weight, values = apply_correction(kind, rollout.old_logp, rollout.infer_logp, rollout.response_mask, **args)
+    weight, values = apply_correction(
+        kind, rollout.old_logp, rollout.infer_logp, rollout.response_mask, **args
+    )
     rollout.token_weight = weight
     for key, value in values.items():
         stats.mean(f"mismatch/{key}", value, _tokens(rollout), "token_mean")
 
 
-def mismatch_metrics(train_logp: Tensor, infer_logp: Tensor, mask: Tensor, stats: Stats, tokens: float) -> None:
+def mismatch_metrics(
+    train_logp: Tensor, infer_logp: Tensor, mask: Tensor, stats: Stats, tokens: float
+) -> None:
     """``mismatch/*``: train-inference KL (R3 Eq. 2), extreme-token fractions (Eq. 3), |Δ log p|."""
     stats.mean("mismatch/train_infer_kl", train_infer_kl(train_logp, infer_logp, mask), tokens, "token_mean")
     for tau in TAUS:

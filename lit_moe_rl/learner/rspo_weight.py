@@ -49,7 +49,12 @@ def add_shift_stats(stats: Stats, shift: RouterShift, mask: Tensor, floor: float
     gamma, delta = shift.gamma[mask].float(), shift.delta[mask].float()
     tokens = float(mask.sum())
     stats.mean("rspo/gamma_mean", gamma.sum() / max(tokens, 1.0), tokens, "token_mean")
-    stats.mean("rspo/floor_frac", (shift.gamma_raw[mask] < floor).float().sum() / max(tokens, 1.0), tokens, "token_mean")
+    stats.mean(
+        "rspo/floor_frac",
+        (shift.gamma_raw[mask] < floor).float().sum() / max(tokens, 1.0),
+        tokens,
+        "token_mean",
+    )
     stats.mean("rspo/shift_mean", delta.sum() / max(tokens, 1.0), tokens, "token_mean")
     stats.extreme("rspo/gamma_min", gamma.min() if tokens else 1.0, "min", tokens)
     for q, name in ((0.1, "gamma_p10"), (0.5, "gamma_p50")):

@@ -77,7 +77,9 @@ class Stats:
     def sum(self, name: str, value: float | Tensor) -> None:
         self._entry(name, "sum").num += float(value)
 
-    def extreme(self, name: str, value: float | Tensor, kind: Literal["max", "min"], count: float = 1.0) -> None:
+    def extreme(
+        self, name: str, value: float | Tensor, kind: Literal["max", "min"], count: float = 1.0
+    ) -> None:
         """A maximum or minimum over ``count`` items (nothing when ``count`` is 0)."""
         entry = self._entry(name, kind)
         if count:
@@ -115,7 +117,9 @@ class Stats:
             out[name] = num / den if den else entries[name].empty
         for kind in ("sum", "max", "min"):
             these = [n for n in names if entries[n].kind == kind]
-            for name, value in zip(these, collectives.all_reduce([entries[n].num for n in these], kind), strict=True):
+            for name, value in zip(
+                these, collectives.all_reduce([entries[n].num for n in these], kind), strict=True
+            ):
                 out[name] = entries[name].empty if value in (float("inf"), float("-inf")) else value
         for name in (n for n in names if entries[n].kind in ("std", "quantile")):
             entry = entries[name]

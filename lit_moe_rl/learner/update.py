@@ -30,9 +30,9 @@ if TYPE_CHECKING:
     from lit_moe_rl.learner.learner import Learner
 
 
-def policy_update(learner: Learner, rollout: Rollout, stats: Stats, shuffle_seed: int) -> Stats:
+def policy_update(learner: Learner, rollout: Rollout, stats: Stats, optimizer_step: int) -> Stats:
     """``mini_batches`` optimizer steps over shuffled slices of the rollout (same order on resume)."""
-    order = torch.randperm(rollout.num_sequences, generator=torch.Generator().manual_seed(shuffle_seed))
+    order = torch.randperm(rollout.num_sequences, generator=torch.Generator().manual_seed(optimizer_step))
     slices = order.tensor_split(learner.settings.mini_batches)
     running = [rows for rows in slices if learner.collectives.max(len(rows)) > 0]
     for rows in running:
@@ -91,7 +91,13 @@ def _accumulating(learner: Learner, last: bool) -> contextlib.AbstractContextMan
 
 
 def micro_batch_loss(
-    learner: Learner, micro: Rollout, capture: object, *, num_tokens: float, num_seqs: float, norm_const: float
+    learner: Learner,
+    micro: Rollout,
+    capture: object,
+    *,
+    num_tokens: float,
+    num_seqs: float,
+    norm_const: float,
 ) -> tuple[Tensor, Stats]:
     """The algorithm's loss on one micro-batch, normalised by the mini-batch's global counts, and the
     micro-batch's statistics (each with its kind and this micro-batch's token / sequence weight)."""
@@ -139,7 +145,9 @@ def add_objective_stats(stats: Stats, values: dict[str, Tensor], kinds: dict[str
     seqs = float(mask.any(-1).sum())
     for key, value in values.items():
         name = key if "/" in key else f"policy/{key}"
-        kind = kinds.get(key) or ("max" if key.endswith("max") else "min" if key.endswith("min") else "token_mean")
+        kind = kinds.get(key) or (
+            "max" if key.endswith("max") else "min" if key.endswith("min") else "token_mean"
+        )
         stats.add(name, value, kind, seqs if kind == "seq_mean" else tokens)
 
 
