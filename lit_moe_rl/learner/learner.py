@@ -80,6 +80,19 @@ class Learner:
         self.step_tokens = 0.0  # this rank's trained response tokens in the last step (token-mean weight)
         self.fused_old: list[tuple[Tensor, Tensor, Tensor]] = []  # (rows, logp, entropy) of a fused pass
 
+    def bind(
+        self,
+        optimizer: Any,
+        scheduler: Any,
+        *,
+        backward: Callable[[Tensor], None],
+        collectives: Collectives,
+        no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+    ) -> None:
+        """Set what a framework provides once it has set up (Lightning: at ``on_fit_start``)."""
+        self.optimizer, self.scheduler, self.backward = optimizer, scheduler, backward
+        self.collectives, self.no_sync = collectives, no_sync
+
     @property
     def device(self) -> torch.device:
         return self.collectives.device
@@ -162,6 +175,13 @@ class Learner:
         )
 
     # ------------------------------------------------------------------ the step
+    def prepare(self, rollout: Rollout) -> Rollout:
+        """``rollout`` on this learner's device (routes stay on the CPU), or none of its rows when no rank
+        has a row to train (DAPO dropped every group): :meth:`step` then skips."""
+        if self.collectives.sum(0.0 if rollout.placeholder else float(rollout.num_sequences)) == 0:
+            return rollout.select(torch.arange(0))
+        return rollout.to(self.device, skip=("routes", "old_routes", "old_router_logp"))
+
     def step(self, rollout: Rollout, *, optimizer_step: int) -> dict[str, float]:
         """One RL step on ``rollout`` (on this learner's device); returns every statistic, reduced
         across ranks. ``optimizer_step``: the optimizer steps taken so far (Lightning's ``global_step``); it
