@@ -12,12 +12,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_moe_rl.algorithms import GRPO, Algorithm
-from lit_moe_rl.distributed import Collectives
 from lit_moe_rl.learner import ForwardContext, Learner, LearnerSettings, Stats, add_named
 from lit_moe_rl.learner.optim import adamw_with_warmup
 from lit_moe_rl.learner.settings import CorrectionKind
+from lit_moe_rl.parallel.distributed import Collectives
+from lit_moe_rl.parallel.sharding import RolloutCopy, data_parallel_mesh, refuse_fsdp1, shard_policy
 from lit_moe_rl.policy import build_rl_policy, initial_policy, save_hf_folder
-from lit_moe_rl.sharding import RolloutCopy, data_parallel_mesh, refuse_fsdp1, shard_policy
 from lit_moe_rl.validation import check_rl_module_settings
 
 

@@ -444,6 +444,6 @@ def initial_policy(hp: Any, *, seed: int, device: torch.device, mesh: Any = None
     policy.to(device)
     if mesh is None:
         return policy
-    from lit_moe_rl.sharding import shard_policy
+    from lit_moe_rl.parallel.sharding import shard_policy
 
     return shard_policy(policy, mesh)

@@ -64,7 +64,15 @@ def check_rl_module_settings(hp: Any) -> None:
     for name in ("mini_batches", "micro_batch_size"):
         if hp[name] < 1:
             raise ValueError(f"model.{name}: must be >= 1, got {hp[name]}")
-    names = ("lr", "weight_decay", "betas", "warmup_steps", "grad_clip", "logprob_chunk_size", "router_aux_loss_coef")
+    names = (
+        "lr",
+        "weight_decay",
+        "betas",
+        "warmup_steps",
+        "grad_clip",
+        "logprob_chunk_size",
+        "router_aux_loss_coef",
+    )
     check_module_settings(**{name: hp[name] for name in names}, lora=hp["lora"])
     if hp["pretrained"] is not None:
         from lit_moe_rl.policy import resolve_pretrained

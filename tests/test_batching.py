@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from lit_moe_rl.batch import Rollout
-from lit_moe_rl.batching import micro_plan, pad_columns, scatter_rows, trim_padding
-from lit_moe_rl.distributed import Collectives
 from lit_moe_rl.learner import learner as learner_lib
+from lit_moe_rl.learner.batching import micro_plan, pad_columns, scatter_rows, trim_padding
+from lit_moe_rl.parallel.distributed import Collectives
 from tests.helpers import run_fit, train_rows
 from tests.test_distributed_e2e import KEYS
 

@@ -11,10 +11,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lit_moe_rl import distributed as D
 from lit_moe_rl.data.sampler import ResumableSampler
 from lit_moe_rl.learner.stats import Gathered, Stats, add_named
 from lit_moe_rl.losses import grpo_loss
+from lit_moe_rl.parallel import distributed as D
 from lit_moe_rl.rollout.engine import Generation
 from lit_moe_rl.rollout.per_prompt import concat_generations, prompt_seed
 

@@ -3,7 +3,7 @@ weights and metrics, bit for bit, as ``lit-moe-rl fit --config configs/quickstar
 
 The loop uses what the CLI's run uses (the same prompts in the same order, the same rollout callback
 and engine, AdamW and its warm-up schedule) and nothing of Lightning: ``loss.backward`` is the
-backward, a single-process :class:`~lit_moe_rl.distributed.Collectives` the collectives.
+backward, a single-process :class:`~lit_moe_rl.parallel.distributed.Collectives` the collectives.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 from lit_moe_rl.algorithms import GRPO
 from lit_moe_rl.callbacks.rollout import RolloutCallback
 from lit_moe_rl.cli import main
-from lit_moe_rl.distributed import Collectives
 from lit_moe_rl.learner import Learner, LearnerSettings
+from lit_moe_rl.parallel.distributed import Collectives
 from lit_moe_rl.policy import load_policy, set_training_mode
 from lit_moe_rl.rewards.countdown import CountdownReward
 from lit_moe_rl.rollout.engine import HFEngine

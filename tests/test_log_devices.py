@@ -12,9 +12,9 @@ import numbers
 
 import torch
 
-from lit_moe_rl import distributed
 from lit_moe_rl.learner import Learner, LearnerSettings
 from lit_moe_rl.module import MoERLModule
+from lit_moe_rl.parallel import distributed
 
 META = torch.device("meta")
 

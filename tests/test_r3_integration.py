@@ -20,8 +20,8 @@ import yaml
 from lit_moe_rl.callbacks.rollout import RolloutCallback
 from lit_moe_rl.callbacks.routing_replay import RoutingReplayCallback
 from lit_moe_rl.data.countdown import format_prompt, generate_countdown
-from lit_moe_rl.distributed import Collectives
 from lit_moe_rl.module import MoERLModule
+from lit_moe_rl.parallel.distributed import Collectives
 from lit_moe_rl.rollout.engine import HFEngine
 from lit_moe_rl.routing.record import record_routes
 from lit_moe_rl.routing.store import RouteStore

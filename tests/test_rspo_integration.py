@@ -26,9 +26,9 @@ from lit_moe_rl.callbacks.rollout import RolloutCallback
 from lit_moe_rl.callbacks.router_shift import HEATMAP_KEY, RouterShiftCallback, layer_shift_column
 from lit_moe_rl.cli import main
 from lit_moe_rl.data.datamodule import PromptDataModule
-from lit_moe_rl.distributed import Collectives
 from lit_moe_rl.learner import Learner
 from lit_moe_rl.module import MoERLModule
+from lit_moe_rl.parallel.distributed import Collectives
 from lit_moe_rl.rollout.engine import HFEngine
 from tests.helpers import ROOT, latest_metrics, read_metrics
 

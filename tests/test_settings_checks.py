@@ -142,7 +142,7 @@ def _algorithm(capsys, *extra: str) -> tuple[dict, str]:
     ("name", "clip"), [("GSPO", (3e-4, 4e-4)), ("GMPO", (0.4, 0.4)), ("RSPO", (0.4, 0.4))]
 )
 def test_switching_algorithm_starts_from_its_defaults(capsys, name, clip):
-    from lit_moe_rl import algorithm_switch
+    from lit_moe_rl.cli import algorithm_switch
 
     algorithm_switch._NOTED.clear()
     algorithm, err = _algorithm(capsys, f"--model.algorithm={name}")

@@ -80,7 +80,9 @@ class ReferenceKLCallback(Callback):
     def reference_logprobs(self, learner: Learner, micro: Rollout) -> Tensor:
         """π_ref log-probs ``[n, R]`` of ``micro``'s response tokens (phase ``ref`` forward contexts)."""
         model = learner.policy if self._use_disabled_adapter else self.model
-        adapter_off = learner.policy.disable_adapter() if self._use_disabled_adapter else contextlib.nullcontext()
+        adapter_off = (
+            learner.policy.disable_adapter() if self._use_disabled_adapter else contextlib.nullcontext()
+        )
         with adapter_off, learner.forward_context("ref", micro):
             logp, _, _ = token_logprobs(
                 model,

@@ -16,8 +16,8 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lit_moe_rl.batch import Rollout
-from lit_moe_rl.distributed import is_distributed
 from lit_moe_rl.learner.stats import Gathered
+from lit_moe_rl.parallel.distributed import is_distributed
 from lit_moe_rl.rewards import RewardFn, resolve_reward
 from lit_moe_rl.rewards.failures import FailureTracker
 from lit_moe_rl.rewards.workers import Isolation, RewardScorer

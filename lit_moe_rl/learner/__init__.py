@@ -2,7 +2,7 @@
 decision, RSPO's weight and statistics reduced by their kind.
 
 Its inputs are explicit (policy, algorithm, :class:`LearnerSettings`, optimizer and scheduler,
-``backward``, forward contexts, :class:`~lit_moe_rl.distributed.Collectives`), so that the
+``backward``, forward contexts, :class:`~lit_moe_rl.parallel.distributed.Collectives`), so that the
 LightningModule (:mod:`lit_moe_rl.module`), Fabric or a plain PyTorch loop can drive it.
 
 - :mod:`.learner`: the :class:`Learner` (one step: skip decision, π_old, updates, timing);

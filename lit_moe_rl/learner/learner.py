@@ -4,7 +4,7 @@ Its inputs are explicit (torchtune's split of recipe loop and pure losses; Light
 ``ThroughputMonitor`` over fabric's ``throughput.py``): the policy, the algorithm, a
 :class:`~lit_moe_rl.learner.settings.LearnerSettings`, the optimizer and scheduler, a ``backward(loss)``
 callable (Lightning's ``manual_backward``, or ``Tensor.backward``), the forward contexts callbacks
-register (routing replay) and a :class:`~lit_moe_rl.distributed.Collectives`. A plain PyTorch loop
+register (routing replay) and a :class:`~lit_moe_rl.parallel.distributed.Collectives`. A plain PyTorch loop
 drives it as the LightningModule does (tests/test_learner.py):
 
 1. old log-probs once, without grad, in micro-batches (the PPO anchor π_old; :mod:`.old_pass`);
@@ -26,11 +26,11 @@ from torch import Tensor
 
 from lit_moe_rl.algorithms import Algorithm
 from lit_moe_rl.batch import Rollout
-from lit_moe_rl.batching import micro_plan, trim_padding
-from lit_moe_rl.distributed import Collectives
 from lit_moe_rl.learner import old_pass, update
+from lit_moe_rl.learner.batching import micro_plan, trim_padding
 from lit_moe_rl.learner.settings import LearnerSettings
 from lit_moe_rl.learner.stats import Stats, add_named
+from lit_moe_rl.parallel.distributed import Collectives
 from lit_moe_rl.policy import load_balancing_loss, token_logprobs
 from lit_moe_rl.routing.record import capture_router_logits
 

@@ -3,7 +3,7 @@
 Also the reference model's log-probs (when a reference is attached), RSPO's old top-K expert ids and
 their router log-probs (router-shift tracking), the train-inference ``mismatch/*`` metrics and the
 off-policy correction weights on ``ρ = π_old / μ``. Every rank runs the same number of forwards
-(:func:`lit_moe_rl.batching.micro_plan`): under FSDP each forward is a collective. Statistics go into a
+(:func:`lit_moe_rl.learner.batching.micro_plan`): under FSDP each forward is a collective. Statistics go into a
 :class:`~lit_moe_rl.learner.stats.Stats`, each declared with its kind.
 """
 
@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from lit_moe_rl.batch import Rollout
-from lit_moe_rl.batching import scatter_rows
 from lit_moe_rl.corrections import CORRECTIONS, apply_correction
+from lit_moe_rl.learner.batching import scatter_rows
 from lit_moe_rl.learner.stats import Stats
 from lit_moe_rl.losses import kl_estimate, masked_mean
 from lit_moe_rl.metrics import extreme_token_fraction, logp_diff_stats, train_infer_kl

@@ -12,7 +12,7 @@ Averaging per-micro-batch means by row share, or per-micro-batch maxima, makes a
 how the batch is split although the loss does not; with these rules the value is the same for any
 micro-batch size, with or without trimmed padding, and for W ranks of b rows as for one rank of W·b
 (up to float rounding). The reduction over ranks is :meth:`Stats.reduce` with a
-:class:`~lit_moe_rl.distributed.Collectives`: one all-reduce per kind and one gather of the raw values.
+:class:`~lit_moe_rl.parallel.distributed.Collectives`: one all-reduce per kind and one gather of the raw values.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lit_moe_rl.distributed import Collectives
+from lit_moe_rl.parallel.distributed import Collectives
 
 MeanKind = Literal["token_mean", "seq_mean", "mean"]
 Kind = Literal["token_mean", "seq_mean", "mean", "sum", "max", "min", "std", "quantile"]
@@ -153,8 +153,8 @@ def _spread(values: Tensor, entry: _Entry) -> float:
 
 def named_kind(name: str) -> Kind:
     """The kind of a metric known only by name (callbacks' scalars, the rollout's ``extras``):
-    :func:`~lit_moe_rl.distributed.reduction_of`, with ``token_mean`` weighted by the step's tokens."""
-    from lit_moe_rl.distributed import reduction_of
+    :func:`~lit_moe_rl.parallel.distributed.reduction_of`, with ``token_mean`` weighted by the step's tokens."""
+    from lit_moe_rl.parallel.distributed import reduction_of
 
     return reduction_of(name)
 

@@ -3,7 +3,7 @@ gradients normalised by the mini-batch's *global* token (or sequence) count.
 
 docs/algorithms.md §2.1 pitfall: with gradient accumulation each micro-batch is scaled by its share of
 the mini-batch's count, so the micro-batch losses add up to the mini-batch loss exactly; across
-ranks the count is all-reduced and each rank's loss multiplied by W (:mod:`lit_moe_rl.distributed`).
+ranks the count is all-reduced and each rank's loss multiplied by W (:mod:`lit_moe_rl.parallel.distributed`).
 A non-finite loss or gradient norm on any rank skips the step on every rank.
 
 Statistics: the loss (and its KL term) are shares of the mini-batch's global value (``sum``),
@@ -21,10 +21,10 @@ import torch
 from torch import Tensor
 
 from lit_moe_rl.batch import Rollout
-from lit_moe_rl.distributed import full_tensor
 from lit_moe_rl.learner.rspo_weight import router_shift_weight
 from lit_moe_rl.learner.stats import Stats
 from lit_moe_rl.losses import aggregate, kl_estimate
+from lit_moe_rl.parallel.distributed import full_tensor
 
 if TYPE_CHECKING:
     from lit_moe_rl.learner.learner import Learner

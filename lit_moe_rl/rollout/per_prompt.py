@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lit_moe_rl.distributed import is_distributed, world_size
+from lit_moe_rl.parallel.distributed import is_distributed, world_size
 from lit_moe_rl.rollout.engine import Generation
 
 

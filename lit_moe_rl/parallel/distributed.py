@@ -99,7 +99,9 @@ class Collectives:
         """W: see this module's docstring."""
         return loss_scale()
 
-    def global_counts(self, num_tokens: float, num_seqs: float, norm_const: float) -> tuple[float, float, float]:
+    def global_counts(
+        self, num_tokens: float, num_seqs: float, norm_const: float
+    ) -> tuple[float, float, float]:
         return global_counts(num_tokens, num_seqs, norm_const, self.device)
 
     def sum(self, value: float) -> float:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from lit_moe_rl.batch import Rollout
-from lit_moe_rl.distributed import Collectives
+from lit_moe_rl.parallel.distributed import Collectives
 
 
 def micro_plan(

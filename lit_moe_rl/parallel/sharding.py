@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lit_moe_rl.distributed import full_tensor
+from lit_moe_rl.parallel.distributed import full_tensor
 
 
 def decoder_layers(policy: nn.Module) -> list[nn.Module]:
