@@ -120,7 +120,8 @@ class Stats:
             for name, value in zip(
                 these, collectives.all_reduce([entries[n].num for n in these], kind), strict=True
             ):
-                out[name] = entries[name].empty if value in (float("inf"), float("-inf")) else value
+                unset = kind != "sum" and value == _START[kind]  # no rank had a value
+                out[name] = entries[name].empty if unset else value
         for name in (n for n in names if entries[n].kind in ("std", "quantile")):
             entry = entries[name]
             local = torch.cat(entry.parts) if entry.parts else torch.zeros(0, dtype=torch.float64)
