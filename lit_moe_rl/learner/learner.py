@@ -32,10 +32,26 @@ from lit_moe_rl.learner.settings import LearnerSettings
 from lit_moe_rl.learner.stats import Stats, add_named
 from lit_moe_rl.parallel.distributed import Collectives
 from lit_moe_rl.policy import load_balancing_loss, token_logprobs
-from lit_moe_rl.routing.record import capture_router_logits
+from lit_moe_rl.routing.record import RouterLogitsCapture, capture_router_logits
 
 Phase = Literal["old", "update", "ref"]
 ForwardContext = Callable[[Phase, Rollout], contextlib.AbstractContextManager]
+
+
+class Optimizer(Protocol):
+    """What the learner uses of an optimizer (torch's, or Lightning's wrapped one)."""
+
+    param_groups: list[dict[str, Any]]
+
+    def step(self) -> Any: ...
+
+    def zero_grad(self, set_to_none: bool = True) -> None: ...
+
+
+class Scheduler(Protocol):
+    """A learning-rate scheduler, stepped once per optimizer step."""
+
+    def step(self) -> Any: ...
 
 
 class Reference(Protocol):
@@ -52,16 +68,16 @@ class Learner:
         policy: torch.nn.Module,
         algorithm: Algorithm,
         settings: LearnerSettings,
-        optimizer: Any = None,
-        scheduler: Any = None,
+        optimizer: Optimizer | None = None,
+        scheduler: Scheduler | None = None,
         *,
         backward: Callable[[Tensor], None] | None = None,
         collectives: Collectives | None = None,
         forward_contexts: list[ForwardContext] | None = None,
         no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
     ) -> None:
-        """``optimizer``/``scheduler``: anything with ``step``/``zero_grad``/``param_groups`` and ``step``
-        (Lightning's wrapped ones, or torch's); ``no_sync``: DDP's gradient-sync blocker, entered for
+        """``optimizer``/``scheduler``: torch's, or Lightning's wrapped ones (set later by :meth:`bind` when
+        the framework builds them after the policy); ``no_sync``: DDP's gradient-sync blocker, entered for
         every micro-batch but a mini-batch's last; ``forward_contexts``: a list the caller may extend."""
         self.policy = policy
         self.algorithm = algorithm
@@ -82,8 +98,8 @@ class Learner:
 
     def bind(
         self,
-        optimizer: Any,
-        scheduler: Any,
+        optimizer: Optimizer,
+        scheduler: Scheduler,
         *,
         backward: Callable[[Tensor], None],
         collectives: Collectives,
@@ -199,14 +215,14 @@ class Learner:
 
     def train(self, rollout: Rollout, stats: Stats, optimizer_step: int) -> None:
         """π_old, then the updates, timed; statistics into ``stats``."""
-        t0 = self._synced_clock()
+        t0 = self.synced_clock()
         if self.fuses_old_pass:
             update.policy_update(self, rollout, stats, optimizer_step)
             old_pass.collect_fused_old_logprobs(self.fused_old, rollout, stats)
         else:
             old_pass.compute_old_logprobs(self, rollout, stats)
             update.policy_update(self, rollout, stats, optimizer_step)
-        update_s = self._synced_clock() - t0
+        update_s = self.synced_clock() - t0
         self.step_tokens = 0.0 if rollout.placeholder else float(rollout.response_mask.sum())
         rollout_s = float(rollout.extras.get("perf/rollout_s", 0.0))
         stats.mean("perf/update_s", update_s, 1.0)
@@ -228,10 +244,12 @@ class Learner:
     def mini_batch_step(self, rollout: Rollout, rows: Tensor, *, updates: int = 1) -> Stats:
         return update.mini_batch_step(self, rollout, rows, updates=updates)
 
-    def micro_batch_loss(self, micro: Rollout, capture: Any, **norms: float) -> tuple[Tensor, Stats]:
+    def micro_batch_loss(
+        self, micro: Rollout, capture: RouterLogitsCapture | None, **norms: float
+    ) -> tuple[Tensor, Stats]:
         return update.micro_batch_loss(self, micro, capture, **norms)
 
-    def _synced_clock(self) -> float:
+    def synced_clock(self) -> float:
         """``time.perf_counter()`` once the device has finished its queued work (CUDA runs kernels
         asynchronously: without the sync ``perf/update_s`` would miss the optimizer step's tail)."""
         if self.device.type == "cuda":

@@ -25,6 +25,7 @@ from lit_moe_rl.learner.rspo_weight import router_shift_weight
 from lit_moe_rl.learner.stats import Stats
 from lit_moe_rl.losses import aggregate, kl_estimate
 from lit_moe_rl.parallel.distributed import full_tensor
+from lit_moe_rl.routing.record import RouterLogitsCapture
 
 if TYPE_CHECKING:
     from lit_moe_rl.learner.learner import Learner
@@ -93,7 +94,7 @@ def _accumulating(learner: Learner, last: bool) -> contextlib.AbstractContextMan
 def micro_batch_loss(
     learner: Learner,
     micro: Rollout,
-    capture: object,
+    capture: RouterLogitsCapture | None,
     *,
     num_tokens: float,
     num_seqs: float,
