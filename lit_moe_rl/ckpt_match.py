@@ -1,0 +1,112 @@
+"""A checkpoint must match the run that resumes it: same model shapes, LoRA, dtype and algorithm.
+
+Lightning would load a checkpoint into whatever the config builds, and LightningCLI would even replace
+the configured model by the checkpoint's (``--ckpt_path`` to a file re-parses its hyperparameters). So a
+model of another size, a full checkpoint into a LoRA config or a LoRA one into a full config all ran
+silently. :func:`check_resume` compares, before any weight is loaded, what the checkpoint was trained
+with (:func:`record`, written into every checkpoint) with what this run configured, and refuses a
+difference with one line naming both.
+
+Compared: the policy's parameter shapes (whatever ``model.pretrained`` / ``model.config`` built),
+``model.dtype``, ``model.lora`` and the algorithm (``model.algorithm``'s class and settings,
+``model.correction`` and its arguments). Accepted on purpose (they may change between a run and its
+resume, and the config's values are used): the optimiser (``lr``, ``weight_decay``, ``betas``,
+``warmup_steps``, ``grad_clip``), batching and memory (``mini_batches``, ``micro_batch_size``,
+``logprob_chunk_size``, ``gradient_checkpointing``, ``trim_padding``, ``old_logp_pass``), and the
+*path* of ``model.pretrained`` (a moved folder holds the same model; its shapes are compared).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lit_moe_rl.errors import SettingsError
+
+SETTINGS = ("dtype", "lora", "correction", "correction_args")
+"""``model.*`` hyperparameters a resume must share with its checkpoint (besides shapes and algorithm)."""
+
+
+def algorithm_record(algorithm: Any) -> dict[str, Any]:
+    """``{class_path, init_args}`` of an algorithm object: its plain-valued attributes."""
+    cls = type(algorithm)
+    args = {
+        k: v for k, v in sorted(vars(algorithm).items()) if isinstance(v, int | float | str | bool | None)
+    }
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": args}
+
+
+def record(module: Any) -> dict[str, Any]:
+    """What a checkpoint of ``module`` was trained with (stored under ``checkpoint["run_identity"]``)."""
+    shapes = {name: list(p.shape) for name, p in module.policy.named_parameters()}
+    return {
+        "shapes": shapes,
+        "algorithm": algorithm_record(module.algorithm),
+        **{key: module.hparams.get(key) for key in SETTINGS},
+    }
+
+
+def check_resume(module: Any, checkpoint: dict[str, Any], path: Any, *, fitting: bool = True) -> None:
+    """Raise :class:`SettingsError` when ``checkpoint`` was trained with another model, LoRA or algorithm
+    (the algorithm only when ``fitting``: ``validate`` does not use it)."""
+    saved = checkpoint.get("run_identity")
+    if saved is None:  # written before checkpoints recorded this: compare what Lightning stored
+        saved = _legacy_identity(checkpoint)
+    now = record(module)
+    if not fitting:
+        saved = {k: v for k, v in saved.items() if k in ("shapes", "dtype", "lora")}
+    where = f"--ckpt_path {path}" if path else "the checkpoint"
+    for key in SETTINGS:
+        if key in saved and _norm(saved[key]) != _norm(now[key]):
+            raise SettingsError(
+                f"model.{key}: {where} was trained with {_show(key, saved[key])}, this run sets "
+                f"{_show(key, now[key])}: set it as the checkpoint has it, or start a new run without --ckpt_path"
+            )
+    if "algorithm" in saved and saved["algorithm"] != now["algorithm"]:
+        raise SettingsError(
+            f"model.algorithm: {where} was trained with {_algo(saved['algorithm'])}, this run sets "
+            f"{_algo(now['algorithm'])}: set it as the checkpoint has it, or start a new run without --ckpt_path"
+        )
+    _check_shapes(saved.get("shapes"), now["shapes"], where)
+
+
+def _check_shapes(saved: dict[str, list[int]] | None, now: dict[str, list[int]], where: str) -> None:
+    if not saved:
+        return
+    differ = [k for k in saved if k in now and list(saved[k]) != list(now[k])]
+    missing = sorted(set(saved) ^ set(now))
+    if differ:
+        name = differ[0]
+        raise SettingsError(
+            f"model: {where} holds another model: {name} is {tuple(saved[name])} there and "
+            f"{tuple(now[name])} in the model this run builds (model.pretrained / model.config): "
+            "configure the checkpoint's model, or start a new run without --ckpt_path"
+        )
+    if missing:
+        name = missing[0]
+        side = "the checkpoint" if name in saved else "this run's model"
+        raise SettingsError(
+            f"model: {where} holds another model: parameter {name} exists only in {side} "
+            f"({len(missing)} differ; model.pretrained / model.config / model.lora): configure the "
+            "checkpoint's model, or start a new run without --ckpt_path"
+        )
+
+
+def _legacy_identity(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """Settings and (trainable) shapes from a checkpoint written before :func:`record` existed."""
+    hparams = checkpoint.get("hyper_parameters") or {}
+    return {key: hparams[key] for key in SETTINGS if key in hparams}
+
+
+def _norm(value: Any) -> Any:
+    return value or None  # {} and None both mean "not set"
+
+
+def _show(key: str, value: Any) -> str:
+    if key == "lora":
+        return f"LoRA {dict(value)}" if value else "full fine-tuning (no LoRA)"
+    return f"{key}={value!r}"
+
+
+def _algo(record: dict[str, Any]) -> str:
+    args = ", ".join(f"{k}={v}" for k, v in record["init_args"].items())
+    return f"{record['class_path'].rsplit('.', 1)[-1]}({args})"
