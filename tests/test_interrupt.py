@@ -59,7 +59,10 @@ def test_sigterm_saves_last_prints_the_summary_and_a_resume_command_that_works(t
 
 
 def test_ctrl_c_says_which_step_the_checkpoint_holds(tmp_path):
-    every_step = ["--trainer.callbacks+=lit_moe_rl.checkpoint.LastCheckpoint", "--trainer.callbacks.every_n_train_steps=1"]
+    every_step = [
+        "--trainer.callbacks+=lit_moe_rl.checkpoint.LastCheckpoint",
+        "--trainer.callbacks.every_n_train_steps=1",
+    ]
     done = _run(_args(tmp_path, *every_step), "SIGINT")  # Ctrl-C during step 2: step 1 is the last saved
     out = done.stdout + done.stderr
     assert done.returncode == 1, out[-3000:]

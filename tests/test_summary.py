@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from tests.helpers import run_fit
 
@@ -45,3 +46,40 @@ def fail_half(completion: str, sample: dict) -> float:
     if fail_half.calls % 2:
         raise RuntimeError("flaky verifier")
     return 1.0
+
+
+def by_target(completion: str, sample: dict) -> float:
+    """A reward that differs between prompts (so the two ranks' shares differ) and completions."""
+    return (int(sample["target"]) % 4) / 6 + (len(completion) % 3) / 4
+
+
+def test_two_process_summary_is_the_whole_runs_not_rank_0s(tmp_path):
+    """Issue 19.1: under 2 processes each rank validates and scores half; the summary's start, end and
+    best held-out reward equal metrics.csv's (all ranks), and the reward calls are both ranks'."""
+    import re
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, TINY_ARGS, latest_metrics, read_metrics
+    from tests.test_distributed import free_port
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
+    args = [
+        sys.executable, "-m", "lit_moe_rl.cli", "fit", *TINY_ARGS, "--trainer.devices=2", "--trainer.max_steps=2",
+        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+        '--model.config={"family": "qwen3_moe"}', "--model.lr=1e-3", "--data.batch_size=1",
+        "--data.val_batch_size=2", "--trainer.val_check_interval=1", "--trainer.check_val_every_n_epoch=null",
+        "--rollout.reward=tests.test_summary:by_target", "--rollout.reward_isolation=thread",
+    ]  # fmt: skip
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    rows = read_metrics(latest_metrics(tmp_path))
+    val = [(int(r["step"]), float(r["val/reward"])) for r in rows if r.get("val/reward")]
+    assert [step for step, _ in val] == [0, 1, 2]
+    assert f"val/reward start: {val[0][1]:.3f} (step 0)" in out
+    assert f"val/reward end:   {val[-1][1]:.3f} (step 2)" in out
+    best, best_step = re.search(r"val/reward best:  (\S+) \(step (\d+)\)", out).groups()
+    assert best == f"{max(r for _, r in val):.3f}" == f"{dict(val)[int(best_step)]:.3f}"
+    # per rank: 3 validations x 4 prompts + 2 steps x 1 prompt x 4 completions = 20; both ranks: 40
+    assert re.search(r"failed reward calls: 0 of 40 \(scored 0\)", out), out[-2000:]
