@@ -10,15 +10,18 @@ difference with one line naming both.
 Compared: the policy's parameter shapes (whatever ``model.pretrained`` / ``model.config`` built),
 ``model.dtype``, ``model.lora`` and the algorithm (``model.algorithm``'s class and settings,
 ``model.correction`` and its arguments). Accepted on purpose (they may change between a run and its
-resume, and the config's values are used): the optimiser (``lr``, ``weight_decay``, ``betas``,
-``warmup_steps``, ``grad_clip``), batching and memory (``mini_batches``, ``micro_batch_size``,
+resume, and the config's values are used): ``warmup_steps``, ``grad_clip``, batching and memory (``mini_batches``, ``micro_batch_size``,
 ``logprob_chunk_size``, ``gradient_checkpointing``, ``trim_padding``, ``old_logp_pass``), and the
 *path* of ``model.pretrained`` (a moved folder holds the same model; its shapes are compared).
+``lr``, ``weight_decay`` and ``betas`` are restored with the optimiser's state, whatever the config says:
+a change is not refused but warned about (:func:`optimizer_notes`), naming the value that stays.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_moe_rl.errors import SettingsError
 
@@ -62,11 +65,35 @@ def check_resume(module: Any, checkpoint: dict[str, Any], path: Any, *, fitting:
                 f"{_show(key, now[key])}: set it as the checkpoint has it, or start a new run without --ckpt_path"
             )
     if "algorithm" in saved and saved["algorithm"] != now["algorithm"]:
+        before, after = _algo_diff(saved["algorithm"], now["algorithm"])
         raise SettingsError(
-            f"model.algorithm: {where} was trained with {_algo(saved['algorithm'])}, this run sets "
-            f"{_algo(now['algorithm'])}: set it as the checkpoint has it, or start a new run without --ckpt_path"
+            f"model.algorithm: {where} was trained with {before}, this run sets {after}: "
+            "set it as the checkpoint has it, or start a new run without --ckpt_path"
         )
     _check_shapes(saved.get("shapes"), now["shapes"], where)
+    for note in optimizer_notes(module.hparams, checkpoint.get("hyper_parameters") or {}):
+        rank_zero_warn(note)
+
+
+OPTIMIZER_STATE = ("lr", "weight_decay", "betas")
+"""Settings the optimiser's checkpointed ``param_groups`` carry over a resume."""
+
+
+def optimizer_notes(hparams: Any, saved: dict[str, Any]) -> list[str]:
+    """One line per optimiser setting that differs from the checkpoint's (the checkpoint's value stays)."""
+    notes = []
+    for key in OPTIMIZER_STATE:
+        old, new = saved.get(key), hparams.get(key)
+        if old is not None and new is not None and list(_flat(old)) != list(_flat(new)):
+            notes.append(
+                f"model.{key}: the checkpoint's optimizer state keeps {key}={old} (its schedule continues); "
+                f"this run's {key}={new} is not used: start a new run to change it"
+            )
+    return notes
+
+
+def _flat(value: Any) -> tuple[float, ...]:
+    return tuple(float(v) for v in value) if isinstance(value, list | tuple) else (float(value),)
 
 
 def _check_shapes(saved: dict[str, list[int]] | None, now: dict[str, list[int]], where: str) -> None:
@@ -107,6 +134,15 @@ def _show(key: str, value: Any) -> str:
     return f"{key}={value!r}"
 
 
-def _algo(record: dict[str, Any]) -> str:
-    args = ", ".join(f"{k}={v}" for k, v in record["init_args"].items())
-    return f"{record['class_path'].rsplit('.', 1)[-1]}({args})"
+def _algo_diff(saved: dict[str, Any], now: dict[str, Any]) -> tuple[str, str]:
+    """The two algorithms as ``GRPO(clip_high=0.2)``: for one class, only the settings that differ."""
+
+    def show(record: dict[str, Any], keys: list[str]) -> str:
+        args = ", ".join(f"{k}={record['init_args'].get(k)}" for k in keys)
+        return f"{record['class_path'].rsplit('.', 1)[-1]}({args})"
+
+    keys = sorted(set(saved["init_args"]) | set(now["init_args"]))
+    if saved["class_path"] == now["class_path"]:
+        keys = [k for k in keys if saved["init_args"].get(k) != now["init_args"].get(k)]
+        return show(saved, keys), show(now, keys)
+    return show(saved, sorted(saved["init_args"])), show(now, sorted(now["init_args"]))
