@@ -40,7 +40,7 @@ def timeout_s() -> float:
 def message(num_nodes: int, devices: Any, seconds: float) -> str:
     """The one line printed when the processes of a run did not all join in time."""
     addr = f"{os.environ.get('MASTER_ADDR', '127.0.0.1')}:{os.environ.get('MASTER_PORT', '?')}"
-    per_node = devices if isinstance(devices, int) and devices > 0 else "<processes per node>"
+    per_node = str(devices) if str(devices).isdigit() and int(devices) > 0 else "<processes per node>"
     return (
         f"trainer.num_nodes={num_nodes}: not every process of the run joined within {seconds:.0f} s "
         f"(rendezvous at {addr}). A run over several machines must be started on each of them by a launcher: "

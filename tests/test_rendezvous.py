@@ -1,0 +1,58 @@
+"""Nothing hangs on a missing peer (issue 19.6): ``--trainer.num_nodes=2`` on one machine waited forever
+at ``MEMBER: 1/2``, deaf to Ctrl-C. The rendezvous now has a time limit and one line names the launchers
+a multi-node run needs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lit_moe_rl.cli import main
+from tests.helpers import ROOT, TINY_ARGS
+from tests.test_distributed import free_port
+
+
+def test_a_second_node_that_never_starts_ends_the_run_in_one_line(tmp_path):
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MASTER_PORT=str(port),
+               LIT_MOE_RL_RENDEZVOUS_TIMEOUT="3")  # fmt: skip
+    args = [
+        sys.executable, "-m", "lit_moe_rl.cli", "fit", *TINY_ARGS, "--trainer.num_nodes=2", "--trainer.max_steps=1",
+        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+        '--model.config={"family": "qwen3_moe"}',
+    ]  # fmt: skip
+    t0 = time.monotonic()
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert time.monotonic() - t0 < 200  # without the limit: 30 minutes (the process group's default)
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith(
+        f"lit-moe-rl: error: trainer.num_nodes=2: not every process of the run joined within 3 s (rendezvous at "
+        f"127.0.0.1:{port}). A run over several machines must be started on each of them by a launcher: "
+        "torchrun --nnodes=2 --nproc-per-node=1 --node-rank=<this node's index>"
+    )
+    assert "srun lit-moe-rl fit ... in a job with --nodes=2 --ntasks-per-node=1" in line
+    assert line.endswith(
+        "(on one machine: trainer.num_nodes=1); LIT_MOE_RL_RENDEZVOUS_TIMEOUT=<seconds> waits longer"
+    )
+
+
+def test_a_bad_rendezvous_timeout_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LIT_MOE_RL_RENDEZVOUS_TIMEOUT", "soon")
+    with pytest.raises(SystemExit) as stop:
+        main(
+            [
+                "fit",
+                *TINY_ARGS,
+                '--model.config={"family": "qwen3_moe"}',
+                f"--trainer.default_root_dir={tmp_path}",
+            ]
+        )
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "lit-moe-rl: error: LIT_MOE_RL_RENDEZVOUS_TIMEOUT: must be a number of seconds > 0, got 'soon'"
+    )
