@@ -291,6 +291,7 @@ class MoERLModule(L.LightningModule):
         values = {key: float(value) for key, value in metrics.items()}
         reduced = self.rank_metrics.reduce(values, tokens=self._step_tokens, device=self.device)
         self.log_dict(reduced, on_step=True, on_epoch=False, batch_size=1)
+        self.log_step()
 
     def skip_step(self, batch: dict[str, Any], metrics: dict[str, float]) -> None:
         """A step with no gradient (every group dropped), still counted so that ``max_steps`` ends the run:
@@ -304,10 +305,6 @@ class MoERLModule(L.LightningModule):
         self._step_tokens = 0.0
         self.log_reduced(metrics)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.log_step()
-        self.log("epoch", float(self.current_epoch), batch_size=1)  # Lightning adds it only on its own axis
-
     def on_validation_batch_end(
         self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
@@ -316,9 +313,15 @@ class MoERLModule(L.LightningModule):
     def log_step(self) -> None:
         """One step axis for every logged row (README "Metrics"): the optimizer step count
         (``trainer.global_step``) after the row's update, as ``max_steps``, checkpoints and the summary
-        count. Lightning's own axis counts rollouts, one behind after validation and after a resume."""
-        sync = self.trainer.state.stage != "train"  # validation values are reduced over the epoch
-        self.log("step", float(self.global_step), batch_size=1, sync_dist=sync)
+        count. Lightning's own axis counts rollouts, one behind after validation and after a resume.
+        Logged from the training step itself, so that a checkpoint saved in ``on_train_batch_end`` is
+        named by this step, not the previous one (Lightning names it by the logged ``step``)."""
+        if self.trainer.state.stage == "train":
+            self.log("step", float(self.global_step), batch_size=1)
+            # Lightning adds the epoch only on its own axis
+            self.log("epoch", float(self.current_epoch), batch_size=1)
+        else:  # validation: an epoch value, the same on every rank
+            self.log("step", float(self.global_step), batch_size=1, sync_dist=True)
 
     def micro_batches(self, rows: Tensor) -> list[Tensor]:
         return list(rows.split(self.hparams.micro_batch_size))
