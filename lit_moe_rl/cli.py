@@ -30,6 +30,7 @@ from lit_moe_rl.compat import unsupported_versions
 from lit_moe_rl.data.datamodule import PromptDataModule
 from lit_moe_rl.distributed import close_process_group
 from lit_moe_rl.errors import SettingsError, first_line
+from lit_moe_rl.interrupt import SigtermStop
 from lit_moe_rl.module import MoERLModule
 from lit_moe_rl.rendezvous import RendezvousWatchdog
 
@@ -75,7 +76,8 @@ class MoERLCLI(OneLineCLI):
                 callback.command = ["lit-moe-rl", *self.argv]
         self.watchdog = RendezvousWatchdog(config.get("num_nodes") or 1, config.get("devices"))
         return super()._instantiate_trainer(
-            config, callbacks + rich_progress_bar(config) + last_checkpoint(config) + [self.watchdog]
+            config,
+            callbacks + rich_progress_bar(config) + last_checkpoint(config) + [self.watchdog, SigtermStop()],
         )
 
     def before_instantiate_classes(self) -> None:
