@@ -5,6 +5,7 @@ a multi-node run needs."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -38,6 +39,33 @@ def test_a_second_node_that_never_starts_ends_the_run_in_one_line(tmp_path):
     assert "srun lit-moe-rl fit ... in a job with --nodes=2 --ntasks-per-node=1" in line
     assert line.endswith(
         "(on one machine: trainer.num_nodes=1); LIT_MOE_RL_RENDEZVOUS_TIMEOUT=<seconds> waits longer"
+    )
+
+
+def test_ctrl_c_while_waiting_for_a_missing_node_ends_the_run_at_once(tmp_path):
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MASTER_PORT=str(port))
+    args = [
+        sys.executable, "-m", "lit_moe_rl.cli", "fit", *TINY_ARGS, "--trainer.num_nodes=2", "--trainer.max_steps=1",
+        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+        '--model.config={"family": "qwen3_moe"}',
+    ]  # fmt: skip
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in proc.stderr:  # wait until it sits in the rendezvous
+            lines.append(line)
+            if "MEMBER: 1/2" in line:
+                break
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=30)[1]  # without the watchdog: deaf to Ctrl-C for 30 minutes
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, "".join(lines) + rest
+    assert rest.strip().splitlines()[-1] == (
+        f"lit-moe-rl: interrupted (Ctrl-C) while waiting for the other processes of the run: "
+        f"rendezvous at 127.0.0.1:{port}"
     )
 
 
