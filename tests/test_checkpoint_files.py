@@ -103,3 +103,56 @@ def test_the_checkpoint_snippet_added_to_the_default_is_refused_in_one_line(tmp_
         "same settings (the CLI registers one by default: to change it, paste callbacks/checkpoint.yaml as an "
         "item of your config's trainer.callbacks list instead of adding it with --trainer.callbacks+=)"
     )
+
+
+SHARDED = [
+    "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
+    "--trainer.strategy.data_parallel_size=2",
+    "--trainer.strategy.tensor_parallel_size=1",
+    "--trainer.strategy.save_distributed_checkpoint=true",  # last.ckpt is a folder of per-rank shards
+    "--trainer.callbacks=lit_moe_rl.checkpoint.LastCheckpoint",
+    "--trainer.callbacks.every_n_train_steps=1",  # step 2's save swaps the folder of step 1
+]
+
+
+def test_a_sharded_run_resumes_from_a_folder_whose_swap_a_crash_cut_short(tmp_path):
+    """2 processes (gloo), FSDP2, folder checkpoints: the swap at step 2 is cut between its renames (as a
+    crash would leave it); ``--ckpt_path <folder>`` recovers it and resumes at step 2."""
+    import shutil
+
+    _fit_sharded(tmp_path / "run", steps=2)
+    (last,) = (tmp_path / "run").rglob("last.ckpt")
+    assert (last / ".metadata").is_file()
+    shutil.copytree(last, last.with_name(".last.ckpt.tmp"))  # the new one, complete and flushed
+    os.replace(last, last.with_name(".last.ckpt.old"))  # the first rename; the crash comes before the second
+    rows = _fit_sharded(tmp_path / "resumed", f"--ckpt_path={last}", steps=3)
+    assert [r["step"] for r in rows if r.get("policy/loss")] == ["3"]  # resumed after step 2
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
+
+
+def _fit_sharded(root, *extra: str, steps: int) -> list[dict[str, str]]:
+    import subprocess
+    import sys
+
+    from tests.helpers import TINY_ARGS, latest_metrics, read_metrics
+    from tests.test_distributed import free_port
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
+    args = [
+        sys.executable, "-m", "lit_moe_rl.cli", "fit", *TINY_ARGS, "--trainer.devices=2", f"--trainer.max_steps={steps}",
+        f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}",
+        '--model.config={"family": "qwen3_moe"}', "--data.batch_size=1", "--trainer.limit_val_batches=0",
+        *SHARDED, *extra,
+    ]  # fmt: skip
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return read_metrics(latest_metrics(root))
+
+
+def test_a_folder_that_is_not_a_sharded_checkpoint_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        run_fit(tmp_path, f"--ckpt_path={tmp_path}", steps=1)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"lit-moe-rl: error: --ckpt_path {tmp_path}: a folder but not a sharded checkpoint (no .metadata)"
+    )
