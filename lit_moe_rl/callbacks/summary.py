@@ -98,6 +98,8 @@ class RunSummary(Callback):
     ) -> None:
         """SIGTERM: save ``last.ckpt``, print the summary and how to resume. Ctrl-C: which step the
         checkpoint holds (no save: the step may be half done, and the other ranks may be gone)."""
+        if trainer.state.fn != "fit":  # validate: nothing trained, nothing to save or resume
+            return
         if isinstance(exception, SIGTERMException):
             save_last_now(trainer)
             summary = self.full_summary(trainer, pl_module)
