@@ -36,3 +36,15 @@ def test_the_same_config_twice_into_a_fixed_logger_version_runs_and_keeps_one_fi
     folder = tmp_path / "lightning_logs" / "fixed"
     assert sorted(p.name for p in folder.glob("config*.yaml")) == ["config.yaml"]
     assert not [r for r in caplog.records if "held an earlier run's config" in r.getMessage()]
+
+
+def test_two_offline_wandb_runs_into_one_folder(tmp_path, monkeypatch, caplog):
+    """W&B's log folder is its save_dir, the same for every run: the second one stopped on config.yaml."""
+    caplog.set_level(logging.INFO)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    wandb = ["--trainer.logger=WandbLogger", f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    _fit(tmp_path, *wandb, "--trainer.max_steps=1")
+    _fit(tmp_path, *wandb, "--trainer.max_steps=2")
+    configs = sorted(p.name for p in tmp_path.rglob("config*.yaml") if "wandb" not in p.parts)
+    assert configs == ["config.1.yaml", "config.yaml"]
