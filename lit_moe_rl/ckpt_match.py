@@ -70,7 +70,7 @@ def check_resume(module: Any, checkpoint: dict[str, Any], path: Any, *, fitting:
             f"model.algorithm: {where} was trained with {before}, this run sets {after}: "
             "set it as the checkpoint has it, or start a new run without --ckpt_path"
         )
-    _check_shapes(saved.get("shapes"), now["shapes"], where)
+    _check_shapes(saved.get("shapes"), now["shapes"], where, every_name="run_identity" in checkpoint)
     for note in optimizer_notes(module.hparams, checkpoint.get("hyper_parameters") or {}):
         rank_zero_warn(note)
 
@@ -96,11 +96,14 @@ def _flat(value: Any) -> tuple[float, ...]:
     return tuple(float(v) for v in value) if isinstance(value, list | tuple) else (float(value),)
 
 
-def _check_shapes(saved: dict[str, list[int]] | None, now: dict[str, list[int]], where: str) -> None:
+def _check_shapes(
+    saved: dict[str, list[int]] | None, now: dict[str, list[int]], where: str, *, every_name: bool
+) -> None:
+    """Same shapes for the parameters both have; with ``every_name``, also the same parameter names."""
     if not saved:
         return
     differ = [k for k in saved if k in now and list(saved[k]) != list(now[k])]
-    missing = sorted(set(saved) ^ set(now))
+    missing = sorted(set(saved) ^ set(now)) if every_name else []
     if differ:
         name = differ[0]
         raise SettingsError(
@@ -119,9 +122,12 @@ def _check_shapes(saved: dict[str, list[int]] | None, now: dict[str, list[int]],
 
 
 def _legacy_identity(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """Settings and (trainable) shapes from a checkpoint written before :func:`record` existed."""
+    """Settings, and the shapes of the weights it holds (a LoRA one: only the trained ones), from a
+    checkpoint written before :func:`record` existed."""
     hparams = checkpoint.get("hyper_parameters") or {}
-    return {key: hparams[key] for key in SETTINGS if key in hparams}
+    weights = checkpoint.get("state_dict") or {}
+    shapes = {k.removeprefix("policy."): list(v.shape) for k, v in weights.items() if hasattr(v, "shape")}
+    return {"shapes": shapes, **{key: hparams[key] for key in SETTINGS if key in hparams}}
 
 
 def _norm(value: Any) -> Any:

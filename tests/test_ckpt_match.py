@@ -72,3 +72,12 @@ def test_a_matching_resume_warns_that_the_checkpoints_learning_rate_stays(full_r
     lrs = [float(r["policy/lr"]) for r in rows if r.get("policy/lr")]
     assert lrs == [pytest.approx(1e-3)]
     assert torch.load(last, map_location="cpu", weights_only=True)["run_identity"]["lora"] is None
+
+
+def test_a_checkpoint_written_before_the_record_is_still_checked_by_its_weights(full_run, capsys):
+    (last,) = full_run.rglob("last.ckpt")
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    del ckpt["run_identity"]  # as checkpoints were written before
+    torch.save(ckpt, last)
+    line = _refused(full_run, capsys, family_config='{"family": "qwen3_moe", "hidden_size": 48}')
+    assert "holds another model: model.embed_tokens.weight is (64, 32) there and (64, 48)" in line
