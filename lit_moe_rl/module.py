@@ -316,6 +316,8 @@ class MoERLModule(L.LightningModule):
         count. Lightning's own axis counts rollouts, one behind after validation and after a resume.
         Logged from the training step itself, so that a checkpoint saved in ``on_train_batch_end`` is
         named by this step, not the previous one (Lightning names it by the logged ``step``)."""
+        if self._trainer is None:  # not run by a Trainer: no step to log
+            return
         if self.trainer.state.stage == "train":
             self.log("step", float(self.global_step), batch_size=1)
             # Lightning adds the epoch only on its own axis
