@@ -32,7 +32,7 @@ from lit_moe_rl.distributed import close_process_group
 from lit_moe_rl.errors import SettingsError, first_line
 from lit_moe_rl.interrupt import SigtermStop
 from lit_moe_rl.module import MoERLModule
-from lit_moe_rl.rendezvous import RendezvousWatchdog
+from lit_moe_rl.rendezvous import RendezvousWatchdog, disarm_all
 
 TRAINER_DEFAULTS = {
     "logger": lazy_instance(CSVLogger, save_dir="runs"),
@@ -180,6 +180,7 @@ def _run(args: list[str] | None) -> None:
     except SIGTERMException:  # Lightning's SystemExit(None) would exit 0: a stopped run is not a finished one
         raise SystemExit(128 + signal.SIGTERM) from None
     finally:
+        disarm_all()  # a run that failed before its setup hook
         close_process_group()
 
 

@@ -54,6 +54,16 @@ def message(num_nodes: int, devices: Any, seconds: float) -> str:
     )
 
 
+_ARMED: set[RendezvousWatchdog] = set()
+
+
+def disarm_all() -> None:
+    """Disarm every armed watchdog: a run that ended (or failed) before its ``setup`` hook must not be
+    ended by its watchdog later (an in-process caller would be)."""
+    for watchdog in list(_ARMED):
+        watchdog.disarm()
+
+
 class RendezvousWatchdog(Callback):
     """Ends the process with one line if the process group is not up ``timeout_s`` after :meth:`arm`."""
 
@@ -68,6 +78,7 @@ class RendezvousWatchdog(Callback):
         """Start watching. Ctrl-C is heard too: Python runs its handler only between bytecodes, never while
         the main thread waits inside the rendezvous, but it writes the signal to a wake-up pipe at once."""
         self._done.clear()
+        _ARMED.add(self)
         read_fd, write_fd = os.pipe()
         os.set_blocking(write_fd, False)
         self._write_fd = write_fd
@@ -77,6 +88,7 @@ class RendezvousWatchdog(Callback):
 
     def disarm(self) -> None:
         """Stop watching; the signal wake-up goes back to what it was before its pipe is closed."""
+        _ARMED.discard(self)
         if self._old_wakeup is not None and threading.current_thread() is threading.main_thread():
             signal.set_wakeup_fd(self._old_wakeup)
             self._old_wakeup = None
@@ -87,6 +99,9 @@ class RendezvousWatchdog(Callback):
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self.disarm()  # the strategy's environment (and process group) is set up by now
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self.disarm()
 
     def _watch(self, read_fd: int) -> None:
         deadline = time.monotonic() + self.seconds

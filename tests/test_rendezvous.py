@@ -84,3 +84,24 @@ def test_a_bad_rendezvous_timeout_is_one_line(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "lit-moe-rl: error: LIT_MOE_RL_RENDEZVOUS_TIMEOUT: must be a number of seconds > 0, got 'soon'"
     )
+
+
+def test_a_run_that_fails_before_its_setup_leaves_no_watchdog_behind(tmp_path, monkeypatch, capsys):
+    """In-process callers (tests, notebooks) outlive the run: its watchdog must not end them later."""
+    import threading
+
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    def fail(self):
+        raise ValueError("trainer: the environment could not be set up")
+
+    monkeypatch.setenv("LIT_MOE_RL_RENDEZVOUS_TIMEOUT", "1")
+    monkeypatch.setattr(SingleDeviceStrategy, "setup_environment", fail)
+    with pytest.raises(SystemExit):
+        main([
+            "fit", *TINY_ARGS, '--model.config={"family": "qwen3_moe"}', f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+        ])  # fmt: skip
+    time.sleep(1.5)  # past the limit: an armed watchdog would have ended this process
+    assert not [t for t in threading.enumerate() if t.name == "rendezvous-watchdog"]
+    assert "could not be set up" in capsys.readouterr().err
