@@ -78,6 +78,7 @@ def test_a_bad_rendezvous_timeout_is_one_line(tmp_path, monkeypatch, capsys):
                 *TINY_ARGS,
                 '--model.config={"family": "qwen3_moe"}',
                 f"--trainer.default_root_dir={tmp_path}",
+                f"--trainer.logger.init_args.save_dir={tmp_path}",
             ]
         )
     assert stop.value.code == 2
