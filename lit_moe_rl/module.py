@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lit_moe_rl import old_pass, update
+from lit_moe_rl import ckpt_match, old_pass, update
 from lit_moe_rl.algorithms import GRPO, Algorithm
 from lit_moe_rl.batch import Rollout
 from lit_moe_rl.batching import trim_padding
@@ -291,16 +291,39 @@ class MoERLModule(L.LightningModule):
         values = {key: float(value) for key, value in metrics.items()}
         reduced = self.rank_metrics.reduce(values, tokens=self._step_tokens, device=self.device)
         self.log_dict(reduced, on_step=True, on_epoch=False, batch_size=1)
+        self.log_step()
 
     def skip_step(self, batch: dict[str, Any], metrics: dict[str, float]) -> None:
-        """A step with no gradient (every group dropped), still counted so that ``max_steps`` ends the run."""
+        """A step with no gradient (every group dropped), still counted so that ``max_steps`` ends the run:
+        ``mini_batches`` optimizer steps, as an update would take (one step axis, README "Metrics")."""
         batch["rollout"] = batch["rollout"].select(torch.arange(0))
         self.skipped_steps += 1
-        self.optimizers().step()
-        self.lr_schedulers().step()
+        for _ in range(self.hparams.mini_batches):
+            self.optimizers().step()
+            self.lr_schedulers().step()
         metrics["policy/skipped_steps"] = float(self.skipped_steps)
         self._step_tokens = 0.0
         self.log_reduced(metrics)
+
+    def on_validation_batch_end(
+        self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self.log_step()
+
+    def log_step(self) -> None:
+        """One step axis for every logged row (README "Metrics"): the optimizer step count
+        (``trainer.global_step``) after the row's update, as ``max_steps``, checkpoints and the summary
+        count. Lightning's own axis counts rollouts, one behind after validation and after a resume.
+        Logged from the training step itself, so that a checkpoint saved in ``on_train_batch_end`` is
+        named by this step, not the previous one (Lightning names it by the logged ``step``)."""
+        if self._trainer is None:  # not run by a Trainer: no step to log
+            return
+        if self.trainer.state.stage == "train":
+            self.log("step", float(self.global_step), batch_size=1)
+            # Lightning adds the epoch only on its own axis
+            self.log("epoch", float(self.current_epoch), batch_size=1)
+        else:  # validation: an epoch value, the same on every rank
+            self.log("step", float(self.global_step), batch_size=1, sync_dist=True)
 
     def micro_batches(self, rows: Tensor) -> list[Tensor]:
         return list(rows.split(self.hparams.micro_batch_size))
@@ -381,11 +404,14 @@ class MoERLModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["skipped_steps"] = self.skipped_steps
         checkpoint["init_seed"] = self.init_seed
+        checkpoint["run_identity"] = ckpt_match.record(self)  # what a resume must match
         if self.saves_adapters_only and "state_dict" in checkpoint:
             trained = {f"policy.{name}" for name, p in self.policy.named_parameters() if p.requires_grad}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        fitting = self._trainer is None or self.trainer.state.fn == "fit"
+        ckpt_match.check_resume(self, checkpoint, self._trainer and self.trainer.ckpt_path, fitting=fitting)
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
         self.init_seed = checkpoint.get("init_seed", self.init_seed)
 
