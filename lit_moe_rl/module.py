@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lit_moe_rl import ckpt_match
 from lit_moe_rl.algorithms import GRPO, Algorithm
 from lit_moe_rl.learner import ForwardContext, Learner, LearnerSettings, Stats, add_named
 from lit_moe_rl.learner.optim import adamw_with_warmup
@@ -97,7 +98,9 @@ class MoERLModule(L.LightningModule):
         self.init_seed = torch.initial_seed()
         shift = self.algorithm.router_shift or hp.track_router_shift
         self.policy, self.tokenizer, zeroed = build_rl_policy(hp, seed=self.init_seed, router_shift=shift)
-        self.strict_loading = not self.saves_adapters_only  # LoRA on model.pretrained: the base is reloaded
+        self.strict_loading = not ckpt_match.saves_adapters_only(
+            hp
+        )  # LoRA on model.pretrained: base reloaded
         if zeroed:  # the one mode of every forward; the engine toggles its own
             rank_zero_warn(
                 f"model: {zeroed} dropout/noise probabilities set to 0 (RL trains without dropout)"
@@ -149,15 +152,26 @@ class MoERLModule(L.LightningModule):
                 "batch has no 'rollout': add lit_moe_rl.callbacks.RolloutCallback to trainer.callbacks"
             )
         batch["rollout"] = rollout = self.learner.prepare(rollout)  # callbacks then see old_logp, old_topk...
-        metrics = self.learner.step(rollout, optimizer_step=self.global_step)
-        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+        self.log_step(self.learner.step(rollout, optimizer_step=self.global_step))
 
     def log_reduced(self, metrics: dict[str, Any]) -> None:
         """Log callbacks' per-rank metrics reduced across ranks by name (``distributed.reduction_of``; token
         means by this step's tokens). Every rank calls it at the same point (``on_train_batch_end``)."""
         stats = Stats()
         add_named(stats, metrics, self.learner.step_tokens)
-        self.log_dict(stats.reduce(self.learner.collectives), on_step=True, on_epoch=False, batch_size=1)
+        self.log_step(stats.reduce(self.learner.collectives))
+
+    def log_step(self, metrics: dict[str, float]) -> None:
+        """Log ``metrics`` on one step axis (README "Metrics"): the optimizer step count after the row's update,
+        as ``max_steps``, checkpoints and the summary count (Lightning's own counts rollouts). Logged from the
+        step itself, so that a checkpoint saved in ``on_train_batch_end`` is named by this step."""
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+        if self._trainer is None:  # not run by a Trainer: no step to log
+            return
+        if self.trainer.state.stage == "train":  # Lightning adds the epoch only on its own axis
+            self.log_dict({"step": float(self.global_step), "epoch": float(self.current_epoch)}, batch_size=1)
+        else:  # validation: an epoch value, the same on every rank
+            self.log("step", float(self.global_step), batch_size=1, sync_dist=True)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         rewards = batch.get("val_rewards")
@@ -166,10 +180,7 @@ class MoERLModule(L.LightningModule):
         # on the module's device: sync_dist all-reduces it, and NCCL cannot reduce a CPU tensor
         mean = rewards.float().mean().to(self.device)
         self.log("val/reward", mean, batch_size=len(rewards), prog_bar=True, sync_dist=True)
-
-    @property
-    def skipped_steps(self) -> int:
-        return self.learner.skipped_steps if self.learner is not None else 0
+        self.log_step({})
 
     def initial_policy(self) -> torch.nn.Module:
         """The policy as :meth:`configure_model` first built it, without LoRA (:func:`policy.initial_policy`)."""
@@ -177,22 +188,11 @@ class MoERLModule(L.LightningModule):
             self.hparams, seed=self.init_seed, device=self.device, mesh=data_parallel_mesh(self)
         )
 
-    @property
-    def saves_adapters_only(self) -> bool:
-        """LoRA on a model loaded from ``model.pretrained``: the frozen base weights are not saved (the
-        checkpoint holds the adapters, a ``full`` router and the optimizer); a resume reloads the base."""
-        return bool(self.hparams.lora) and self.hparams.pretrained is not None
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["skipped_steps"] = self.skipped_steps
-        checkpoint["init_seed"] = self.init_seed
-        if self.saves_adapters_only and "state_dict" in checkpoint:
-            trained = {f"policy.{name}" for name, p in self.policy.named_parameters() if p.requires_grad}
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
+        ckpt_match.save_module_state(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.learner.skipped_steps = checkpoint.get("skipped_steps", 0)
-        self.init_seed = checkpoint.get("init_seed", self.init_seed)
+        ckpt_match.load_module_state(self, checkpoint, self._trainer)
 
     def save_hf(self, path: str) -> None:
         """Save the policy (LoRA merged) and tokenizer as a Hugging Face folder ``from_pretrained`` loads.

@@ -75,7 +75,7 @@ def test_the_rollout_copy_has_the_cast_policys_dtypes_and_buffers_before_the_eng
         "--trainer.strategy.tensor_parallel_size=1",
         "--trainer.precision=bf16-true",
         "--model.dtype=float32",  # Lightning's plugin casts it; the copy was taken before
-        "--rollout.engine.dtype=float32",  # an engine with its own copy (float16 is refused on CPU): it copies what bind() gets
+        "--rollout.engine.dtype=float32",  # an engine with its own copy: it copies what bind() gets
         "--data.num_val=0",
         "--trainer.limit_val_batches=0",
         "--trainer.num_sanity_val_steps=0",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import warnings
 from typing import Any
@@ -18,18 +19,21 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_moe_rl.callbacks.rollout import RolloutCallback
 from lit_moe_rl.callbacks.summary import RunSummary
-from lit_moe_rl.checkpoint import LastCheckpoint
+from lit_moe_rl.checkpoint import CheckpointError, LastCheckpoint
 from lit_moe_rl.cli import algorithm_switch
 from lit_moe_rl.cli import checks as cli_checks
 from lit_moe_rl.cli.base import OneLineCLI, callbacks_of, rich_progress_bar
 from lit_moe_rl.cli.compat import unsupported_versions
 from lit_moe_rl.data.datamodule import PromptDataModule
-from lit_moe_rl.errors import first_line
+from lit_moe_rl.errors import SettingsError, first_line
+from lit_moe_rl.interrupt import SigtermStop
 from lit_moe_rl.module import MoERLModule
 from lit_moe_rl.parallel.distributed import close_process_group
+from lit_moe_rl.rendezvous import RendezvousWatchdog, disarm_all
 
 TRAINER_DEFAULTS = {
     "logger": lazy_instance(CSVLogger, save_dir="runs"),
@@ -67,8 +71,14 @@ class MoERLCLI(OneLineCLI):
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
         """Use Rich's progress bar unless the user disabled the bar or chose another one."""
+        check_duplicate_checkpoints(config)
+        for callback in callbacks:
+            if isinstance(callback, RunSummary):
+                callback.command = ["lit-moe-rl", *self.argv]
+        self.watchdog = RendezvousWatchdog(config.get("num_nodes") or 1, config.get("devices"))
         return super()._instantiate_trainer(
-            config, callbacks + rich_progress_bar(config) + last_checkpoint(config)
+            config,
+            callbacks + rich_progress_bar(config) + last_checkpoint(config) + [self.watchdog, SigtermStop()],
         )
 
     def before_instantiate_classes(self) -> None:
@@ -77,6 +87,12 @@ class MoERLCLI(OneLineCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         cli_checks.check_run_settings(config)
         drop_default_checkpoint(config.get("trainer"))
+
+    def before_fit(self) -> None:
+        self.watchdog.arm()  # nothing waits forever for a process that never starts (rendezvous.py)
+
+    def before_validate(self) -> None:
+        self.watchdog.arm()
 
 
 def drop_default_checkpoint(trainer: Any) -> None:
@@ -95,6 +111,22 @@ def _is_default_checkpoint(callback: Any) -> bool:
         return False
     init_args = callback.get("init_args") or {}
     return all(init_args.get(k) == v for k, v in default["init_args"].items())
+
+
+def check_duplicate_checkpoints(config: dict) -> None:
+    """Two checkpoint callbacks with the same settings (the snippet added to the CLI's default) would
+    write the same files; Lightning refuses them with a traceback about ``state_key``."""
+    seen: set[str] = set()
+    for callback in callbacks_of(config):
+        if isinstance(callback, ModelCheckpoint):
+            if callback.state_key in seen:
+                name = f"{type(callback).__module__}.{type(callback).__qualname__}"
+                raise SettingsError(
+                    f"trainer.callbacks: {name} is listed twice with the same settings (the CLI registers "
+                    "one by default: to change it, paste callbacks/checkpoint.yaml as an item of your config's "
+                    "trainer.callbacks list instead of adding it with --trainer.callbacks+=)"
+                )
+            seen.add(callback.state_key)
 
 
 def last_checkpoint(config: dict) -> list[LastCheckpoint]:
@@ -136,7 +168,10 @@ def _run(args: list[str] | None) -> None:
         return
     try:
         MoERLCLI(MoERLModule, PromptDataModule, args=args, trainer_defaults=TRAINER_DEFAULTS)
+    except SIGTERMException:  # Lightning's SystemExit(None) would exit 0: a stopped run is not a finished one
+        raise SystemExit(128 + signal.SIGTERM) from None
     finally:
+        disarm_all()  # a run that failed before its setup hook
         close_process_group()
 
 
@@ -158,6 +193,9 @@ def main(args: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError, MisconfigurationException) as err:
         print(f"lit-moe-rl: error: {one_line_of(err)}", file=sys.stderr)
         raise SystemExit(2) from None
+    except CheckpointError as err:  # a full disk: not a settings error (exit 1)
+        print(f"lit-moe-rl: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def one_line_of(err: BaseException) -> str:

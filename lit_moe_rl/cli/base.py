@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from argparse import ArgumentError
+from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
@@ -16,10 +17,12 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
+from lit_moe_rl.checkpoint import recover
 from lit_moe_rl.cli import checks as cli_checks
 from lit_moe_rl.cli.threads import apply_num_threads
 from lit_moe_rl.errors import SettingsError, first_line, parse_error
 from lit_moe_rl.parallel.sharding import refuse_fsdp1
+from lit_moe_rl.run_config import VersionedConfig
 
 
 class OneLineCLI(LightningCLI):
@@ -28,6 +31,8 @@ class OneLineCLI(LightningCLI):
     def __init__(self, *args: Any, parser_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         # no --optimizer/--lr_scheduler: the modules build their own (errors.NOT_SETTINGS says what to set)
         kwargs.setdefault("auto_configure_optimizers", False)
+        self.argv: list[str] = []  # the command line, for the resume hint of an interrupted run
+        kwargs.setdefault("save_config_callback", VersionedConfig)
         super().__init__(*args, parser_kwargs={**(parser_kwargs or {}), "exit_on_error": False}, **kwargs)
 
     @staticmethod
@@ -50,6 +55,7 @@ class OneLineCLI(LightningCLI):
     def parse_arguments(self, parser: Any, args: Any) -> None:
         """Parse, turning a jsonargparse error into a one-line :class:`SettingsError`."""
         argv = list(args) if isinstance(args, list | tuple) else sys.argv[1:] if args is None else []
+        self.argv = argv
         cli_checks.check_config_files(argv)
         try:
             super().parse_arguments(parser, args)
@@ -63,9 +69,19 @@ class OneLineCLI(LightningCLI):
         return next((parsers[a] for a in argv if a in parsers), self.parser)
 
     def _parse_ckpt_path(self) -> None:
+        """Check the checkpoint file. Lightning would then replace the configured model by the checkpoint's
+        hyperparameters; that happens only when the config names no model (``validate --ckpt_path X``).
+        Otherwise the configured model is built and compared with the checkpoint's as it loads
+        (:mod:`lit_moe_rl.ckpt_match`)."""
         subcommand = self.config.get("subcommand")
         if subcommand:
-            cli_checks.check_checkpoint(self.config[subcommand].get("ckpt_path"))
+            ckpt_path = self.config[subcommand].get("ckpt_path")
+            if ckpt_path:
+                recover(Path(str(ckpt_path)))  # a folder swap cut short by a crash (checkpoint.py)
+            cli_checks.check_checkpoint(ckpt_path)
+            model = self.config[subcommand].get("model") or Namespace()
+            if model.get("pretrained") or model.get("config"):
+                return
         super()._parse_ckpt_path()
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:

@@ -155,6 +155,10 @@ def check_checkpoint(path: Any) -> None:
     if not path or path in ("last", "best", "hpc", "registry"):
         return
     file = Path(str(path))
+    if file.is_dir():  # a sharded checkpoint (ModelParallelStrategy, save_distributed_checkpoint: true)
+        if not (file / ".metadata").is_file():
+            raise SettingsError(f"--ckpt_path {path}: a folder but not a sharded checkpoint (no .metadata)")
+        return
     if not file.is_file():
         raise SettingsError(f"--ckpt_path {path}: no such file")
     try:

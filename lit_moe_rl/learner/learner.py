@@ -229,11 +229,13 @@ class Learner:
         stats.sum("perf/tokens_per_s", float(rollout.attention_mask.sum()) / max(update_s + rollout_s, 1e-9))
 
     def skip(self, stats: Stats) -> None:
-        """A step with no gradient (every group dropped), still counted so that a step budget ends the run."""
+        """A step with no gradient (every group dropped), still counted so that a step budget ends the run:
+        ``mini_batches`` optimizer steps without gradients, as an update would take."""
         self.skipped_steps += 1
-        self.optimizer.step()
-        self.optimizer_step += 1
-        self.scheduler.step()
+        for _ in range(self.settings.mini_batches):  # the optimizer steps an update takes: one step axis
+            self.optimizer.step()
+            self.optimizer_step += 1
+            self.scheduler.step()
         self.step_tokens = 0.0
         stats.mean("policy/skipped_steps", float(self.skipped_steps), 1.0)
 
