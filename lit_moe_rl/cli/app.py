@@ -28,12 +28,12 @@ from lit_moe_rl.cli import algorithm_switch
 from lit_moe_rl.cli import checks as cli_checks
 from lit_moe_rl.cli.base import OneLineCLI, callbacks_of, rich_progress_bar
 from lit_moe_rl.cli.compat import unsupported_versions
+from lit_moe_rl.cli.interrupt import SigtermStop
 from lit_moe_rl.data.datamodule import PromptDataModule
 from lit_moe_rl.errors import SettingsError, first_line
-from lit_moe_rl.interrupt import SigtermStop
 from lit_moe_rl.module import MoERLModule
 from lit_moe_rl.parallel.distributed import close_process_group
-from lit_moe_rl.rendezvous import RendezvousWatchdog, disarm_all
+from lit_moe_rl.parallel.rendezvous import RendezvousWatchdog, disarm_all
 
 TRAINER_DEFAULTS = {
     "logger": lazy_instance(CSVLogger, save_dir="runs"),
@@ -89,7 +89,7 @@ class MoERLCLI(OneLineCLI):
         drop_default_checkpoint(config.get("trainer"))
 
     def before_fit(self) -> None:
-        self.watchdog.arm()  # nothing waits forever for a process that never starts (rendezvous.py)
+        self.watchdog.arm()  # nothing waits forever for a process that never starts (parallel/rendezvous.py)
 
     def before_validate(self) -> None:
         self.watchdog.arm()

@@ -19,10 +19,10 @@ from lightning.pytorch.cli import LightningCLI
 
 from lit_moe_rl.checkpoint import recover
 from lit_moe_rl.cli import checks as cli_checks
+from lit_moe_rl.cli.run_config import VersionedConfig
 from lit_moe_rl.cli.threads import apply_num_threads
 from lit_moe_rl.errors import SettingsError, first_line, parse_error
 from lit_moe_rl.parallel.sharding import refuse_fsdp1
-from lit_moe_rl.run_config import VersionedConfig
 
 
 class OneLineCLI(LightningCLI):
