@@ -41,7 +41,7 @@ def algorithm_record(algorithm: Any) -> dict[str, Any]:
     return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": args}
 
 
-def record(module: Any) -> dict[str, Any]:
+def record(module: MoERLModule) -> dict[str, Any]:
     """What a checkpoint of ``module`` was trained with (stored under ``checkpoint["run_identity"]``)."""
     shapes = {name: list(p.shape) for name, p in module.policy.named_parameters()}
     return {
@@ -51,7 +51,7 @@ def record(module: Any) -> dict[str, Any]:
     }
 
 
-def check_resume(module: Any, checkpoint: dict[str, Any], path: Any, *, fitting: bool = True) -> None:
+def check_resume(module: MoERLModule, checkpoint: dict[str, Any], path: Any, *, fitting: bool = True) -> None:
     """Raise :class:`SettingsError` when ``checkpoint`` was trained with another model, LoRA or algorithm
     (the algorithm only when ``fitting``: ``validate`` does not use it)."""
     saved = checkpoint.get("run_identity")

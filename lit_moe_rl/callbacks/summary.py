@@ -25,7 +25,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
 from lit_moe_rl.checkpoint import interrupted_lines, save_last_now
-from lit_moe_rl.distributed import global_sums
+from lit_moe_rl.parallel.distributed import global_sums
 
 HEADLINE = (
     "mismatch/train_infer_kl",

@@ -17,12 +17,15 @@ engine (vLLM) instead.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from lit_moe_rl.parallel.distributed import full_tensor
+
+if TYPE_CHECKING:
+    from lightning.pytorch import LightningModule
 
 
 def decoder_layers(policy: nn.Module) -> list[nn.Module]:
@@ -36,7 +39,7 @@ def decoder_layers(policy: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
-def data_parallel_mesh(module: Any) -> Any:
+def data_parallel_mesh(module: LightningModule) -> Any:
     """The strategy's data-parallel device mesh, or None when the strategy does not shard."""
     mesh = getattr(module, "_device_mesh", None)
     if mesh is None:
