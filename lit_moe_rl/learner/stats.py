@@ -101,6 +101,13 @@ class Stats:
         else:
             self.mean(name, value, weight, kind)
 
+    def scale(self, names: tuple[str, ...], factor: float) -> None:
+        """Multiply the sums ``names`` (those present) by ``factor``: a sum over updates made their mean."""
+        for name in names:
+            entry = self.entries.get(name)
+            if entry is not None and entry.kind == "sum":
+                entry.num *= factor
+
     def merge(self, other: Stats) -> None:
         """Add ``other``'s contributions (each statistic keeps one kind)."""
         merge(self, other)

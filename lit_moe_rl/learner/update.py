@@ -31,6 +31,10 @@ if TYPE_CHECKING:
     from lit_moe_rl.learner.learner import Learner
 
 
+PER_UPDATE = ("policy/loss", "policy/kl_loss")
+"""Sums over one update's micro-batches and ranks (shares of its global value), averaged over updates."""
+
+
 def policy_update(learner: Learner, rollout: Rollout, stats: Stats, optimizer_step: int) -> Stats:
     """``mini_batches`` optimizer steps over shuffled slices of the rollout (same order on resume)."""
     order = torch.randperm(rollout.num_sequences, generator=torch.Generator().manual_seed(optimizer_step))
@@ -69,8 +73,9 @@ def mini_batch_step(learner: Learner, rollout: Rollout, rows: Tensor, *, updates
                 with _accumulating(learner, last=index == len(plan) - 1):
                     learner.backward(loss * collectives.loss_scale())
         if weight:
-            stats.sum("policy/loss", float(loss.detach()) / updates)
+            stats.sum("policy/loss", float(loss.detach()))
             stats.merge(micro_stats)
+    stats.scale(PER_UPDATE, 1.0 / updates)  # logged as the mean over the rollout's updates
     grad_norm = clip_and_measure(learner.policy, learner.settings.grad_clip)
     if not collectives.all_finite(finite and math.isfinite(grad_norm)):
         # Drop the gradients: the optimizer skips parameters whose grad is None, so this step
