@@ -204,3 +204,21 @@ def test_output_is_as_long_as_the_longest_response(record):
     assert gen.input_ids.shape[1] == gen.prompt_len + gen.response_mask.shape[1]
     if record:
         assert gen.routes.shape[1] == gen.input_ids.shape[1]
+
+
+def test_recording_routes_does_not_change_what_is_sampled():
+    """Rows fed their EOS once more for R3 are not sampled: R3-on and R3-off draw the same completions
+    under one seed (issue 18 item 9: sampling them shifted the random stream, 11 of 12 rows differed)."""
+    torch.manual_seed(0)
+    model, tok = load_policy(config={"family": "qwen3_moe", "vocab_size": 24})  # EOS is likely
+    engine = _engine(model, tok, max_new_tokens=20)
+    outs = []
+    for record in (False, True):
+        torch.manual_seed(1)
+        outs.append(engine.generate(PROMPTS, n=4, record_routes=record))
+    off, on = outs
+    assert 0 < int((~off.truncated).sum()) < 12  # rows ended at different steps: some were fed their EOS
+    assert torch.equal(off.input_ids, on.input_ids)
+    assert torch.equal(off.response_mask, on.response_mask)
+    # the forwards hold the EOS rows too, so μ agrees to rounding only (matmuls are not batch-invariant)
+    torch.testing.assert_close(off.infer_logp, on.infer_logp, rtol=0, atol=1e-5)

@@ -13,7 +13,8 @@ Choices made here (and why):
   its KV cache (``batch_select_indices``); the loop ends when no row is left or after
   ``max_new_tokens``. Nothing runs past a row's EOS. When routes are recorded, a finished row is
   fed its EOS once more before it leaves, so that every real token but the row's last position
-  has a route, as HF ``generate`` recorded them (its logits are discarded).
+  has a route, as HF ``generate`` recorded them; its logits are never computed and nothing is
+  sampled for it, so recording routes does not change what the other rows sample.
 * **Positions and masks as ``generate`` builds them for left-padded prompts:** a 2-D attention
   mask that grows by one column per step, position ids ``cumsum(mask) - 1`` for the prompt and
   ``last + 1`` per step (:func:`lit_moe_rl.policy.position_ids_from_mask`, the trainer's rule).
@@ -106,6 +107,31 @@ def _prompt_routes(recorder, attention_mask: Tensor, n: int, width: int) -> Tens
     return routes
 
 
+def _sample_live(
+    step: _Stepper,
+    hidden: Tensor,
+    batch: _Batch,
+    params: SamplingParams,
+    tokens: Tensor,
+    logp: Tensor,
+    t: int,
+) -> Tensor:
+    """Sample column ``t`` for the live rows only and return ``[A]`` tokens (0 at rows fed their EOS).
+
+    Rows kept only to feed their EOS once more (R3) are neither scored nor sampled: sampling them
+    would draw random numbers the same run without recording does not draw, and shift every later
+    sample (R3-on and R3-off runs with one seed must sample the same completions).
+    """
+    live = batch.live
+    if bool(live.all()):  # always so without a recorder: the exact tensors of a loop without R3
+        token, token_logp = sample_step(step.head(hidden), params)
+        tokens[batch.rows, t], logp[batch.rows, t] = token, token_logp
+        return token
+    live_token, live_logp = sample_step(step.head(hidden[live]), params)
+    tokens[batch.rows[live], t], logp[batch.rows[live], t] = live_token, live_logp
+    return torch.zeros_like(batch.rows).masked_scatter(live, live_token)
+
+
 @torch.inference_mode()
 def decode(
     model: nn.Module,
@@ -149,9 +175,7 @@ def decode(
     for t in range(max_new_tokens):
         if not bool(batch.live.any()):
             break  # the batch only held rows fed their EOS for its route
-        token, token_logp = sample_step(step.head(hidden), params)  # [A], [A]
-        tokens[batch.rows[batch.live], t] = token[batch.live]
-        logp[batch.rows[batch.live], t] = token_logp[batch.live]
+        token = _sample_live(step, hidden, batch, params, tokens, logp, t)  # [A]
         steps = t + 1
         ended = batch.live & torch.isin(token, eos)
         keep = batch.live if recorder is not None else batch.live & ~ended  # R3: an EOS is fed once
