@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -18,6 +19,9 @@ from torch import Tensor, nn
 
 from lit_moe_rl.policy import DTYPES
 from lit_moe_rl.rollout.decode import Decoded, decode
+from lit_moe_rl.rollout.env import Environment
+from lit_moe_rl.rollout.multiturn import Trajectory, TurnLimits, decode_trajectories
+from lit_moe_rl.rollout.observations import ObservationEncoder
 from lit_moe_rl.rollout.prompts import Prompt, encode_prompts
 from lit_moe_rl.rollout.sampling import SamplingParams
 from lit_moe_rl.rollout.weights import inference_copy, sync_into
@@ -40,6 +44,7 @@ class Generation:
     infer_logp: Tensor  # [N, R] float32: log mu of each sampled token (engine's logp_of), 0 off the mask
     truncated: Tensor  # [N] bool: no EOS id within max_new_tokens
     routes: Tensor | None = None  # [N, P+R, L, K] int8/int16, -1 = no route (when recorded)
+    trajectories: list[Trajectory] | None = None  # multi-turn: per row, turns, env rewards and errors
 
 
 class RolloutEngine(ABC):
@@ -241,3 +246,95 @@ def _maybe_record(model: nn.Module, enabled: bool) -> Any:
     from lit_moe_rl.routing.record import record_routes
 
     return record_routes(model)
+
+
+def generate_trajectories(
+    engine: HFEngine,
+    prompts: list[Prompt],
+    samples: list[dict],
+    *,
+    n: int,
+    make_env: Callable[[], Environment],
+    limits: TurnLimits,
+    greedy: bool = False,
+    record_routes: bool = False,
+) -> Generation:
+    """``n`` multi-turn trajectories per prompt with ``engine``'s weights and sampling settings
+    (:mod:`lit_moe_rl.rollout.multiturn`); ``engine.max_new_tokens`` caps each turn.
+
+    Every trajectory gets its own environment, reset with its row; the ``n`` resets of a row must
+    return the same prompt (a GRPO group shares it).
+    """
+    if engine.model is None:
+        raise RuntimeError("generate_trajectories called before bind()")
+    model, tok = engine.model, engine.tokenizer
+    trajectories, firsts = start_trajectories(prompts, samples, n, make_env)
+    chat = isinstance(firsts[0], list)
+    encoder = ObservationEncoder(tok, chat)
+    for traj, prompt in zip(trajectories, [p for p in firsts for _ in range(n)], strict=True):
+        traj.conversation = encoder.start(prompt)
+    stops = tuple(getattr(trajectories[0].env, "stop_strings", ()) or ())
+    params = SamplingParams(engine.temperature, engine.top_p, engine.top_k, engine.logp_of, greedy)
+    was_training = model.training
+    model.eval()
+    try:
+        enc = engine._encode(firsts, next(model.parameters()).device)
+        with torch.inference_mode(), _maybe_record(model, record_routes) as rec:
+            routes, prompt_len = decode_trajectories(
+                model, enc["input_ids"], enc["attention_mask"], trajectories, n=n, limits=limits, params=params,
+                eos_token_ids=engine.eos_token_ids(), pad_token_id=tok.pad_token_id, tokenizer=tok,
+                encoder=encoder, stop_strings=stops, recorder=rec,
+            )  # fmt: skip
+    finally:
+        model.train(was_training)
+    gen = trajectory_generation(enc, trajectories, n, tok.pad_token_id)
+    gen.routes = None if routes is None else routes.clone()
+    return gen
+
+
+def start_trajectories(
+    prompts: list[Prompt], samples: list[dict], n: int, make_env: Callable[[], Environment]
+) -> tuple[list[Trajectory], list[Prompt]]:
+    """``n`` reset environments per row and each row's first prompt."""
+    trajectories, firsts = [], []
+    for prompt, sample in zip(prompts, samples, strict=True):
+        envs = [make_env() for _ in range(n)]
+        starts = [env.reset(sample, prompt) for env in envs]
+        if any(s != starts[0] for s in starts[1:]):
+            raise ValueError(
+                "rollout.env: reset() returned different prompts for one row; a GRPO group shares it"
+            )
+        firsts.append(starts[0])
+        trajectories += [Trajectory(env=env, conversation=[]) for env in envs]
+    return trajectories, firsts
+
+
+def trajectory_generation(
+    enc: dict[str, Tensor], trajectories: list[Trajectory], n: int, pad_token_id: int
+) -> Generation:
+    """The :class:`Generation` layout of finished trajectories: prompt | turn 1 | observation 1 | turn 2 ...,
+    ``response_mask`` True on sampled tokens only, attention 1 on every real token, μ 0 off the mask."""
+    rows, width = len(trajectories), max(len(t.tokens) for t in trajectories)
+    tokens = torch.full((rows, width), pad_token_id, dtype=torch.long)
+    real = torch.zeros((rows, width), dtype=torch.bool)
+    sampled = torch.zeros((rows, width), dtype=torch.bool)
+    logp = torch.zeros((rows, width), dtype=torch.float32)
+    for i, traj in enumerate(trajectories):
+        length = len(traj.tokens)
+        tokens[i, :length] = torch.tensor(traj.tokens, dtype=torch.long)
+        real[i, :length] = True
+        sampled[i, :length] = torch.tensor(traj.sampled, dtype=torch.bool)
+        logp[i, :length] = torch.tensor(traj.logp, dtype=torch.float64).float()
+    device = enc["input_ids"].device
+    prompt_ids = enc["input_ids"].repeat_interleave(n, dim=0)
+    return Generation(
+        input_ids=torch.cat([prompt_ids, tokens.to(device)], 1),
+        attention_mask=torch.cat(
+            [enc["attention_mask"].repeat_interleave(n, dim=0), real.long().to(device)], 1
+        ),
+        response_mask=sampled.to(device),
+        prompt_len=prompt_ids.shape[1],
+        infer_logp=logp.to(device),
+        truncated=torch.tensor([t.truncated for t in trajectories], device=device),
+        trajectories=trajectories,
+    )

@@ -1,0 +1,251 @@
+"""Multi-turn rollouts (issue 14): the engine keeps each trajectory's KV cache across turns, observation
+tokens are appended as they were encoded and never trained, and R3 routes are exact across turns."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from lit_moe_rl.policy import load_policy, position_ids_from_mask, token_logprobs
+from lit_moe_rl.rollout.engine import HFEngine, generate_trajectories
+from lit_moe_rl.rollout.env import Environment, env_factory
+from lit_moe_rl.rollout.multiturn import TurnLimits
+from lit_moe_rl.routing.record import record_routes
+from lit_moe_rl.routing.replay import replay_routes
+
+PROMPTS = ["3 5 7 => 22 =", "12 =>"]
+OBS = ["= 11 =>", "= 12 =>"]
+
+
+class ThreeTurns(Environment):
+    """Answers every turn with a fixed text; done after the third turn; reward 1 per step."""
+
+    stop_strings = ("=", ">")  # frequent characters: turns of a random model end by themselves
+
+    def reset(self, sample, prompt):
+        self.turn = 0
+        return prompt
+
+    def step(self, action):
+        self.turn += 1
+        return (OBS[self.turn - 1] if self.turn <= 2 else None), 1.0, self.turn >= 3
+
+
+def _run(family="qwen3_moe", *, record=True, env=ThreeTurns, n=3, window=256, **limits):
+    torch.manual_seed(0)
+    extra = {"sliding_window": window} if family == "gpt_oss" else {}
+    model, tok = load_policy(config={"family": family, "vocab_size": 24} | extra)
+    engine = HFEngine(max_new_tokens=20)
+    engine.bind(model, tok)
+    limits = (
+        dict(max_turns=3, max_total_tokens=90, max_turn_tokens=20, max_env_tokens=16, env_timeout_s=5.0)
+        | limits
+    )
+    torch.manual_seed(1)
+    gen = generate_trajectories(
+        engine, PROMPTS, [{}, {}], n=n, make_env=env, limits=TurnLimits(**limits), record_routes=record
+    )
+    return model, tok, gen
+
+
+def _spans(mask_row: torch.Tensor) -> list[tuple[bool, int]]:
+    """``[(sampled?, length)]`` runs of a response row's real tokens."""
+    runs: list[tuple[bool, int]] = []
+    for value in mask_row.tolist():
+        if runs and runs[-1][0] == value:
+            runs[-1] = (value, runs[-1][1] + 1)
+        else:
+            runs.append((value, 1))
+    return runs
+
+
+def test_layout_is_prompt_turns_and_observations_with_loss_only_on_sampled_tokens():
+    _, tok, gen = _run()
+    done = [t for t in gen.trajectories if t.turns == 3]
+    assert len(done) >= 4  # most trajectories ran their three turns
+    real = gen.attention_mask[:, gen.prompt_len :].bool()
+    for row, traj in enumerate(gen.trajectories):
+        length = len(traj.tokens)
+        assert real[row, :length].all() and not real[row, length:].any()
+        assert torch.equal(
+            gen.input_ids[row, gen.prompt_len : gen.prompt_len + length], torch.tensor(traj.tokens)
+        )
+        observed = ~gen.response_mask[row] & real[row]
+        assert (gen.infer_logp[row][observed] == 0).all()  # μ 0 on observation tokens
+        assert (gen.infer_logp[row][gen.response_mask[row]] < 0).all()
+        if traj.turns == 3:  # turn | obs 1 | turn | obs 2 | turn, each observation exactly its own tokens
+            spans = _spans(gen.response_mask[row][:length])
+            assert [s for s, _ in spans] == [True, False, True, False, True]
+            start = spans[0][1]
+            obs1 = gen.input_ids[row, gen.prompt_len + start : gen.prompt_len + start + spans[1][1]]
+            assert tok.decode(obs1) == OBS[0]
+            assert traj.reward == 3.0
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_r3_routes_over_three_turns_equal_a_full_forward_and_replay_reproduces_mu(family):
+    """Every position's route comes from the forward that wrote its KV (prompt prefill, decode steps,
+    observation prefills) and equals the route a full forward of the finished sequence takes; replaying
+    them reproduces μ at every sampled token of every turn, with no routing disagreement."""
+    model, _, gen = _run(family)
+    assert sum(t.turns == 3 for t in gen.trajectories) >= 2
+    ids, mask = gen.input_ids, gen.attention_mask
+    positions = position_ids_from_mask(mask)
+    with torch.no_grad(), record_routes(model) as rec:
+        model(ids, attention_mask=mask, position_ids=positions)
+    routed = gen.routes[..., 0, 0] >= 0
+    assert torch.equal(routed, mask.bool())  # every real position has its route, observations included
+    same = (gen.routes.sort(-1).values == rec.routes.sort(-1).values).all(-1).all(-1)
+    assert bool(same[routed].all())
+    with torch.no_grad(), replay_routes(model, gen.routes, input_ids=ids) as replayer:
+        logp, _, _ = token_logprobs(model, ids, mask, gen.prompt_len)
+    native = replayer.native_routes.sort(-1).values
+    assert bool((native == gen.routes.sort(-1).values).all(-1).all(-1)[routed].all())  # disagreement 0
+    sampled = gen.response_mask
+    torch.testing.assert_close(logp[sampled], gen.infer_logp[sampled], rtol=0, atol=1e-5)
+
+
+def test_no_turn_reprefills_history():
+    """Each forward after the prompt prefill feeds a row only its new tokens: one per decode step, or the
+    last sampled token plus the observation; the total fed is the response length (R3 feeds each last token)."""
+    torch.manual_seed(0)
+    model, tok = load_policy(config={"family": "qwen3_moe", "vocab_size": 24})
+    fed: list[int] = []
+    handle = model.get_decoder().register_forward_pre_hook(
+        lambda _m, _a, kw: fed.append(int(kw["attention_mask"][:, -kw["input_ids"].shape[1] :].sum())),
+        with_kwargs=True,
+    )
+    engine = HFEngine(max_new_tokens=20)
+    engine.bind(model, tok)
+    limits = TurnLimits(
+        max_turns=3, max_total_tokens=90, max_turn_tokens=20, max_env_tokens=16, env_timeout_s=5.0
+    )
+    torch.manual_seed(1)
+    gen = generate_trajectories(engine, PROMPTS, [{}, {}], n=3, make_env=ThreeTurns, limits=limits)
+    handle.remove()
+    assert fed[0] == int(gen.attention_mask[::3, : gen.prompt_len].sum())  # one prefill per prompt
+    assert sum(fed[1:]) == int(gen.attention_mask[:, gen.prompt_len :].sum()) - len(gen.trajectories)
+
+
+class Hangs(ThreeTurns):
+    def step(self, action):
+        if self.turn == 1:
+            time.sleep(30)
+        return super().step(action)
+
+
+class Raises(ThreeTurns):
+    def step(self, action):
+        if self.turn == 1:
+            raise RuntimeError("environment bug")
+        return super().step(action)
+
+
+@pytest.mark.parametrize("env", [Hangs, Raises])
+def test_a_hung_or_raising_environment_ends_its_trajectory_and_is_counted(env):
+    start = time.monotonic()
+    _, _, gen = _run(env=env, env_timeout_s=0.5, record=False)
+    assert time.monotonic() - start < 20
+    failed = [t for t in gen.trajectories if t.env_timeouts or t.env_errors]
+    assert failed and all(t.turns == 2 and t.reward == 1.0 for t in failed)
+    if env is Raises:
+        assert all("environment bug" in t.errors[0] for t in failed)
+
+
+def test_budget_and_observation_cut_are_enforced():
+    _, _, gen = _run(max_total_tokens=14, max_env_tokens=3, record=False)
+    assert all(len(t.tokens) <= 14 for t in gen.trajectories)
+    assert gen.attention_mask.shape[1] - gen.prompt_len <= 14
+    assert any(t.obs_cut for t in gen.trajectories)
+    assert any(t.truncated for t in gen.trajectories)
+
+
+def test_env_factory_reads_class_path_and_init_args():
+    make = env_factory({"class_path": "tests.test_multiturn.ThreeTurns", "init_args": {}})
+    assert type(make()).__name__ == "ThreeTurns" and make() is not make()  # a fresh one per trajectory
+    with pytest.raises(ValueError, match="rollout.env.class_path: cannot import"):
+        env_factory({"class_path": "tests.nowhere.Env"})
+
+
+def test_a_sliding_window_the_cache_outgrows_is_refused():
+    with pytest.raises(ValueError, match="rollout.env: multi-turn rollouts of a sliding-window model need"):
+        _run("gpt_oss", window=16, record=False)
+
+
+QWEN_LIKE = (
+    "{%- for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+DROPS_THINK = (  # Qwen3's stock behaviour: earlier turns lose their <think> block
+    "{%- for m in messages %}{%- set c = m['content'] %}"
+    "{%- if m['role'] == 'assistant' and not loop.last %}{%- set c = c.split('</think>')[-1].lstrip() %}{%- endif %}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + c + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def chat_tokenizer(template: str = QWEN_LIKE):
+    """The character tokenizer with letters, ``<|im_start|>``/``<|im_end|>`` and a chat template."""
+    from lit_moe_rl.policy import CHAR_ALPHABET, char_tokenizer
+
+    tok = char_tokenizer(CHAR_ALPHABET + "abcdefghijklmnopqrstuvwxyz\n,.:_{}\"'<>|")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = template
+    tok.padding_side = "left"
+    return tok
+
+
+def test_template_probe_accepts_a_prefix_preserving_template_and_refuses_one_that_drops_think():
+    from lit_moe_rl.rollout.observations import check_template
+
+    assert check_template(chat_tokenizer()) == "<|im_end|>\n"
+    with pytest.raises(
+        ValueError, match="chat template is not prefix-preserving .*rendering a second turn changed"
+    ):
+        check_template(chat_tokenizer(DROPS_THINK))
+
+
+def test_observation_suffix_owns_the_template_tokens_at_the_turn_boundary():
+    """After a turn that sampled ``...<|im_end|>``, the ``\\n`` the template adds and the next role headers
+    are observation tokens; after a stop string, the whole ``<|im_end|>\\n`` is."""
+    from lit_moe_rl.rollout.observations import ObservationEncoder
+
+    tok = chat_tokenizer()
+    enc = ObservationEncoder(tok, chat=True)
+    conversation = enc.start([{"role": "user", "content": "hi"}])
+    ids = enc.encode(conversation, "ok", "<|im_end|>", "more")
+    assert tok.decode(ids) == "\n<|im_start|>user\nmore<|im_end|>\n<|im_start|>assistant\n"
+    ids = enc.encode(conversation, "<call>", "", [{"role": "tool", "content": "4"}])
+    assert tok.decode(ids) == "<|im_end|>\n<|im_start|>tool\n4<|im_end|>\n<|im_start|>assistant\n"
+    full = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    assert full.endswith("<|im_start|>tool\n4<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_chat_trajectories_train_only_sampled_tokens_and_refuse_a_bad_template():
+    tok = chat_tokenizer()
+    torch.manual_seed(0)
+    model, _ = load_policy(config={"family": "qwen3_moe", "vocab_size": len(tok)})
+    model.generation_config.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>")
+    engine = HFEngine(max_new_tokens=30)
+    engine.bind(model, tok)
+    limits = TurnLimits(
+        max_turns=3, max_total_tokens=200, max_turn_tokens=30, max_env_tokens=40, env_timeout_s=5.0
+    )
+
+    class Chat(ThreeTurns):
+        stop_strings = tuple("aeiou0123456789")
+
+    prompt = [{"role": "user", "content": "hi"}]
+    gen = generate_trajectories(engine, [prompt], [{}], n=4, make_env=Chat, limits=limits)
+    assert any(traj.turns >= 2 for traj in gen.trajectories)
+    for row, traj in enumerate(gen.trajectories):
+        if traj.turns < 2:
+            continue
+        spans = _spans(gen.response_mask[row][: len(traj.tokens)])
+        first_obs = gen.input_ids[row, gen.prompt_len + spans[0][1] :][: spans[1][1]]
+        assert tok.decode(first_obs).startswith("<|im_end|>\n<|im_start|>user\n= 11 =>")
+    engine.tokenizer = chat_tokenizer(DROPS_THINK)
+    with pytest.raises(ValueError, match="not prefix-preserving"):
+        generate_trajectories(engine, [prompt], [{}], n=2, make_env=Chat, limits=limits)
