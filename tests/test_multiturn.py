@@ -249,3 +249,102 @@ def test_chat_trajectories_train_only_sampled_tokens_and_refuse_a_bad_template()
     engine.tokenizer = chat_tokenizer(DROPS_THINK)
     with pytest.raises(ValueError, match="not prefix-preserving"):
         generate_trajectories(engine, [prompt], [{}], n=2, make_env=Chat, limits=limits)
+
+
+# ------------------------------------------------------------------ through the trainer
+
+
+def transcript_reward(completion: str, sample: dict) -> float:
+    """A reward a random model earns sometimes: the transcript's length modulo 3 (scores whole transcripts)."""
+    return float(len(completion) % 3)
+
+
+def _fit(tmp_path, *extra, steps=2):
+    from tests.helpers import read_metrics, run_fit
+
+    args = [
+        "--rollout.env={class_path: lit_moe_rl.envs.countdown.MultiTurnCountdown}",
+        '--model.config={"family": "qwen3_moe", "vocab_size": 24}',  # EOS is likely: turns end by themselves
+        "--rollout.engine.max_new_tokens=24",
+        "--rollout.max_total_tokens=60",
+        "--trainer.limit_val_batches=0",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.callbacks=[]",
+        *extra,
+    ]
+    return read_metrics(run_fit(tmp_path, *args, steps=steps))
+
+
+@pytest.mark.parametrize("algorithm", ["GRPO", "DAPO", "DrGRPO", "GSPO", "GMPO", "RSPO"])
+def test_every_algorithm_trains_on_multi_turn_rollouts(algorithm, tmp_path):
+    rows = _fit(
+        tmp_path,
+        f"--model.algorithm=lit_moe_rl.algorithms.{algorithm}",
+        "--rollout.reward=tests.test_multiturn.transcript_reward",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+    )
+    assert rows
+    assert all(float(r["multiturn/turns"]) > 0 for r in rows)
+    assert any(float(r["multiturn/obs_token_share"]) > 0 for r in rows)
+    assert any(float(r["policy/grad_norm"]) > 0 for r in rows)  # sampled tokens carried a loss
+
+
+def test_r3_fit_on_multi_turn_rollouts_replays_with_no_disagreement(tmp_path):
+    from tests.helpers import ROOT
+
+    rows = _fit(
+        tmp_path,
+        "--rollout.reward=tests.test_multiturn.transcript_reward",
+        f"--trainer.callbacks+={ROOT / 'callbacks' / 'routing_replay.yaml'}",
+    )
+    assert rows and any(float(r["multiturn/obs_token_share"]) > 0 for r in rows)
+    for row in rows:
+        assert float(row["routing/rollout_train_router_disagreement"]) == 0.0  # same-dtype engine, replayed
+        assert float(row["routing/fallback_real_tokens"]) == 0.0  # observations too have their routes
+
+
+def test_trim_padding_keeps_observation_columns_and_dr_grpo_uses_the_trajectory_budget():
+    from lit_moe_rl.batch import Rollout
+    from lit_moe_rl.batching import trim_padding
+    from lit_moe_rl.callbacks.rollout import RolloutCallback
+
+    sampled = torch.tensor(
+        [[True, False, False, False, False, False], [True, True, False, True, False, False]]
+    )
+    real = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]])  # row 1 ends with an observation token
+    micro = Rollout(
+        input_ids=torch.ones(2, 8, dtype=torch.long),
+        attention_mask=torch.cat([torch.ones(2, 2, dtype=torch.long), real], 1),
+        response_mask=sampled,
+        prompt_len=2,
+        group_size=2,
+        temperature=1.0,
+        rewards=torch.zeros(2),
+        advantages=torch.zeros(2),
+    )
+    trimmed = trim_padding(micro)
+    assert trimmed.response_len == 5 and trimmed.input_ids.shape[1] == 7  # up to the last attended column
+    callback = RolloutCallback(
+        engine=HFEngine(max_new_tokens=8), env={"class_path": "lit_moe_rl.envs.countdown.MultiTurnCountdown"}
+    )
+    assert callback.max_response_len() == 3 * 8  # max_turns x max_new_tokens unless max_total_tokens is set
+    assert RolloutCallback(engine=HFEngine(max_new_tokens=8)).max_response_len() == 8
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_turns": 0}, "rollout.max_turns: must be >= 1, got 0"),
+        ({"max_env_tokens": 0}, "rollout.max_env_tokens: must be >= 1, got 0"),
+        ({"env_timeout_s": 0.0}, "rollout.env_timeout_s: must be > 0, got 0.0"),
+        ({"max_total_tokens": 0}, "rollout.max_total_tokens: must be >= 1, got 0"),
+        ({"seed_per_prompt": True}, "rollout.seed_per_prompt: not supported with rollout.env"),
+    ],
+)
+def test_multi_turn_settings_are_checked_at_construction(kwargs, message):
+    from lit_moe_rl.callbacks.rollout import RolloutCallback
+
+    with pytest.raises(ValueError, match=message):
+        RolloutCallback(env={"class_path": "lit_moe_rl.envs.countdown.MultiTurnCountdown"}, **kwargs)
