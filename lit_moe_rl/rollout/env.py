@@ -22,14 +22,13 @@ A ten-line environment (named in YAML as ``rollout.env: {class_path: my_pkg.Gues
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from lit_moe_rl.rollout.prompts import Prompt
 
-__all__ = ["Environment", "Observation", "StepResult", "env_factory"]
+__all__ = ["Environment", "Observation", "StepResult", "env_factory", "import_path"]
 
 Observation = str | list[dict[str, Any]] | None
 
@@ -59,13 +58,19 @@ class Environment:
         """The model's turn ``action`` (decoded sampled text) -> ``(observation, reward, done)``."""
         raise NotImplementedError
 
+    def metrics(self) -> dict[str, float | None]:
+        """Optional per-trajectory values, averaged into ``multiturn/env/<name>`` (None: not applicable)."""
+        return {}
 
-def _import(path: str) -> Any:
-    module, _, name = path.replace(":", ".").rpartition(".")
+
+def import_path(path: str, setting: str = "rollout.env.class_path") -> Any:
+    """The object at ``module:attr``, ``module.attr`` or ``path/to/file.py:attr`` (the reward loader's rules)."""
+    from lit_moe_rl.rewards.registry import _import
+
     try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ValueError(f"rollout.env.class_path: cannot import {path!r} ({err})") from None
+        return _import(path)
+    except ValueError as err:
+        raise ValueError(str(err).replace("rollout.reward:", f"{setting}:", 1)) from None
 
 
 def env_factory(spec: Any) -> Callable[[], Environment]:
@@ -73,10 +78,10 @@ def env_factory(spec: Any) -> Callable[[], Environment]:
     if isinstance(spec, dict):
         if "class_path" not in spec:
             raise ValueError(f"rollout.env: expected {{class_path: ..., init_args: {{...}}}}, got {spec!r}")
-        cls, args = _import(spec["class_path"]), dict(spec.get("init_args") or {})
+        cls, args = import_path(spec["class_path"]), dict(spec.get("init_args") or {})
         return lambda: cls(**args)
     if isinstance(spec, str):
-        return _import(spec)
+        return import_path(spec)
     if callable(spec):
         return spec
     raise ValueError(
