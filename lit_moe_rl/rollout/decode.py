@@ -24,6 +24,9 @@ Choices made here (and why):
   ``batched_mm`` 2.8x slower, which gathers a weight copy per token), and a shared (``dtype:
   same``) engine must not change the trainer's numerics. A preallocated KV cache written in place
   was slower than the dynamic cache's concatenation (strided keys); compaction costs about 3%.
+* **One read of the device per step**: which sampled tokens are EOS (``.tolist()``); which rows are
+  live, leave or stay is decided on the host from it (each ``.any()``/``bool()`` on a device tensor
+  is a stall on a GPU). A test counts the reads outside the model's forward.
 * **R3 inside the loop.** With a :class:`~lit_moe_rl.routing.record.RouteRecorder`, every forward's
   routes are written at the rows and positions that call fed, into ``[N, P + R, L, K]`` filled with
   -1: left padding, the last position (its token is never fed forward) and positions after a
@@ -82,19 +85,24 @@ class _Stepper:
 
 @dataclass
 class _Batch:
-    """The rows still in the decode batch (``A`` of them) and what each needs for its next forward."""
+    """The rows still in the decode batch (``A`` of them) and what each needs for its next forward.
+
+    Which rows are live is kept on the host: the loop reads the device once per step (which sampled
+    tokens are EOS) and decides everything else from that.
+    """
 
     rows: Tensor  # [A] long: output row of each batch row
-    live: Tensor  # [A] bool: still sampling (False: fed its EOS once more for R3, then leaves)
+    live: list[bool]  # still sampling (False: fed its EOS once more for R3, then leaves)
     mask: Tensor  # [A, P + t] attention mask
     next_pos: Tensor  # [A, 1] position id of the next token fed
 
-    def keep(self, kept: Tensor, step: _Stepper) -> None:
-        """Keep batch rows ``kept`` (and their KV cache)."""
-        self.rows, self.live, self.mask, self.next_pos = (
-            t[kept] for t in (self.rows, self.live, self.mask, self.next_pos)
-        )
-        step.cache.batch_select_indices(kept)
+    def keep(self, kept: list[int], step: _Stepper) -> Tensor:
+        """Keep batch rows ``kept`` (and their KV cache); returns their index on the device."""
+        index = torch.tensor(kept, dtype=torch.long, device=self.rows.device)
+        self.rows, self.mask, self.next_pos = (t[index] for t in (self.rows, self.mask, self.next_pos))
+        self.live = [self.live[i] for i in kept]
+        step.cache.batch_select_indices(index)
+        return index
 
 
 def _prompt_routes(recorder, attention_mask: Tensor, n: int, width: int) -> Tensor:
@@ -122,14 +130,14 @@ def _sample_live(
     would draw random numbers the same run without recording does not draw, and shift every later
     sample (R3-on and R3-off runs with one seed must sample the same completions).
     """
-    live = batch.live
-    if bool(live.all()):  # always so without a recorder: the exact tensors of a loop without R3
+    if all(batch.live):  # always so without a recorder: the exact tensors of a loop without R3
         token, token_logp = sample_step(step.head(hidden), params)
         tokens[batch.rows, t], logp[batch.rows, t] = token, token_logp
         return token
+    live = torch.tensor([i for i, alive in enumerate(batch.live) if alive], device=hidden.device)
     live_token, live_logp = sample_step(step.head(hidden[live]), params)
     tokens[batch.rows[live], t], logp[batch.rows[live], t] = live_token, live_logp
-    return torch.zeros_like(batch.rows).masked_scatter(live, live_token)
+    return torch.zeros_like(batch.rows).index_copy(0, live, live_token)
 
 
 @torch.inference_mode()
@@ -165,7 +173,7 @@ def decode(
     step.cache.batch_repeat_interleave(n)
     batch = _Batch(
         rows=torch.arange(rows, device=device),
-        live=torch.ones(rows, dtype=torch.bool, device=device),
+        live=[True] * rows,
         mask=attention_mask.repeat_interleave(n, dim=0),
         next_pos=positions[:, -1:].repeat_interleave(n, dim=0) + 1,
     )
@@ -173,19 +181,22 @@ def decode(
     logp = torch.zeros((rows, max_new_tokens), dtype=torch.float32, device=device)
     steps = 0  # columns sampled so far: R of the output
     for t in range(max_new_tokens):
-        if not bool(batch.live.any()):
+        if not any(batch.live):
             break  # the batch only held rows fed their EOS for its route
         token = _sample_live(step, hidden, batch, params, tokens, logp, t)  # [A]
         steps = t + 1
-        ended = batch.live & torch.isin(token, eos)
-        keep = batch.live if recorder is not None else batch.live & ~ended  # R3: an EOS is fed once
-        batch.live = batch.live & ~ended
-        if t == max_new_tokens - 1 or not bool(keep.any()):
+        is_eos = torch.isin(token, eos).tolist()  # the step's one read of the device
+        ended = [alive and e for alive, e in zip(batch.live, is_eos, strict=True)]
+        keep = (
+            batch.live
+            if recorder is not None
+            else [a and not e for a, e in zip(batch.live, ended, strict=True)]
+        )
+        batch.live = [a and not e for a, e in zip(batch.live, ended, strict=True)]  # R3: an EOS is fed once
+        if t == max_new_tokens - 1 or not any(keep):
             break
-        if not bool(keep.all()):
-            kept = keep.nonzero().squeeze(-1)
-            batch.keep(kept, step)
-            token = token[kept]
+        if not all(keep):
+            token = token[batch.keep([i for i, k in enumerate(keep) if k], step)]
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones((batch.mask.shape[0], 1))], dim=1)
         hidden = step(token[:, None], batch.mask, batch.next_pos)
         batch.next_pos = batch.next_pos + 1
