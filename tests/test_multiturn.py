@@ -348,3 +348,110 @@ def test_multi_turn_settings_are_checked_at_construction(kwargs, message):
 
     with pytest.raises(ValueError, match=message):
         RolloutCallback(env={"class_path": "lit_moe_rl.envs.countdown.MultiTurnCountdown"}, **kwargs)
+
+
+# ------------------------------------------------------------------ what users see
+
+
+def _cli_error(capsys, tmp_path, *extra: str) -> str:
+    from tests.helpers import run_fit
+
+    with pytest.raises(SystemExit) as exc:
+        run_fit(tmp_path, *extra)
+    assert exc.value.code == 2
+    lines = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
+    assert lines[-1].startswith("lit-moe-rl: error: ") and "Traceback" not in "\n".join(lines)
+    return lines[-1]
+
+
+ENV = '--rollout.env={"class_path": "lit_moe_rl.envs.countdown.MultiTurnCountdown"}'
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([ENV, "--rollout.max_turns=0"], "rollout.max_turns: must be >= 1, got 0"),
+        ([ENV, "--rollout.env_timeout_s=0"], "rollout.env_timeout_s: must be > 0, got 0.0"),
+        (
+            ['--rollout.env={"class_path": "no_such.Env"}'],
+            "rollout.env.class_path: cannot import 'no_such.Env'",
+        ),
+        ([ENV, "--rollout.seed_per_prompt=true"], "rollout.seed_per_prompt: not supported with rollout.env"),
+    ],
+)
+def test_bad_multi_turn_settings_print_one_line(capsys, tmp_path, extra, message):
+    assert message in _cli_error(capsys, tmp_path, *extra)
+
+
+def test_a_template_that_is_not_prefix_preserving_is_refused_at_start_up(capsys, tmp_path):
+    chat_tokenizer(DROPS_THINK).save_pretrained(tmp_path / "tok")
+    line = _cli_error(
+        capsys,
+        tmp_path,
+        ENV,
+        f"--model.tokenizer={tmp_path / 'tok'}",
+        '--model.config={"family": "qwen3_moe", "vocab_size": 128}',
+    )
+    assert "rollout.env: the tokenizer's chat template is not prefix-preserving" in line
+
+
+def test_bench_counts_fewer_prefilled_tokens_for_the_same_trajectories():
+    import importlib.util
+
+    from tests.helpers import ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_multiturn", ROOT / "bench" / "multiturn.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.main(["--rows", "4", "--repeats", "1", "--obs", "8"])
+    assert out["turns_per_trajectory"] > 2
+    assert out["engine_decode_tokens"] == out["reprefill_decode_tokens"]  # the same tokens, decoded alike
+    assert out["prefill_ratio"] > 1.5  # history is prefilled again every turn by the other loop
+
+
+def test_the_multi_turn_loop_reads_the_device_once_per_step():
+    from tests.test_engine_decode import _DeviceReads
+
+    torch.manual_seed(0)
+    model, tok = load_policy(config={"family": "qwen3_moe", "vocab_size": 24})
+    engine = HFEngine(max_new_tokens=20)
+    engine.bind(model, tok)
+    limits = TurnLimits(
+        max_turns=3, max_total_tokens=90, max_turn_tokens=20, max_env_tokens=16, env_timeout_s=5.0
+    )
+    torch.manual_seed(1)
+    with _DeviceReads(model) as reads:
+        gen = generate_trajectories(engine, PROMPTS, [{}, {}], n=3, make_env=ThreeTurns, limits=limits)
+    for handle in reads.handles:
+        handle.remove()
+    assert sum(t.turns for t in gen.trajectories) >= 12 and reads.steps >= 10
+    assert reads.reads <= reads.steps + 2  # one per step, plus two at the start
+
+
+def test_readme_multi_turn_commands_run_shortened(tmp_path, monkeypatch):
+    """README's multi-turn block: the Countdown config, the calculator tokenizer and config, the bench."""
+    import shlex
+    import subprocess
+    import sys
+
+    from lit_moe_rl.cli import main
+    from tests.helpers import ROOT
+    from tests.test_readme import _commands
+
+    commands = [c for c in _commands() if "multiturn" in c or "calculator" in c]
+    assert len(commands) == 4
+    monkeypatch.chdir(tmp_path)  # relative outputs (runs/...) land here
+    for link in ("configs", "examples", "bench"):
+        (tmp_path / link).symlink_to(ROOT / link)
+    short = ["--trainer.max_steps=1", "--trainer.limit_val_batches=1", "--data.num_val=8",
+             "--data.val_batch_size=8", "--trainer.enable_progress_bar=false"]  # fmt: skip
+    for command in commands:
+        argv = shlex.split(command)
+        if argv[0] == "lit-moe-rl":
+            main([*argv[1:], *short])
+        else:
+            extra = ["--rows", "2", "--repeats", "1"] if "bench" in argv[1] else []
+            done = subprocess.run([sys.executable, *argv[1:], *extra], capture_output=True, text=True, timeout=300,
+                                  env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+            assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "runs" / "calculator_tokenizer" / "tokenizer_config.json").exists()
