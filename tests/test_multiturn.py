@@ -455,3 +455,46 @@ def test_readme_multi_turn_commands_run_shortened(tmp_path, monkeypatch):
                                   env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
             assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "runs" / "calculator_tokenizer" / "tokenizer_config.json").exists()
+
+
+class Crashes(ThreeTurns):
+    """Kills its own process at its second step (a segfault would do the same)."""
+
+    def step(self, action):
+        if self.turn == 1:
+            import os
+
+            os._exit(3)
+        return super().step(action)
+
+
+@pytest.mark.parametrize("env", ["Hangs", "Crashes", "Raises"])
+def test_environments_in_worker_processes_survive_a_hung_or_crashing_one(env):
+    from lit_moe_rl.rollout.env_workers import EnvPool
+
+    pool = EnvPool({"class_path": f"tests.test_multiturn.{env}"}, num_workers=2)
+    try:
+        start = time.monotonic()
+        _, _, gen = _run(env=pool, env_timeout_s=2.0, record=False)
+        assert time.monotonic() - start < 30
+        failed = [t for t in gen.trajectories if t.env_timeouts or t.env_errors]
+        # the failing step ends its trajectory, scored with the steps before it; trajectories that shared
+        # a replaced worker lose their environment and end the same way at their next step
+        assert any(t.turns == 2 for t in failed) and all(t.reward == t.turns - 1 for t in failed)
+        assert all(t.env.metrics() == {} for t in gen.trajectories)
+        _, _, again = _run(env=pool, record=False)  # the replaced workers serve the next rollout
+        assert sum(t.reward for t in again.trajectories) >= 3
+    finally:
+        pool.close()
+    assert pool.workers == []
+
+
+def test_env_isolation_auto_picks_threads_for_thread_safe_environments_and_processes_otherwise():
+    from lit_moe_rl.callbacks.rollout import RolloutCallback
+    from lit_moe_rl.rollout.env_workers import EnvPool
+
+    countdown = RolloutCallback(env={"class_path": "lit_moe_rl.envs.countdown.MultiTurnCountdown"})
+    assert not isinstance(countdown.multiturn.make_env, EnvPool)
+    tools = RolloutCallback(env={"class_path": "tests.test_multiturn.ThreeTurns"})
+    assert isinstance(tools.multiturn.make_env, EnvPool)  # nothing started until the first rollout
+    assert tools.multiturn.make_env.workers == []

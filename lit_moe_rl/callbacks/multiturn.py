@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lit_moe_rl.rollout.env import env_factory
+from lit_moe_rl.rollout.env import env_factory, import_path
+from lit_moe_rl.rollout.env_workers import EnvPool
 from lit_moe_rl.rollout.multiturn import TurnLimits
 from lit_moe_rl.rollout.observations import check_template
 
@@ -30,6 +31,8 @@ class MultiTurnSettings:
         max_total_tokens: int | None,
         max_env_tokens: int,
         timeout_s: float,
+        isolation: str = "auto",
+        workers: int = 2,
     ) -> MultiTurnSettings:
         _check(max_turns >= 1, "max_turns", "must be >= 1", max_turns)
         _check(max_env_tokens >= 1, "max_env_tokens", "must be >= 1", max_env_tokens)
@@ -38,14 +41,35 @@ class MultiTurnSettings:
             raise ValueError("rollout.env: multi-turn rollouts need the HFEngine (rollout.engine)")
         budget = max_total_tokens if max_total_tokens is not None else max_turns * engine.max_new_tokens
         _check(budget >= 1, "max_total_tokens", "must be >= 1", budget)
+        _check(
+            isolation in ("auto", "process", "thread"),
+            "env_isolation",
+            "expected auto, process or thread",
+            isolation,
+        )
+        _check(workers >= 1, "env_workers", "must be >= 1", workers)
         make_env = env_factory(env)
+        if isolation == "auto":
+            isolation = "thread" if getattr(_env_class(env, make_env), "thread_safe", False) else "process"
+        if isolation == "process":
+            make_env = EnvPool(env, workers)
         limits = TurnLimits(max_turns, budget, engine.max_new_tokens, max_env_tokens, timeout_s)
         return cls(make_env=make_env, limits=limits)
+
+    def close(self) -> None:
+        if isinstance(self.make_env, EnvPool):
+            self.make_env.close()
 
     def check_tokenizer(self, tokenizer: Any) -> None:
         """At start-up: a chat template must be prefix-preserving (observations are its suffixes)."""
         if getattr(tokenizer, "chat_template", None):
             check_template(tokenizer)
+
+
+def _env_class(spec: Any, make_env: Any) -> Any:
+    if isinstance(spec, dict):
+        return import_path(spec["class_path"])
+    return make_env if isinstance(make_env, type) else None
 
 
 def _check(ok: bool, name: str, rule: str, value: Any) -> None:

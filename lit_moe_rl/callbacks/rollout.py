@@ -49,6 +49,8 @@ class RolloutCallback(Callback):
         max_total_tokens: int | None = None,
         max_env_tokens: int = 256,
         env_timeout_s: float = 10.0,
+        env_isolation: Isolation = "auto",
+        env_workers: int = 2,
     ) -> None:
         """
         Args:
@@ -80,6 +82,11 @@ class RolloutCallback(Callback):
             max_env_tokens: With ``env``: longest observation in tokens (>= 1); longer ones are cut, counted.
             env_timeout_s: With ``env``: deadline of one environment step (> 0); a late step ends its
                 trajectory, scored and counted.
+            env_isolation: With ``env``: ``process``: environments live in ``env_workers`` worker processes
+                killed at the deadline (a hung or crashing one cannot stop the run); ``thread``: in the
+                trainer's process, each step in a thread (a hung one is abandoned); ``auto``: threads for
+                an environment class with ``thread_safe = True`` (the built-in Countdown one).
+            env_workers: With ``env_isolation: process``: worker processes (>= 1).
         """
         if group_size < 2:
             raise ValueError(
@@ -251,6 +258,8 @@ class RolloutCallback(Callback):
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.scorer.close()
+        if self.multiturn is not None:
+            self.multiturn.close()
 
 
 def rollout_metrics(gen: Generation, rewards: torch.Tensor, errors: int) -> dict[str, float]:

@@ -23,6 +23,9 @@ __all__ = ["MultiTurnCountdown"]
 class MultiTurnCountdown(Environment):
     """Countdown in up to ``max_attempts`` turns, with the attempt's value as feedback."""
 
+    thread_safe = True
+    """Pure Python with bounded work (safe_eval): stepped in threads, not worker processes."""
+
     def __init__(self, max_attempts: int = 3) -> None:
         if max_attempts < 1:
             raise ValueError(f"rollout.env.init_args.max_attempts: must be >= 1, got {max_attempts}")

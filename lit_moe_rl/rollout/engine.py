@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from lit_moe_rl.policy import DTYPES
 from lit_moe_rl.rollout.decode import Decoded, decode
 from lit_moe_rl.rollout.env import Environment
+from lit_moe_rl.rollout.env_workers import EnvPool
 from lit_moe_rl.rollout.multiturn import Trajectory, TurnLimits, decode_trajectories
 from lit_moe_rl.rollout.observations import ObservationEncoder
 from lit_moe_rl.rollout.prompts import Prompt, encode_prompts
@@ -254,7 +255,7 @@ def generate_trajectories(
     samples: list[dict],
     *,
     n: int,
-    make_env: Callable[[], Environment],
+    make_env: Callable[[], Environment] | EnvPool,
     limits: TurnLimits,
     greedy: bool = False,
     record_routes: bool = False,
@@ -268,7 +269,7 @@ def generate_trajectories(
     if engine.model is None:
         raise RuntimeError("generate_trajectories called before bind()")
     model, tok = engine.model, engine.tokenizer
-    trajectories, firsts = start_trajectories(prompts, samples, n, make_env)
+    trajectories, firsts = start_trajectories(prompts, samples, n, make_env, limits.env_timeout_s)
     chat = isinstance(firsts[0], list)
     encoder = ObservationEncoder(tok, chat)
     for traj, prompt in zip(trajectories, [p for p in firsts for _ in range(n)], strict=True):
@@ -293,20 +294,26 @@ def generate_trajectories(
 
 
 def start_trajectories(
-    prompts: list[Prompt], samples: list[dict], n: int, make_env: Callable[[], Environment]
+    prompts: list[Prompt],
+    samples: list[dict],
+    n: int,
+    make_env: Callable[[], Environment] | EnvPool,
+    timeout_s: float,
 ) -> tuple[list[Trajectory], list[Prompt]]:
-    """``n`` reset environments per row and each row's first prompt."""
-    trajectories, firsts = [], []
-    for prompt, sample in zip(prompts, samples, strict=True):
-        envs = [make_env() for _ in range(n)]
-        starts = [env.reset(sample, prompt) for env in envs]
-        if any(s != starts[0] for s in starts[1:]):
-            raise ValueError(
-                "rollout.env: reset() returned different prompts for one row; a GRPO group shares it"
-            )
-        firsts.append(starts[0])
-        trajectories += [Trajectory(env=env, conversation=[]) for env in envs]
-    return trajectories, firsts
+    """``n`` reset environments per row (in worker processes when ``make_env`` is an :class:`EnvPool`)
+    and each row's first prompt."""
+    rows = [(sample, prompt) for prompt, sample in zip(prompts, samples, strict=True) for _ in range(n)]
+    if isinstance(make_env, EnvPool):
+        envs, starts = make_env.reset_all([s for s, _ in rows], [p for _, p in rows], timeout_s)
+    else:
+        envs = [make_env() for _ in rows]
+        starts = [env.reset(sample, prompt) for env, (sample, prompt) in zip(envs, rows, strict=True)]
+    firsts = starts[::n]
+    if any(start != firsts[i // n] for i, start in enumerate(starts)):
+        raise ValueError(
+            "rollout.env: reset() returned different prompts for one row; a GRPO group shares it"
+        )
+    return [Trajectory(env=env, conversation=[]) for env in envs], firsts
 
 
 def trajectory_generation(

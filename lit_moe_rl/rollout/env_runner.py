@@ -17,7 +17,7 @@ from typing import Any
 
 from lit_moe_rl.rollout.env import Environment, StepResult
 
-__all__ = ["run_concurrently", "step_all"]
+__all__ = ["run_concurrently", "step_all", "unpack_step"]
 
 
 def run_concurrently(calls: list[Callable[[], Any]], timeout_s: float) -> list[tuple[str, Any]]:
@@ -40,8 +40,16 @@ def run_concurrently(calls: list[Callable[[], Any]], timeout_s: float) -> list[t
 
 
 def step_all(envs: list[Environment], actions: list[str], timeout_s: float) -> list[StepResult]:
-    """``envs[i].step(actions[i])`` for all ``i`` at once; failures and timeouts end the trajectory."""
-    calls = [lambda e=env, a=action: _unpack(e.step(a)) for env, action in zip(envs, actions, strict=True)]
+    """``envs[i].step(actions[i])`` for all ``i`` at once; failures and timeouts end the trajectory.
+
+    Environments living in worker processes (:class:`~lit_moe_rl.rollout.env_workers.RemoteEnv`) are
+    stepped by their pool instead, which kills a worker that misses the deadline.
+    """
+    if envs and getattr(envs[0], "pool", None) is not None:
+        return envs[0].pool.step_all(envs, actions, timeout_s)
+    calls = [
+        lambda e=env, a=action: unpack_step(e.step(a)) for env, action in zip(envs, actions, strict=True)
+    ]
     out = []
     for status, value in run_concurrently(calls, timeout_s):
         if status == "ok":
@@ -51,7 +59,7 @@ def step_all(envs: list[Environment], actions: list[str], timeout_s: float) -> l
     return out
 
 
-def _unpack(value: Any) -> tuple[Any, float, bool]:
+def unpack_step(value: Any) -> tuple[Any, float, bool]:
     if not (isinstance(value, tuple) and len(value) == 3):
         raise TypeError(f"rollout.env: step() must return (observation, reward, done), got {value!r}")
     observation, reward, done = value
