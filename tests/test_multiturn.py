@@ -341,6 +341,9 @@ def test_trim_padding_keeps_observation_columns_and_dr_grpo_uses_the_trajectory_
         ({"env_timeout_s": 0.0}, "rollout.env_timeout_s: must be > 0, got 0.0"),
         ({"max_total_tokens": 0}, "rollout.max_total_tokens: must be >= 1, got 0"),
         ({"seed_per_prompt": True}, "rollout.seed_per_prompt: not supported with rollout.env"),
+        ({"max_batch_tokens": 0}, "rollout.max_batch_tokens: must be >= 1 and needs the HFEngine, got 0"),
+        ({"env_isolation": "fork"}, "rollout.env_isolation: expected auto, process or thread, got 'fork'"),
+        ({"env_workers": 0}, "rollout.env_workers: must be >= 1, got 0"),
     ],
 )
 def test_multi_turn_settings_are_checked_at_construction(kwargs, message):
@@ -498,3 +501,66 @@ def test_env_isolation_auto_picks_threads_for_thread_safe_environments_and_proce
     tools = RolloutCallback(env={"class_path": "tests.test_multiturn.ThreeTurns"})
     assert isinstance(tools.multiturn.make_env, EnvPool)  # nothing started until the first rollout
     assert tools.multiturn.make_env.workers == []
+
+
+# ------------------------------------------------------------------ the KV budget (item 9)
+
+
+class _CacheSlots:
+    """The largest ``rows x cache columns`` any decoder call of the engine saw."""
+
+    def __init__(self, model):
+        self.peak = self.prefills = 0
+        self.handle = model.get_decoder().register_forward_pre_hook(self.hook, with_kwargs=True)
+
+    def hook(self, _module, _args, kwargs):
+        mask = kwargs["attention_mask"]
+        self.peak = max(self.peak, mask.shape[0] * mask.shape[1])
+        self.prefills += kwargs["input_ids"].shape[1] > 1  # one prompt prefill per wave
+
+
+@pytest.mark.parametrize("budget", [None, 10_000, 200])
+def test_max_batch_tokens_runs_waves_that_bound_the_kv_cache(budget):
+    torch.manual_seed(0)
+    model, tok = load_policy(config={"family": "qwen3_moe", "vocab_size": 24})
+    prompts = ["3 5 7 => 22 =", "1 2 => 3 =", "12 =>", "4 4 => 16 ="]
+    free = HFEngine(max_new_tokens=12)
+    free.bind(model, tok)
+    reference = free.generate(prompts, n=3, greedy=True, record_routes=True)
+    engine = HFEngine(max_new_tokens=12, max_batch_tokens=budget)
+    engine.bind(model, tok)
+    slots = _CacheSlots(model)
+    gen = engine.generate(prompts, n=3, greedy=True, record_routes=True)
+    slots.handle.remove()
+    if budget is not None:
+        assert slots.peak <= budget
+    assert slots.prefills == {None: 1, 10_000: 1, 200: 2}[budget]  # 200: two waves of two prompts
+    # greedy rows do not depend on their batch: the merged waves are the one-batch output
+    real = reference.attention_mask.bool()
+    assert torch.equal(gen.attention_mask.sum(-1), reference.attention_mask.sum(-1))
+    assert torch.equal(gen.response_mask, reference.response_mask)
+    for row in range(gen.input_ids.shape[0]):
+        ours = gen.input_ids[row][gen.attention_mask[row].bool()]
+        assert torch.equal(ours, reference.input_ids[row][real[row]])
+        routed = gen.routes[row][gen.attention_mask[row].bool()]
+        assert torch.equal(routed.sort(-1).values, reference.routes[row][real[row]].sort(-1).values)
+
+
+def test_max_batch_tokens_waves_multi_turn_trajectories_and_refuses_a_budget_below_one_prompt():
+    _, _, gen = _run(max_total_tokens=60, record=True)
+    torch.manual_seed(0)
+    model, tok = load_policy(config={"family": "qwen3_moe", "vocab_size": 24})
+    engine = HFEngine(max_new_tokens=20, max_batch_tokens=3 * (14 + 60))
+    engine.bind(model, tok)
+    limits = TurnLimits(
+        max_turns=3, max_total_tokens=60, max_turn_tokens=20, max_env_tokens=16, env_timeout_s=5.0
+    )
+    torch.manual_seed(1)
+    waved = generate_trajectories(
+        engine, PROMPTS, [{}, {}], n=3, make_env=ThreeTurns, limits=limits, record_routes=True
+    )
+    assert len(waved.trajectories) == 6 and waved.routes.shape[:2] == waved.input_ids.shape
+    assert torch.equal((waved.routes[..., 0, 0] >= 0), waved.attention_mask.bool())
+    engine.max_batch_tokens = 50
+    with pytest.raises(ValueError, match="rollout.max_batch_tokens: 50 is less than one prompt's 3 rows"):
+        generate_trajectories(engine, PROMPTS, [{}, {}], n=3, make_env=ThreeTurns, limits=limits)

@@ -51,6 +51,7 @@ class RolloutCallback(Callback):
         env_timeout_s: float = 10.0,
         env_isolation: Isolation = "auto",
         env_workers: int = 2,
+        max_batch_tokens: int | None = None,
     ) -> None:
         """
         Args:
@@ -87,6 +88,9 @@ class RolloutCallback(Callback):
                 trainer's process, each step in a thread (a hung one is abandoned); ``auto``: threads for
                 an environment class with ``thread_safe = True`` (the built-in Countdown one).
             env_workers: With ``env_isolation: process``: worker processes (>= 1).
+            max_batch_tokens: Token budget of the engine's live KV cache per rank (rows x cache length,
+                >= 1): prompts generate in waves that fit it (:mod:`lit_moe_rl.rollout.waves`); None = one
+                wave. Sets the HFEngine's ``max_batch_tokens``.
         """
         if group_size < 2:
             raise ValueError(
@@ -101,6 +105,12 @@ class RolloutCallback(Callback):
                 f"rollout.stop_after_failed_batches: must be >= 0, got {stop_after_failed_batches}"
             )
         self.engine = engine if engine is not None else HFEngine()
+        if max_batch_tokens is not None:
+            if max_batch_tokens < 1 or not hasattr(self.engine, "max_batch_tokens"):
+                raise ValueError(
+                    f"rollout.max_batch_tokens: must be >= 1 and needs the HFEngine, got {max_batch_tokens!r}"
+                )
+            self.engine.max_batch_tokens = max_batch_tokens
         self.multiturn = (
             None
             if env is None

@@ -25,6 +25,7 @@ from lit_moe_rl.rollout.multiturn import Trajectory, TurnLimits, decode_trajecto
 from lit_moe_rl.rollout.observations import ObservationEncoder
 from lit_moe_rl.rollout.prompts import Prompt, encode_prompts
 from lit_moe_rl.rollout.sampling import SamplingParams
+from lit_moe_rl.rollout.waves import concat_generations, plan_waves
 from lit_moe_rl.rollout.weights import inference_copy, sync_into
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ class HFEngine(RolloutEngine):
         dtype: Literal["same", "float32", "bfloat16", "float16"] = "same",
         max_prompt_len: int | None = None,
         logp_of: Literal["sampled", "raw"] = "sampled",
+        max_batch_tokens: int | None = None,
     ) -> None:
         """
         Args:
@@ -114,6 +116,9 @@ class HFEngine(RolloutEngine):
             max_prompt_len: Left-truncate longer prompts to this many tokens (>= 1, or None = no limit).
             logp_of: μ of the truncated distribution actually sampled (``sampled``) or of the tempered
                 distribution before top-k/top-p (``raw``).
+            max_batch_tokens: Token budget of the live KV cache (rows x cache length); prompts run in
+                waves that fit it (:mod:`lit_moe_rl.rollout.waves`; None = one wave). Usually set as
+                ``rollout.max_batch_tokens``.
         """
         _check(max_new_tokens >= 1, "max_new_tokens", "must be >= 1", max_new_tokens)
         _check(temperature > 0, "temperature", "must be > 0", temperature)
@@ -127,6 +132,12 @@ class HFEngine(RolloutEngine):
             max_prompt_len,
         )
         _check(logp_of in ("sampled", "raw"), "logp_of", "must be 'sampled' or 'raw'", logp_of)
+        _check(
+            max_batch_tokens is None or max_batch_tokens >= 1,
+            "max_batch_tokens",
+            "must be >= 1 or None",
+            max_batch_tokens,
+        )
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.top_p = top_p
@@ -134,6 +145,7 @@ class HFEngine(RolloutEngine):
         self.dtype = dtype
         self.max_prompt_len = max_prompt_len
         self.logp_of = logp_of
+        self.max_batch_tokens = max_batch_tokens
         self.model: nn.Module | None = None
         self.tokenizer: Any = None
 
@@ -171,16 +183,19 @@ class HFEngine(RolloutEngine):
         model.eval()
         params = SamplingParams(self.temperature, self.top_p, self.top_k, self.logp_of, greedy)
         eos = self.eos_token_ids()
+        gens = []
         try:
             enc = self._encode(prompts, next(model.parameters()).device)
-            with torch.inference_mode(), _maybe_record(model, record_routes) as rec:
-                out = decode(
-                    model, enc["input_ids"], enc["attention_mask"], n=n, max_new_tokens=self.max_new_tokens,
-                    params=params, eos_token_ids=eos, pad_token_id=self.tokenizer.pad_token_id, recorder=rec,
-                )  # fmt: skip
+            for wave in wave_inputs(enc, n, self.max_new_tokens, self.max_batch_tokens):
+                with torch.inference_mode(), _maybe_record(model, record_routes) as rec:
+                    out = decode(
+                        model, wave["input_ids"], wave["attention_mask"], n=n, max_new_tokens=self.max_new_tokens,
+                        params=params, eos_token_ids=eos, pad_token_id=self.tokenizer.pad_token_id, recorder=rec,
+                    )  # fmt: skip
+                gens.append(self._to_generation(wave, out, n, eos))
         finally:
             model.train(was_training)
-        return self._to_generation(enc, out, n, eos)
+        return concat_generations(gens, self.tokenizer.pad_token_id)
 
     def _to_generation(self, enc: dict[str, Tensor], out: Decoded, n: int, eos: list[int]) -> Generation:
         prompt_ids = enc["input_ids"].repeat_interleave(n, dim=0)
@@ -278,19 +293,38 @@ def generate_trajectories(
     params = SamplingParams(engine.temperature, engine.top_p, engine.top_k, engine.logp_of, greedy)
     was_training = model.training
     model.eval()
+    gens = []
     try:
         enc = engine._encode(firsts, next(model.parameters()).device)
-        with torch.inference_mode(), _maybe_record(model, record_routes) as rec:
-            routes, prompt_len = decode_trajectories(
-                model, enc["input_ids"], enc["attention_mask"], trajectories, n=n, limits=limits, params=params,
-                eos_token_ids=engine.eos_token_ids(), pad_token_id=tok.pad_token_id, tokenizer=tok,
-                encoder=encoder, stop_strings=stops, recorder=rec,
-            )  # fmt: skip
+        waves = wave_inputs(enc, n, limits.max_total_tokens, engine.max_batch_tokens)
+        for wave in waves:
+            rows = trajectories[wave["rows"].start * n : wave["rows"].stop * n]
+            with torch.inference_mode(), _maybe_record(model, record_routes) as rec:
+                routes, _ = decode_trajectories(
+                    model, wave["input_ids"], wave["attention_mask"], rows, n=n, limits=limits, params=params,
+                    eos_token_ids=engine.eos_token_ids(), pad_token_id=tok.pad_token_id, tokenizer=tok,
+                    encoder=encoder, stop_strings=stops, recorder=rec,
+                )  # fmt: skip
+            gen = trajectory_generation(wave, rows, n, tok.pad_token_id)
+            gen.routes = None if routes is None else routes.clone()
+            gens.append(gen)
     finally:
         model.train(was_training)
-    gen = trajectory_generation(enc, trajectories, n, tok.pad_token_id)
-    gen.routes = None if routes is None else routes.clone()
-    return gen
+    return concat_generations(gens, tok.pad_token_id)
+
+
+def wave_inputs(enc: dict[str, Tensor], n: int, added: int, budget: int | None) -> list[dict[str, Any]]:
+    """``enc``'s prompts split into waves that fit ``budget`` (:func:`~lit_moe_rl.rollout.waves.plan_waves`),
+    each left-padded to its own longest prompt; ``rows`` is the wave's range of prompts."""
+    if budget is None:
+        return [{**enc, "rows": range(enc["input_ids"].shape[0])}]
+    lengths = enc["attention_mask"].sum(-1).tolist()
+    waves = []
+    for rows in plan_waves(lengths, n, added, budget):
+        width = max(lengths[i] for i in rows)
+        sl = slice(rows.start, rows.stop)
+        waves.append({k: v[sl, v.shape[1] - width :] for k, v in enc.items()} | {"rows": rows})
+    return waves
 
 
 def start_trajectories(
