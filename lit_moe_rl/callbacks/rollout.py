@@ -115,7 +115,14 @@ class RolloutCallback(Callback):
             None
             if env is None
             else MultiTurnSettings.make(
-                env, self.engine, max_turns, max_total_tokens, max_env_tokens, env_timeout_s
+                env,
+                self.engine,
+                max_turns,
+                max_total_tokens,
+                max_env_tokens,
+                env_timeout_s,
+                env_isolation,
+                env_workers,
             )
         )
         if self.multiturn is not None and seed_per_prompt:
