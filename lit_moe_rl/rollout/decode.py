@@ -23,7 +23,9 @@ Choices made here (and why):
   tiny Qwen3-MoE (``eager`` experts about 5% and ``eager`` attention about 20% slower,
   ``batched_mm`` 2.8x slower, which gathers a weight copy per token), and a shared (``dtype:
   same``) engine must not change the trainer's numerics. A preallocated KV cache written in place
-  was slower than the dynamic cache's concatenation (strided keys); compaction costs about 3%.
+  was slower than the dynamic cache's concatenation (strided keys) at short lengths; compaction costs
+  about 3%. From ``GROW_FROM`` new tokens on, the cache grows by doubling instead
+  (:mod:`lit_moe_rl.rollout.kv`): concatenation copies ``L^2 / 2`` positions for ``L`` tokens.
 * **One read of the device per step**: which sampled tokens are EOS (``.tolist()``); which rows are
   live, leave or stay is decided on the host from it (each ``.any()``/``bool()`` on a device tensor
   is a stall on a GPU). A test counts the reads outside the model's forward.
@@ -43,6 +45,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from lit_moe_rl.policy import position_ids_from_mask
+from lit_moe_rl.rollout.kv import use_growing_layers
 from lit_moe_rl.rollout.sampling import SamplingParams, sample_step
 
 __all__ = ["Decoded", "decode"]
@@ -63,13 +66,21 @@ def _cache_kwarg(decoder: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+GROW_FROM = 256
+"""Generations that may add this many tokens or more keep their KV cache in doubling buffers
+(:mod:`lit_moe_rl.rollout.kv`): no per-step copy of the whole cache. Shorter ones keep transformers'
+concatenating cache, which was faster for short sequences on CPU (the quickstart's 12 tokens)."""
+
+
 class _Stepper:
     """Runs the decoder on some rows and returns the last position's hidden state ``[A, H]``."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, max_added: int = 0) -> None:
         self.decoder = model.get_decoder()
         self.head = model.get_output_embeddings()
         self.cache = DynamicCache(config=model.config)
+        if max_added >= GROW_FROM:
+            use_growing_layers(self.cache)
         self.cache_kwarg = _cache_kwarg(self.decoder)
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
@@ -164,7 +175,7 @@ def decode(
         raise ValueError("rollout.engine: prompts must be left-padded (tokenizer.padding_side='left')")
     prompt_len, rows, device = input_ids.shape[1], input_ids.shape[0] * n, input_ids.device
     eos = torch.tensor(sorted(set(eos_token_ids)), device=device)
-    step = _Stepper(model)
+    step = _Stepper(model, max_new_tokens)
     positions = position_ids_from_mask(attention_mask)
     hidden = step(input_ids, attention_mask, positions).repeat_interleave(n, dim=0)  # [N, H]
     routes = (

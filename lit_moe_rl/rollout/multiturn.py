@@ -83,7 +83,7 @@ class _Loop:
     """State of one :func:`decode_trajectories` call."""
 
     def __init__(self, model, trajectories, encoder, limits, params, eos, pad, tokenizer, stops, recorder):
-        self.step = _Stepper(model)
+        self.step = _Stepper(model, limits.max_total_tokens)
         self.traj, self.encoder, self.limits, self.params = trajectories, encoder, limits, params
         self.eos, self.pad, self.tokenizer, self.stops, self.recorder = (
             set(eos),
