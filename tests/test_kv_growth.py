@@ -69,3 +69,17 @@ def test_long_generations_use_the_doubling_cache_and_sample_the_same_tokens(fami
                                          params=SamplingParams(), eos_token_ids=[2], pad_token_id=0))  # fmt: skip
     assert any(isinstance(layer, GrowingLayer) for layer in layers)
     assert torch.equal(outs[0].tokens, outs[1].tokens) and torch.equal(outs[0].logp, outs[1].logp)
+
+
+def test_decode_length_bench_runs():
+    import importlib.util
+
+    from tests.helpers import ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_decode_length", ROOT / "bench" / "decode_length.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--lengths", "48", "--rows", "2"])
+    concat, doubling = rows
+    assert doubling["copied_per_token"] < 3 < concat["copied_per_token"]
+    assert decode_module.GROW_FROM == 256  # the bench restores the engine's threshold
