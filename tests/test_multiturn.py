@@ -564,3 +564,25 @@ def test_max_batch_tokens_waves_multi_turn_trajectories_and_refuses_a_budget_bel
     engine.max_batch_tokens = 50
     with pytest.raises(ValueError, match="rollout.max_batch_tokens: 50 is less than one prompt's 3 rows"):
         generate_trajectories(engine, PROMPTS, [{}, {}], n=3, make_env=ThreeTurns, limits=limits)
+
+
+def test_validation_logs_held_out_multi_turn_metrics_and_samples_mark_observations(tmp_path):
+    from tests.helpers import ROOT
+
+    rows = _fit(
+        tmp_path,
+        "--trainer.limit_val_batches=1",
+        "--trainer.val_check_interval=1",
+        "--rollout.reward=null",
+        f"--trainer.callbacks+={ROOT / 'callbacks' / 'samples.yaml'}",
+        "--trainer.callbacks.every_n_steps=1",
+    )
+    val = [r for r in rows if r.get("val/multiturn/turns")]
+    assert val and all(0.0 <= float(r["val/multiturn/env/solved"]) <= 1.0 for r in val)
+    import glob
+    import json
+    from pathlib import Path
+
+    files = glob.glob(str(tmp_path / "**" / "samples.jsonl"), recursive=True)
+    samples = [json.loads(line) for f in files for line in Path(f).read_text().splitlines()]
+    assert samples and any("⟦" in s["completion"] and "⟧" in s["completion"] for s in samples)

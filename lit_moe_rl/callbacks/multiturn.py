@@ -92,6 +92,21 @@ def multiturn_metrics(gen: Any) -> dict[str, float]:
     } | env_metrics(trajs)
 
 
+def log_val_multiturn(pl_module: Any, gen: Any) -> None:
+    """``val/multiturn/turns`` and ``val/multiturn/env/<name>`` of held-out trajectories, each averaged
+    over the trajectories it applies to (so ``second_after_fail`` is a share of failed first attempts)."""
+    trajs = gen.trajectories
+    pl_module.log("val/multiturn/turns", sum(t.turns for t in trajs) / len(trajs), batch_size=len(trajs))
+    values: dict[str, list[float]] = {}
+    for traj in trajs:
+        report = traj.env.metrics() if callable(getattr(traj.env, "metrics", None)) else {}
+        for name, value in report.items():
+            if value is not None:
+                values.setdefault(name, []).append(float(value))
+    for name, v in values.items():
+        pl_module.log(f"val/multiturn/env/{name}", sum(v) / len(v), batch_size=len(v))
+
+
 def env_metrics(trajs: list[Any]) -> dict[str, float]:
     """``multiturn/env/<name>``: the mean over trajectories of each value an environment's optional
     ``metrics()`` reports (None: not applicable to that trajectory, left out of the mean)."""

@@ -16,7 +16,12 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lit_moe_rl.batch import Rollout
-from lit_moe_rl.callbacks.multiturn import MultiTurnSettings, marked_transcripts, multiturn_metrics
+from lit_moe_rl.callbacks.multiturn import (
+    MultiTurnSettings,
+    log_val_multiturn,
+    marked_transcripts,
+    multiturn_metrics,
+)
 from lit_moe_rl.distributed import is_distributed
 from lit_moe_rl.rewards import RewardFn, resolve_reward
 from lit_moe_rl.rewards.failures import FailureTracker
@@ -182,6 +187,8 @@ class RolloutCallback(Callback):
         rewards, _ = self._rewards(gen, texts, batch["samples"], self.val_samples)
         batch["val_rewards"] = rewards.view(-1, self.val_samples).mean(-1)  # Avg@k per prompt
         batch["val_texts"] = texts
+        if gen.trajectories is not None:
+            log_val_multiturn(pl_module, gen)
 
     def make_rollout(
         self, pl_module: Any, prompts: list[Prompt], samples: list[dict], *, step: int
