@@ -586,3 +586,47 @@ def test_validation_logs_held_out_multi_turn_metrics_and_samples_mark_observatio
     files = glob.glob(str(tmp_path / "**" / "samples.jsonl"), recursive=True)
     samples = [json.loads(line) for f in files for line in Path(f).read_text().splitlines()]
     assert samples and any("⟦" in s["completion"] and "⟧" in s["completion"] for s in samples)
+
+
+# ------------------------------------------------------------------ the warm start on transcripts
+
+
+def test_synthetic_transcripts_are_a_wrong_attempt_its_feedback_and_the_solution():
+    import random
+
+    from lit_moe_rl.envs.countdown import MultiTurnCountdown, synthetic_transcript
+
+    sample = {"numbers": [3, 5, 7], "target": 22}
+    parts = synthetic_transcript(sample, "3*5+7", random.Random(0))
+    (attempt, a), (feedback, f), (solution, s) = parts
+    assert (a, f, s) == (False, False, True) and solution == "3*5+7"
+    env = MultiTurnCountdown()
+    env.reset(sample, "")
+    value = env.value(attempt)
+    assert value is not None and value != 22 and feedback == f" = {value} => 22 ="
+
+
+def test_sft_loss_covers_only_the_solution_after_a_wrong_attempt():
+    from lit_moe_rl.sft import SFTModule
+
+    module = SFTModule(config={"family": "qwen3_moe", "vocab_size": 32}, multiturn_fraction=1.0)
+    module.configure_model()
+    tok = module.tokenizer
+    ids, attn, loss = module.encode_segments(
+        ["1 2 => 3 ="], [[("1-2", False), (" = -1 => 3 =", False), ("1+2", True)]]
+    )
+    text = "1 2 => 3 =" + "1-2" + "<eos>" + " = -1 => 3 =" + "1+2" + "<eos>"
+    assert tok.decode(ids[0]) == text and attn.all()
+    assert tok.decode(ids[0][loss[0].bool()]) == "1+2<eos>"
+    with pytest.raises(ValueError, match=r"model.multiturn_fraction: must be in \[0, 1\], got 1.5"):
+        SFTModule(config={"family": "qwen3_moe"}, multiturn_fraction=1.5)
+
+
+def test_multi_turn_warm_start_config_runs_shortened(tmp_path, monkeypatch):
+    from lit_moe_rl.cli import main
+    from tests.helpers import ROOT
+
+    monkeypatch.chdir(tmp_path)
+    main(["sft", f"--config={ROOT / 'configs' / 'multiturn_countdown_sft.yaml'}", "--trainer.max_steps=2",
+              "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false"])  # fmt: skip
+    assert (tmp_path / "runs" / "multiturn_warm_start" / "config.json").exists()

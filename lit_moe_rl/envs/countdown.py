@@ -5,11 +5,13 @@ a wrong one gets the observation ``" = 17 => 22 ="`` (its value, then the target
 the built-in model's tokenizer) and the model tries again. Reward 1 for a solution within
 ``max_attempts``, else 0 (an attempt that is not a well-formed expression using the numbers is told
 ``" => 22 ="`` only). :meth:`metrics` reports the solved-within-k rate and the share of second attempts
-that succeed after a failed first.
+that succeed after a failed first. :func:`synthetic_transcript` writes the warm start's transcripts
+(a wrong attempt, its feedback, the solution) for ``lit-moe-rl sft`` with ``model.multiturn_fraction``.
 """
 
 from __future__ import annotations
 
+import random
 from fractions import Fraction
 from typing import Any
 
@@ -17,7 +19,7 @@ from lit_moe_rl.rewards.arith import ArithError, safe_eval
 from lit_moe_rl.rewards.countdown import _ALLOWED, uses_numbers
 from lit_moe_rl.rollout.env import Environment
 
-__all__ = ["MultiTurnCountdown"]
+__all__ = ["MultiTurnCountdown", "synthetic_transcript", "wrong_attempt"]
 
 
 class MultiTurnCountdown(Environment):
@@ -61,3 +63,32 @@ class MultiTurnCountdown(Environment):
         second = None if len(self.outcomes) < 2 else float(self.outcomes[1])
         return {"solved": float(any(self.outcomes)), "solved_first": float(self.outcomes[:1] == [True]),
                 "second_after_fail": second}  # fmt: skip
+
+
+_OPS = ("+", "-", "*")
+
+
+def wrong_attempt(sample: dict[str, Any], rng: random.Random, tries: int = 20) -> str | None:
+    """A well-formed attempt with the sample's numbers whose value is not the target (None if none found)."""
+    env = MultiTurnCountdown()
+    env.reset(sample, "")
+    for _ in range(tries):
+        numbers = [str(n) for n in sample["numbers"]]
+        rng.shuffle(numbers)
+        attempt = numbers[0] + "".join(rng.choice(_OPS) + n for n in numbers[1:])
+        value = env.value(attempt)
+        if value is not None and value != env.target:
+            return attempt
+    return None
+
+
+def synthetic_transcript(sample: dict[str, Any], solution: str, rng: random.Random) -> list[tuple[str, bool]]:
+    """``[(text, trained)]`` after the prompt: a wrong attempt and its feedback (untrained context), then
+    the solution (trained). Each attempt is followed by EOS when tokenised (an attempt ends with EOS)."""
+    attempt = wrong_attempt(sample, rng)
+    if attempt is None:
+        return [(solution, True)]
+    env = MultiTurnCountdown()
+    env.reset(sample, "")
+    feedback, _, _ = env.step(attempt)
+    return [(attempt, False), (feedback, False), (solution, True)]
