@@ -573,12 +573,14 @@ def test_validation_logs_held_out_multi_turn_metrics_and_samples_mark_observatio
         tmp_path,
         "--trainer.limit_val_batches=1",
         "--trainer.val_check_interval=1",
+        "--trainer.num_sanity_val_steps=-1",
         "--rollout.reward=null",
         f"--trainer.callbacks+={ROOT / 'callbacks' / 'samples.yaml'}",
         "--trainer.callbacks.every_n_steps=1",
     )
     val = [r for r in rows if r.get("val/multiturn/turns")]
     assert val and all(0.0 <= float(r["val/multiturn/env/solved"]) <= 1.0 for r in val)
+    assert val[0]["step"] == "0" and len(val) >= 2  # before training (the sanity check) and after steps
     import glob
     import json
     from pathlib import Path

@@ -92,19 +92,37 @@ def multiturn_metrics(gen: Any) -> dict[str, float]:
     } | env_metrics(trajs)
 
 
-def log_val_multiturn(pl_module: Any, gen: Any) -> None:
-    """``val/multiturn/turns`` and ``val/multiturn/env/<name>`` of held-out trajectories, each averaged
-    over the trajectories it applies to (so ``second_after_fail`` is a share of failed first attempts)."""
-    trajs = gen.trajectories
-    pl_module.log("val/multiturn/turns", sum(t.turns for t in trajs) / len(trajs), batch_size=len(trajs))
-    values: dict[str, list[float]] = {}
-    for traj in trajs:
-        report = traj.env.metrics() if callable(getattr(traj.env, "metrics", None)) else {}
-        for name, value in report.items():
-            if value is not None:
-                values.setdefault(name, []).append(float(value))
-    for name, v in values.items():
-        pl_module.log(f"val/multiturn/env/{name}", sum(v) / len(v), batch_size=len(v))
+class ValMultiturn:
+    """Held-out ``val/multiturn/turns`` and ``val/multiturn/env/<name>``, each averaged over the
+    trajectories it applies to (``second_after_fail`` is then a share of failed first attempts), over
+    a whole validation. The sanity check's values (before training) are written at step 0, as the run
+    summary writes ``val/reward``."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, list[float]] = {}
+
+    def add(self, gen: Any) -> None:
+        for traj in gen.trajectories:
+            self._add("val/multiturn/turns", traj.turns)
+            report = traj.env.metrics() if callable(getattr(traj.env, "metrics", None)) else {}
+            for name, value in report.items():
+                if value is not None:
+                    self._add(f"val/multiturn/env/{name}", value)
+
+    def _add(self, name: str, value: float) -> None:
+        total = self.sums.setdefault(name, [0.0, 0.0])
+        total[0] += float(value)
+        total[1] += 1.0
+
+    def flush(self, trainer: Any, pl_module: Any) -> None:
+        means = {name: total / count for name, (total, count) in self.sums.items() if count}
+        self.sums = {}
+        if trainer.sanity_checking:
+            if trainer.logger is not None and means:
+                trainer.logger.log_metrics(means, step=trainer.global_step)
+            return
+        for name, value in means.items():
+            pl_module.log(name, value)
 
 
 def env_metrics(trajs: list[Any]) -> dict[str, float]:

@@ -18,7 +18,7 @@ from typing_extensions import override
 from lit_moe_rl.batch import Rollout
 from lit_moe_rl.callbacks.multiturn import (
     MultiTurnSettings,
-    log_val_multiturn,
+    ValMultiturn,
     marked_transcripts,
     multiturn_metrics,
 )
@@ -133,6 +133,7 @@ class RolloutCallback(Callback):
         if self.multiturn is not None and seed_per_prompt:
             raise ValueError("rollout.seed_per_prompt: not supported with rollout.env (multi-turn) yet")
         self.env_reward = env is not None and reward is None
+        self.val_multiturn = ValMultiturn()
         self.reward = resolve_reward(reward if reward is not None else DEFAULT_REWARD)
         self.scorer = RewardScorer(self.reward, reward_isolation, reward_workers)
         self.failures = FailureTracker(stop_after_failed_batches)
@@ -188,7 +189,11 @@ class RolloutCallback(Callback):
         batch["val_rewards"] = rewards.view(-1, self.val_samples).mean(-1)  # Avg@k per prompt
         batch["val_texts"] = texts
         if gen.trajectories is not None:
-            log_val_multiturn(pl_module, gen)
+            self.val_multiturn.add(gen)
+
+    @override
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.val_multiturn.flush(trainer, pl_module)
 
     def make_rollout(
         self, pl_module: Any, prompts: list[Prompt], samples: list[dict], *, step: int

@@ -82,16 +82,19 @@ class Trajectory:
 class _Loop:
     """State of one :func:`decode_trajectories` call."""
 
-    def __init__(self, model, trajectories, encoder, limits, params, eos, pad, tokenizer, stops, recorder):
+    def __init__(
+        self,
+        model: nn.Module,
+        trajectories: list[Trajectory],
+        limits: TurnLimits,
+        params,
+        text: dict,
+        recorder,
+    ):
         self.step = _Stepper(model, limits.max_total_tokens)
-        self.traj, self.encoder, self.limits, self.params = trajectories, encoder, limits, params
-        self.eos, self.pad, self.tokenizer, self.stops, self.recorder = (
-            set(eos),
-            pad,
-            tokenizer,
-            stops,
-            recorder,
-        )
+        self.traj, self.limits, self.params, self.recorder = trajectories, limits, params, recorder
+        self.encoder, self.tokenizer, self.stops = text["encoder"], text["tokenizer"], text["stop_strings"]
+        self.eos, self.pad = set(text["eos_token_ids"]), text["pad_token_id"]
         self.rows: list[int] = list(range(len(trajectories)))  # output row of each batch row
         self.final: list[bool] = [False] * len(trajectories)  # fed its last token (R3); leaves next step
         self.next_pos: list[int] = []
@@ -260,18 +263,9 @@ def decode_trajectories(
     (``B * n`` of them, prompt-major) and returns ``(routes [N, P + R, L, K] or None, P)``."""
     if not bool(attention_mask[:, -1].all()):
         raise ValueError("rollout.engine: prompts must be left-padded (tokenizer.padding_side='left')")
-    loop = _Loop(
-        model,
-        trajectories,
-        encoder,
-        limits,
-        params,
-        eos_token_ids,
-        pad_token_id,
-        tokenizer,
-        stop_strings,
-        recorder,
-    )
+    text = dict(encoder=encoder, tokenizer=tokenizer, stop_strings=stop_strings, eos_token_ids=eos_token_ids,
+                pad_token_id=pad_token_id)  # fmt: skip
+    loop = _Loop(model, trajectories, limits, params, text, recorder)
     prompt_len = loop.prompt_len = input_ids.shape[1]
     positions = position_ids_from_mask(attention_mask)
     hidden = loop.step(input_ids, attention_mask, positions).repeat_interleave(n, dim=0)
