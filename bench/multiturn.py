@@ -28,6 +28,7 @@ import torch
 from transformers import DynamicCache
 
 from lit_moe_rl.policy import load_policy, position_ids_from_mask
+from lit_moe_rl.rollout.decode import _cache_kwarg
 from lit_moe_rl.rollout.engine import Generation, HFEngine, generate_trajectories
 from lit_moe_rl.rollout.env import Environment
 from lit_moe_rl.rollout.multiturn import TurnLimits
@@ -70,6 +71,7 @@ class Counter:
 def reprefill(model: torch.nn.Module, gen: Generation) -> None:
     """Teacher-forced re-prefill loop over ``gen``'s trajectories: each turn prefills the history."""
     decoder = model.get_decoder()
+    kw = _cache_kwarg(decoder)
     response = gen.input_ids[:, gen.prompt_len :]
     sampled = gen.response_mask
     real = gen.attention_mask.bool()
@@ -91,7 +93,7 @@ def reprefill(model: torch.nn.Module, gen: Generation) -> None:
             attention_mask=mask,
             position_ids=position_ids_from_mask(mask),
             use_cache=True,
-            past_key_values=cache,
+            **{kw: cache},
         )
         steps = max(turns[i][k][1] - turns[i][k][0] for i in rows)
         pos = mask.sum(1, keepdim=True)
@@ -100,9 +102,7 @@ def reprefill(model: torch.nn.Module, gen: Generation) -> None:
             token = response[torch.tensor(rows), col][:, None]
             live = torch.tensor([[t < turns[i][k][1] - turns[i][k][0] - 1] for i in rows]).long()
             mask = torch.cat([mask, live], 1)
-            decoder(
-                input_ids=token, attention_mask=mask, position_ids=pos, use_cache=True, past_key_values=cache
-            )
+            decoder(input_ids=token, attention_mask=mask, position_ids=pos, use_cache=True, **{kw: cache})
             pos = pos + live
 
 
