@@ -632,3 +632,21 @@ def test_multi_turn_warm_start_config_runs_shortened(tmp_path, monkeypatch):
     main(["sft", f"--config={ROOT / 'configs' / 'multiturn_countdown_sft.yaml'}", "--trainer.max_steps=2",
               "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false"])  # fmt: skip
     assert (tmp_path / "runs" / "multiturn_warm_start" / "config.json").exists()
+
+
+def test_two_ddp_ranks_run_multi_turn_rollouts_with_r3_and_validation(tmp_path):
+    """2 gloo processes: each rank runs its own trajectories (environments in worker processes), replays
+    their routes, validates and steps together."""
+    from tests.test_distributed_e2e import R3, fit
+
+    rows, _ = fit(
+        tmp_path, "--trainer.strategy=ddp", "--rollout.seed_per_prompt=false",
+        '--rollout.env={"class_path": "tests.test_multiturn.ThreeTurns"}', "--rollout.reward=null",
+        "--rollout.engine.max_new_tokens=20", "--rollout.max_total_tokens=60", *R3,
+        "--data.num_val=4", "--data.val_batch_size=2", "--trainer.limit_val_batches=null",
+        "--trainer.num_sanity_val_steps=-1", devices=2, batch_size=2, steps=2,
+    )  # fmt: skip
+    assert len(rows) == 2
+    for row in rows:
+        assert row["multiturn/turns"] > 1 and row["routing/rollout_train_router_disagreement"] == 0.0
+        assert row["policy/grad_norm"] > 0

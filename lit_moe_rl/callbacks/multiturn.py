@@ -122,7 +122,7 @@ class ValMultiturn:
                 trainer.logger.log_metrics(means, step=trainer.global_step)
             return
         for name, value in means.items():
-            pl_module.log(name, value)
+            pl_module.log(name, value, sync_dist=True)
 
 
 def env_metrics(trajs: list[Any]) -> dict[str, float]:
