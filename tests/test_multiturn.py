@@ -650,3 +650,17 @@ def test_two_ddp_ranks_run_multi_turn_rollouts_with_r3_and_validation(tmp_path):
     for row in rows:
         assert row["multiturn/turns"] > 1 and row["routing/rollout_train_router_disagreement"] == 0.0
         assert row["policy/grad_norm"] > 0
+
+
+def test_readme_ten_line_environment_works():
+    import re
+
+    from tests.helpers import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "class Guess" in b]
+    namespace: dict = {}
+    exec(block, namespace)
+    env = namespace["Guess"]()
+    assert env.reset({"answer": 7}, "q") == "q"
+    assert env.step("5")[1:] == (0.0, False) and env.step(" 7 ") == (None, 1.0, True)
