@@ -43,10 +43,12 @@ def grpo_advantages(
     Dr. GRPO's mean-only advantage (:func:`drgrpo_advantages`). Returns ``[N]``.
     """
     r = _grouped(rewards, group_size)  # [N/G, G]
+    out_dtype = r.dtype
+    r = r.double()  # a reward of 1e30 squares to 1e60 in the std: inf in float32, fine in float64
     centred = r - r.mean(dim=-1, keepdim=True)  # [N/G, G]
     if norm_by_std:
         centred = centred / (r.std(dim=-1, keepdim=True, correction=int(unbiased_std)) + eps)
-    return centred.reshape(-1)  # [N]
+    return centred.reshape(-1).to(out_dtype)  # [N]
 
 
 def drgrpo_advantages(rewards: Tensor, group_size: int) -> Tensor:

@@ -293,6 +293,11 @@ class GSPO(SequenceObjective):
             kl_coef=kl_coef,
             kl_kind=kl_kind,
         )
+        if not clip_low < 1:  # the sequence ratio's floor 1 - clip_low must stay positive
+            raise ValueError(
+                "model.algorithm.clip_low: GSPO clips the sequence ratio to [1 - clip_low, 1 + clip_high], so "
+                f"clip_low must be < 1 (the GSPO paper uses 3e-4), got {clip_low}"
+            )
 
 
 class GMPO(SequenceObjective):

@@ -11,13 +11,23 @@
   (a resumed run logs to a new ``version_N`` folder, where Lightning alone would look).
 
 A sharded (``ModelParallelStrategy`` with ``save_distributed_checkpoint: true``) checkpoint is a folder: it
-is written beside the target and swapped in by two renames (the old one removed last).
+is written beside the target, flushed to disk (every file and the folder ``fsync``-ed), and swapped in by
+two renames: ``last.ckpt -> .last.ckpt.old``, then ``.last.ckpt.tmp -> last.ckpt`` (the old one removed
+last, the parent folder ``fsync``-ed after each step). A crash between the two renames leaves no
+``last.ckpt`` but a complete ``.last.ckpt.tmp`` (it was flushed before the first rename, so
+``.last.ckpt.old`` existing proves it whole): :func:`recover` puts it back before ``--ckpt_path last`` is
+resolved, so a resume never falls back silently to an older run's ``last.ckpt``.
+
+A write that fails (a full disk) removes its partial ``.<name>.tmp`` and stops the run with one line
+(:class:`CheckpointError`); the previous checkpoint is left as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
+import shlex
 import shutil
 from pathlib import Path
 from typing import Any
@@ -58,7 +68,17 @@ class LastCheckpoint(ModelCheckpoint):
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         target = Path(filepath)
         tmp = target.with_name(f".{target.name}.tmp")
-        trainer.save_checkpoint(tmp, self.save_weights_only)  # every rank writes its part, then a barrier
+        if trainer.is_global_zero:
+            recover(target)  # an earlier crash between the two renames of a folder swap
+        try:
+            trainer.save_checkpoint(tmp, self.save_weights_only)  # every rank writes its part, then a barrier
+        except OSError as err:  # a full disk, a quota, a read-only folder
+            _remove(tmp)
+            raise CheckpointError(
+                f"{target}: writing the checkpoint at step {trainer.global_step} failed ({err.strerror or err}); "
+                f"the partial {tmp.name} was removed and the previous {target.name} is unchanged: free space "
+                f"in {target.parent} or point the checkpoint callback's dirpath elsewhere"
+            ) from None
         if trainer.is_global_zero:
             replace(tmp, target)
         trainer.strategy.barrier("LastCheckpoint.replace")
@@ -70,26 +90,132 @@ class LastCheckpoint(ModelCheckpoint):
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.save_last_now(trainer)
+
+    def save_last_now(self, trainer: L.Trainer) -> None:
+        """Save ``last.ckpt`` at the current step unless it was saved there already."""
         if self.save_last and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     @override
     def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
-        found = super()._find_last_checkpoints(trainer)
         logger = trainer.logger
+        folders = [self.dirpath] if self.dirpath is not None else []
         if self.dirpath is None and logger is not None and logger.save_dir is not None:
-            pattern = os.path.join(logger.save_dir, str(logger.name or ""), "*", "checkpoints", "last*.ckpt")
-            found |= set(glob.glob(pattern))
+            folders += glob.glob(os.path.join(logger.save_dir, str(logger.name or ""), "*", "checkpoints"))
+        for folder in folders:  # before looking: a swap cut short must not hide the newest checkpoint
+            recover_folder(Path(folder))  # on every rank (no process group yet): the renames tolerate races
+        found = super()._find_last_checkpoints(trainer)
+        for folder in folders[0 if self.dirpath is None else 1 :]:
+            found |= set(glob.glob(os.path.join(folder, "last*.ckpt")))
         return found
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (one line: the file, the step, the cause)."""
+
+
+def save_last_now(trainer: L.Trainer) -> None:
+    """Every :class:`LastCheckpoint` saves ``last.ckpt`` at the current step (a collective)."""
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, LastCheckpoint):
+            callback.save_last_now(trainer)
+
+
+def interrupted_lines(trainer: L.Trainer, what: str, command: list[str] | None) -> list[str]:
+    """Which step the run stopped at, which step its ``last.ckpt`` holds, and the command that resumes it."""
+    saved = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "last_model_path", "")]
+    head = f"{what}: stopped after optimizer step {trainer.global_step}"
+    if not saved:
+        return [f"{head}; this run wrote no checkpoint (nothing to resume from)"]
+    callback = saved[-1]
+    path = callback.last_model_path
+    step = callback._last_global_step_saved
+    held = f"step {step}" if step else f"the step it was resumed from ({trainer.ckpt_path})"
+    return [f"{head}; {path} holds {held}", f"resume: {resume_command(command, path)}"]
+
+
+def resume_command(command: list[str] | None, ckpt_path: str) -> str:
+    """``command`` (the run's command line) with ``--ckpt_path`` set to ``ckpt_path``."""
+    if not command:
+        return f"lit-moe-rl fit <this run's arguments> --ckpt_path {shlex.quote(str(ckpt_path))}"
+    kept: list[str] = []
+    skip = False
+    for arg in command:
+        if skip or arg.startswith("--ckpt_path="):
+            skip = False
+            continue
+        if arg == "--ckpt_path":
+            skip = True
+            continue
+        kept.append(arg)
+    return shlex.join([*kept, "--ckpt_path", str(ckpt_path)])
+
+
 def replace(tmp: Path, target: Path) -> None:
-    """Move ``tmp`` onto ``target``: one atomic rename for a file, two renames for a folder."""
+    """Move ``tmp`` onto ``target``: one atomic rename for a file, two renames for a folder; each
+    written file and each changed folder is ``fsync``-ed, so a power loss cannot reorder the steps."""
+    _fsync_tree(tmp)
     if tmp.is_dir() and target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
+        old = _old(target)
+        _remove(old)
         os.replace(target, old)
+        _fsync(target.parent)
         os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        _fsync(target.parent)
+        _remove(old)
+    else:
+        os.replace(tmp, target)
+    _fsync(target.parent)
+
+
+def recover(target: Path) -> None:
+    """Finish a folder swap of ``target`` that a crash cut short (see the module docstring).
+
+    ``.old`` exists only once the ``.tmp`` folder was complete and flushed: with no ``target``, the
+    ``.tmp`` (else the ``.old``) becomes ``target``; with ``target`` in place the ``.old`` is removed.
+    Without ``.old`` a ``.tmp`` may be a torn write and is left alone (the next save replaces it)."""
+    old, tmp = _old(target), target.with_name(f".{target.name}.tmp")
+    if not old.exists():
         return
-    os.replace(tmp, target)
+    if not target.exists():
+        with contextlib.suppress(FileNotFoundError):  # another rank recovered it first
+            os.replace(tmp if tmp.exists() else old, target)
+    _remove(old)
+    _fsync(target.parent)
+
+
+def recover_folder(folder: Path) -> None:
+    """:func:`recover` every checkpoint of ``folder`` whose swap was cut short."""
+    for old in folder.glob(".*.old"):
+        recover(old.with_name(old.name[1 : -len(".old")]))
+
+
+def _old(target: Path) -> Path:
+    return target.with_name(f".{target.name}.old")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    """Flush ``path`` (a file, or a folder's entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    if path.is_dir():
+        for root, _, files in os.walk(path):
+            for name in files:
+                _fsync(Path(root, name))
+            _fsync(Path(root))
+    elif path.exists():
+        _fsync(path)

@@ -9,24 +9,30 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import warnings
+from typing import Any
 
 from jsonargparse import ArgumentParser, lazy_instance
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lit_moe_rl import algorithm_switch, cli_checks
 from lit_moe_rl.callbacks.rollout import RolloutCallback
 from lit_moe_rl.callbacks.summary import RunSummary
-from lit_moe_rl.checkpoint import LastCheckpoint
+from lit_moe_rl.checkpoint import CheckpointError, LastCheckpoint
 from lit_moe_rl.cli_base import OneLineCLI
 from lit_moe_rl.compat import unsupported_versions
 from lit_moe_rl.data.datamodule import PromptDataModule
 from lit_moe_rl.distributed import close_process_group
-from lit_moe_rl.errors import first_line
+from lit_moe_rl.errors import SettingsError, first_line
+from lit_moe_rl.interrupt import SigtermStop
 from lit_moe_rl.module import MoERLModule
+from lit_moe_rl.rendezvous import RendezvousWatchdog, disarm_all
 
 TRAINER_DEFAULTS = {
     "logger": lazy_instance(CSVLogger, save_dir="runs"),
@@ -64,19 +70,78 @@ class MoERLCLI(OneLineCLI):
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
         """Use Rich's progress bar unless the user disabled the bar or chose another one."""
+        check_duplicate_checkpoints(config)
+        for callback in callbacks:
+            if isinstance(callback, RunSummary):
+                callback.command = ["lit-moe-rl", *self.argv]
+        self.watchdog = RendezvousWatchdog(config.get("num_nodes") or 1, config.get("devices"))
         return super()._instantiate_trainer(
-            config, callbacks + rich_progress_bar(config) + last_checkpoint(config)
+            config,
+            callbacks + rich_progress_bar(config) + last_checkpoint(config) + [self.watchdog, SigtermStop()],
         )
+
+    def before_instantiate_classes(self) -> None:
+        """The shared checks, then those of an RL run; the default checkpoint goes when checkpoints are off."""
+        super().before_instantiate_classes()
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        cli_checks.check_run_settings(config)
+        drop_default_checkpoint(config.get("trainer"))
+
+    def before_fit(self) -> None:
+        self.watchdog.arm()  # nothing waits forever for a process that never starts (rendezvous.py)
+
+    def before_validate(self) -> None:
+        self.watchdog.arm()
+
+
+def drop_default_checkpoint(trainer: Any) -> None:
+    """``trainer.enable_checkpointing: false`` removes the ``trainer.callbacks`` default's checkpoint, which the
+    user never added (Lightning would refuse it); a ModelCheckpoint the user added is still refused."""
+    if trainer is None or trainer.get("enable_checkpointing") is not False:
+        return
+    callbacks = trainer.get("callbacks")
+    if isinstance(callbacks, list):
+        trainer["callbacks"] = [c for c in callbacks if not _is_default_checkpoint(c)]
+
+
+def _is_default_checkpoint(callback: Any) -> bool:
+    default = DEFAULT_CALLBACKS[0]
+    if not hasattr(callback, "get") or callback.get("class_path") != default["class_path"]:
+        return False
+    init_args = callback.get("init_args") or {}
+    return all(init_args.get(k) == v for k, v in default["init_args"].items())
+
+
+def callbacks_of(config: dict) -> list:
+    """``trainer.callbacks`` as a list: a single mapping in YAML gives one callback, not a list."""
+    chosen = config.get("callbacks")
+    return [] if chosen is None else chosen if isinstance(chosen, list) else [chosen]
+
+
+def check_duplicate_checkpoints(config: dict) -> None:
+    """Two checkpoint callbacks with the same settings (the snippet added to the CLI's default) would
+    write the same files; Lightning refuses them with a traceback about ``state_key``."""
+    seen: set[str] = set()
+    for callback in callbacks_of(config):
+        if isinstance(callback, ModelCheckpoint):
+            if callback.state_key in seen:
+                name = f"{type(callback).__module__}.{type(callback).__qualname__}"
+                raise SettingsError(
+                    f"trainer.callbacks: {name} is listed twice with the same settings (the CLI registers "
+                    "one by default: to change it, paste callbacks/checkpoint.yaml as an item of your config's "
+                    "trainer.callbacks list instead of adding it with --trainer.callbacks+=)"
+                )
+            seen.add(callback.state_key)
 
 
 def last_checkpoint(config: dict) -> list[LastCheckpoint]:
     """A crash-safe ``last.ckpt`` at the end of every run, unless the config has one or disables checkpoints."""
-    chosen = [c for c in config.get("callbacks") or [] if isinstance(c, ModelCheckpoint) and c.save_last]
+    chosen = [c for c in callbacks_of(config) if isinstance(c, ModelCheckpoint) and c.save_last]
     return [] if chosen or config.get("enable_checkpointing") is False else [LastCheckpoint()]
 
 
 def rich_progress_bar(config: dict) -> list[ProgressBar]:
-    chosen = [c for c in config.get("callbacks") or [] if isinstance(c, ProgressBar)]
+    chosen = [c for c in callbacks_of(config) if isinstance(c, ProgressBar)]
     return [] if chosen or config.get("enable_progress_bar") is False else [RichProgressBar()]
 
 
@@ -95,6 +160,7 @@ def _drop_cloud_tip(record: logging.LogRecord) -> bool:
 
 
 def _run(args: list[str] | None) -> None:
+    algorithm_switch.install()
     for message in EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_drop_cloud_tip)
@@ -104,11 +170,17 @@ def _run(args: list[str] | None) -> None:
     if argv and argv[0] == "sft":
         from lit_moe_rl.sft import SFTCLI, SFTModule
 
+        # `sft` is `fit` with the SFT module: the argv rewrite below is ours, not the user's mistake
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+
         SFTCLI(SFTModule, PromptDataModule, args=["fit", *argv[1:]], trainer_defaults=SFTCLI.TRAINER_DEFAULTS)
         return
     try:
         MoERLCLI(MoERLModule, PromptDataModule, args=args, trainer_defaults=TRAINER_DEFAULTS)
+    except SIGTERMException:  # Lightning's SystemExit(None) would exit 0: a stopped run is not a finished one
+        raise SystemExit(128 + signal.SIGTERM) from None
     finally:
+        disarm_all()  # a run that failed before its setup hook
         close_process_group()
 
 
@@ -130,6 +202,9 @@ def main(args: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError, MisconfigurationException) as err:
         print(f"lit-moe-rl: error: {one_line_of(err)}", file=sys.stderr)
         raise SystemExit(2) from None
+    except CheckpointError as err:  # a full disk: not a settings error (exit 1)
+        print(f"lit-moe-rl: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def one_line_of(err: BaseException) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from argparse import ArgumentError
+from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
@@ -16,7 +17,10 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
 from lit_moe_rl import cli_checks
+from lit_moe_rl.checkpoint import recover
 from lit_moe_rl.errors import SettingsError, first_line, parse_error
+from lit_moe_rl.run_config import VersionedConfig
+from lit_moe_rl.sharding import refuse_fsdp1
 from lit_moe_rl.threads import apply_num_threads
 
 
@@ -24,6 +28,10 @@ class OneLineCLI(LightningCLI):
     """LightningCLI with one-line settings errors and start-up checks; no ``test``/``predict``."""
 
     def __init__(self, *args: Any, parser_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        # no --optimizer/--lr_scheduler: the modules build their own (errors.NOT_SETTINGS says what to set)
+        kwargs.setdefault("auto_configure_optimizers", False)
+        self.argv: list[str] = []  # the command line, for the resume hint of an interrupted run
+        kwargs.setdefault("save_config_callback", VersionedConfig)
         super().__init__(*args, parser_kwargs={**(parser_kwargs or {}), "exit_on_error": False}, **kwargs)
 
     @staticmethod
@@ -46,6 +54,7 @@ class OneLineCLI(LightningCLI):
     def parse_arguments(self, parser: Any, args: Any) -> None:
         """Parse, turning a jsonargparse error into a one-line :class:`SettingsError`."""
         argv = list(args) if isinstance(args, list | tuple) else sys.argv[1:] if args is None else []
+        self.argv = argv
         cli_checks.check_config_files(argv)
         try:
             super().parse_arguments(parser, args)
@@ -59,9 +68,19 @@ class OneLineCLI(LightningCLI):
         return next((parsers[a] for a in argv if a in parsers), self.parser)
 
     def _parse_ckpt_path(self) -> None:
+        """Check the checkpoint file. Lightning would then replace the configured model by the checkpoint's
+        hyperparameters; that happens only when the config names no model (``validate --ckpt_path X``).
+        Otherwise the configured model is built and compared with the checkpoint's as it loads
+        (:mod:`lit_moe_rl.ckpt_match`)."""
         subcommand = self.config.get("subcommand")
         if subcommand:
-            cli_checks.check_checkpoint(self.config[subcommand].get("ckpt_path"))
+            ckpt_path = self.config[subcommand].get("ckpt_path")
+            if ckpt_path:
+                recover(Path(str(ckpt_path)))  # a folder swap cut short by a crash (checkpoint.py)
+            cli_checks.check_checkpoint(ckpt_path)
+            model = self.config[subcommand].get("model") or Namespace()
+            if model.get("pretrained") or model.get("config"):
+                return
         super()._parse_ckpt_path()
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
@@ -76,8 +95,10 @@ class OneLineCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.get("trainer") or Namespace()
         cli_checks.check_accelerator(trainer.get("accelerator"))
+        refuse_fsdp1(trainer.get("strategy"))
         cli_checks.check_wandb(trainer.get("logger"))
         cli_checks.check_logger_dirs(trainer)
+        cli_checks.check_trainer_values(trainer)
         apply_num_threads(config.get("num_threads", 0), "num_threads")
 
 
@@ -91,6 +112,7 @@ def _in_config_file(message: str, argv: list[str]) -> str:
 
 
 TRAINER_SETTINGS = ("strategy", "devices", "precision", "accelerator", "num_nodes", "plugins")
+TRAINER_SETTINGS += ("enable_checkpointing",)  # "enable_checkpointing=False but found ModelCheckpoint"
 
 
 def trainer_error(message: str, config: dict[str, Any]) -> str:

@@ -3,6 +3,9 @@
 Each function raises :class:`~lit_moe_rl.errors.SettingsError` naming the file or setting: a config
 file that is not valid YAML, a GPU accelerator on a machine without one, an online W&B logger with no
 API key, a log folder that cannot be written, a ``--ckpt_path`` that is not a Lightning checkpoint.
+Settings that would otherwise run silently wrong or end in a traceback deep in a run are refused too: a
+YAML key given twice, ``data.path`` without ``data.source: file``, more ``model.mini_batches`` than a
+rollout has sequences, ``val_check_interval: 0``, 64-bit precision, float16 weights on a CPU.
 """
 
 from __future__ import annotations
@@ -31,13 +34,15 @@ def check_config_files(argv: Sequence[str]) -> None:
     for option, path in config_paths(argv, with_option=True):
         if not Path(path).is_file():
             raise SettingsError(f"{option}{path}: no such file")
+        text = Path(path).read_text()
         try:
-            yaml.safe_load(Path(path).read_text())
+            yaml.safe_load(text)
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             problem = getattr(err, "problem", None) or first_line(str(err))
             raise SettingsError(f"{option}{path}: YAML syntax error{where}: {problem}") from None
+        check_duplicate_keys(option, path, text)
 
 
 def config_paths(argv: Sequence[str], with_option: bool = False) -> list[Any]:
@@ -150,6 +155,10 @@ def check_checkpoint(path: Any) -> None:
     if not path or path in ("last", "best", "hpc", "registry"):
         return
     file = Path(str(path))
+    if file.is_dir():  # a sharded checkpoint (ModelParallelStrategy, save_distributed_checkpoint: true)
+        if not (file / ".metadata").is_file():
+            raise SettingsError(f"--ckpt_path {path}: a folder but not a sharded checkpoint (no .metadata)")
+        return
     if not file.is_file():
         raise SettingsError(f"--ckpt_path {path}: no such file")
     try:
@@ -171,3 +180,98 @@ def _get(cfg: Any, key: str) -> Any:
     if isinstance(cfg, dict):
         return cfg.get(key)
     return getattr(cfg, key, None)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise SettingsError(
+                    f"key {key!r} appears twice in one mapping (lines {seen[key]} and {line}); YAML would keep "
+                    "the second silently: delete one"
+                )
+            if isinstance(key, str | int | float | bool):
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def check_duplicate_keys(option: str, path: str, text: str) -> None:
+    """A config file with a key twice in one mapping is an error naming the file and both lines."""
+    try:
+        yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506  (a SafeLoader subclass)
+    except SettingsError as err:
+        raise SettingsError(f"{option}{path}: {err}") from None
+
+
+def check_run_settings(config: Any) -> None:
+    """Cross-setting checks of an RL run (``fit``/``validate``) that would otherwise run silently wrong."""
+    check_data_source(config.get("data"))
+    check_mini_batches(config)
+    check_dtype_device(config)
+
+
+def check_trainer_values(trainer: Any) -> None:
+    """Trainer settings that Lightning or this trainer accept and then fail on deep inside a run."""
+    interval = _get(trainer, "val_check_interval")
+    if interval is not None and not (isinstance(interval, int | float) and interval > 0):
+        raise SettingsError(
+            f"trainer.val_check_interval: must be > 0 (an int counts training steps, a float in (0, 1] is a "
+            f"fraction of an epoch), got {interval!r}"
+        )
+    precision = str(_get(trainer, "precision"))
+    if precision in ("64", "64-true", "double"):
+        raise SettingsError(
+            f"trainer.precision: {precision!r} is not supported: transformers' MoE expert kernels take "
+            "float32, bfloat16 or float16 (use 32-true, bf16-mixed or bf16-true)"
+        )
+
+
+def check_data_source(data: Any) -> None:
+    """``data.path``/``data.val_path`` are read only with ``data.source: file``; Countdown would ignore them."""
+    if _get(data, "source") != "countdown":
+        return
+    for name in ("path", "val_path"):
+        if _get(data, name):
+            raise SettingsError(
+                f"data.{name}: {_get(data, name)!r} is set but data.source is 'countdown', which generates its "
+                "prompts and would ignore the file (add --data.source=file)"
+            )
+
+
+def check_mini_batches(config: Any) -> None:
+    """``model.mini_batches`` updates need at least as many sequences per rollout on each rank."""
+    mini = _get(_get(config, "model"), "mini_batches")
+    prompts = _get(_get(config, "data"), "batch_size")
+    group = _get(_get(config, "rollout"), "group_size")
+    if not all(isinstance(v, int) for v in (mini, prompts, group)):
+        return
+    if mini > prompts * group:
+        raise SettingsError(
+            f"model.mini_batches: {mini} updates per rollout, but a rollout has {prompts * group} sequences per "
+            f"rank (data.batch_size {prompts} x rollout.group_size {group}): it would run "
+            f"{prompts * group} one-sequence updates instead; use at most {prompts * group}"
+        )
+
+
+def check_dtype_device(config: Any) -> None:
+    """``float16`` weights on a CPU (``model.dtype``, ``rollout.engine.dtype``): the first rollout's sampling
+    probabilities come out NaN there; float16 is a GPU format."""
+    engine = _get(_get(_get(config, "rollout"), "engine"), "init_args")
+    chosen = [
+        ("model.dtype", _get(_get(config, "model"), "dtype")),
+        ("rollout.engine.dtype", _get(engine, "dtype")),
+    ]
+    setting = next((name for name, value in chosen if value == "float16"), None)
+    if setting is None:
+        return
+    accelerator = str(_get(_get(config, "trainer"), "accelerator") or "auto").lower()
+    if accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()):
+        raise SettingsError(
+            f"{setting}: 'float16' on the CPU makes the rollout's sampling probabilities NaN (float16 is a GPU "
+            "format); use float32 or bfloat16"
+        )

@@ -71,6 +71,11 @@ def global_sum(value: float, device: torch.device) -> float:
     return _all_reduce([value], dist.ReduceOp.SUM, device)[0]
 
 
+def global_sums(values: list[float], device: torch.device) -> list[float]:
+    """Each of ``values`` summed over ranks (one collective for all of them)."""
+    return _all_reduce(list(values), dist.ReduceOp.SUM, device)
+
+
 def max_over_ranks(value: int, device: torch.device) -> int:
     """The largest ``value`` over ranks (e.g. the micro-batch count every rank must run)."""
     return int(_all_reduce([float(value)], dist.ReduceOp.MAX, device)[0])

@@ -53,8 +53,21 @@ def close_matches(word: str, candidates: Iterable[str], n: int = 3) -> str:
     return f" (did you mean {', '.join(found)}?)" if found else ""
 
 
+NOT_SETTINGS = {
+    "optimizer": "the RL module builds AdamW itself (manual optimisation, several updates per rollout): set "
+    "model.lr, model.betas, model.weight_decay",
+    "lr_scheduler": "the RL module's schedule is a linear warm-up to model.lr, then constant: set "
+    "model.warmup_steps",
+}
+"""LightningCLI's ``--optimizer``/``--lr_scheduler``, turned off here (``auto_configure_optimizers=False``): what
+to set instead. ``sft`` has the same keys (cosine decay after its warm-up)."""
+
+
 def unknown_key(key: str, known: Iterable[str]) -> str:
-    """``"<key>: unknown setting (did you mean ...?)"``."""
+    """``"<key>: unknown setting (did you mean ...?)"``; LightningCLI's optimizer keys say what to set instead."""
+    root = key.split(".", 1)[0]
+    if root in NOT_SETTINGS:
+        return f"{key}: not a setting of lit-moe-rl; {NOT_SETTINGS[root]}"
     return f"{key}: unknown setting{close_matches(key, known)}"
 
 

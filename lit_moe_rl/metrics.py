@@ -112,7 +112,7 @@ def routing_agreement(routes_a: Tensor, routes_b: Tensor, valid: Tensor | None =
         "routers_differing_per_token": differ_per_token.sum().double() / denom,
         "overlap_at_k": overlap.mean() if num_layers else overlap.sum(),
         **{f"overlap_at_k/{layer}": overlap[layer] for layer in range(num_layers)},
-        "tokens": torch.tensor(float(num_tokens), device=a.device),
+        "tokens": torch.tensor(float(num_tokens), dtype=torch.float64, device=a.device),
     }
     return {name: value.float() for name, value in out.items()}
 

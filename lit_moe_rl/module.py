@@ -22,20 +22,28 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lit_moe_rl import old_pass, update
+from lit_moe_rl import ckpt_match, old_pass, update
 from lit_moe_rl.algorithms import GRPO, Algorithm
 from lit_moe_rl.batch import Rollout
 from lit_moe_rl.batching import trim_padding
 from lit_moe_rl.distributed import RankMetrics, global_sum
 from lit_moe_rl.lora import apply_lora
 from lit_moe_rl.old_pass import check_correction
-from lit_moe_rl.policy import load_balancing_loss, load_policy, token_logprobs
+from lit_moe_rl.policy import load_balancing_loss, load_policy, set_training_mode, token_logprobs
 from lit_moe_rl.routing.checks import require_moe
 from lit_moe_rl.routing.record import capture_router_logits
 from lit_moe_rl.rspo_weight import router_shift_weight
-from lit_moe_rl.sharding import data_parallel_mesh, shard_policy, sync_full_copy, unsharded_copy
+from lit_moe_rl.sharding import (
+    data_parallel_mesh,
+    place_full_copy,
+    refuse_fsdp1,
+    shard_policy,
+    sync_full_copy,
+    unsharded_copy,
+)
 
 Phase = Literal["old", "update", "ref"]
 ForwardContext = Callable[[Phase, Rollout], contextlib.AbstractContextManager]
@@ -58,7 +66,7 @@ class MoERLModule(L.LightningModule):
         mini_batches: int = 1,
         micro_batch_size: int = 16,
         grad_clip: float = 1.0,
-        logprob_chunk_size: int = 256,
+        logprob_chunk_size: int | None = None,
         gradient_checkpointing: bool = False,
         router_aux_loss_coef: float = 0.0,
         lora: dict[str, Any] | None = None,
@@ -84,7 +92,9 @@ class MoERLModule(L.LightningModule):
             mini_batches: Optimizer updates per rollout (1 = on-policy).
             micro_batch_size: Sequences per forward; gradients accumulate over a mini-batch.
             grad_clip: Max global gradient norm (0 = no clipping).
-            logprob_chunk_size: Response positions per LM-head chunk when computing log-probs.
+            logprob_chunk_size: Response tokens (across rows) per LM-head chunk when computing log-probs:
+                bounds the fp32 logits alive at once to ``[logprob_chunk_size, V]``; padding is skipped.
+                Default (null): 32 MiB of logits on CPU, 1 GiB on a GPU (``policy.logprob_chunk_tokens``).
             gradient_checkpointing: Recompute decoder activations in the backward pass.
             router_aux_loss_coef: Load-balancing aux loss weight during RL (0 = off, as in R3). Under
                 routing replay HF's aux loss still sees the router's native top-K, not the replayed ids.
@@ -137,11 +147,16 @@ class MoERLModule(L.LightningModule):
         self._aux_loss: Any = None  # the family's load-balancing loss when router_aux_loss_coef > 0
         self._fused_old: list[tuple[Tensor, Tensor, Tensor]] = []  # (rows, logp, entropy) of a fused pass
         self.rank_metrics = RankMetrics()
-        self._rollout_copy: list[
-            torch.nn.Module
-        ] = []  # a sharded policy's full copy for generation  # logged values, reduced across ranks by torchmetrics
+        self._rollout_copy: list[torch.nn.Module] = []  # a sharded policy's full copy for generation
+        self._rollout_copy_placement: tuple | None = None  # (device, dtype) place_full_copy matched
 
     # ------------------------------------------------------------------ model
+    def setup(self, stage: str) -> None:
+        """Refuse Lightning's FSDP v1 before the model is built (a Trainer made in Python skips the CLI)."""
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None:
+            refuse_fsdp1(trainer.strategy)
+
     def configure_model(self) -> None:
         """Load the policy (idempotent; runs under the strategy's init context, e.g. FSDP)."""
         if self.policy is not None:
@@ -160,6 +175,11 @@ class MoERLModule(L.LightningModule):
         if hp.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.policy.config.use_cache = False
+        zeroed = set_training_mode(self.policy)  # the one mode of every forward; the engine toggles its own
+        if zeroed:
+            rank_zero_warn(
+                f"model: {zeroed} dropout/noise probabilities set to 0 (RL trains without dropout)"
+            )
         mesh = data_parallel_mesh(self)
         if mesh is not None:  # FSDP2 (ModelParallelStrategy): keep a full copy to generate with, then shard
             self._rollout_copy = [unsharded_copy(self.policy)]  # a list: not a submodule, not checkpointed
@@ -167,14 +187,22 @@ class MoERLModule(L.LightningModule):
 
     def rollout_policy(self) -> torch.nn.Module:
         """The module the rollout engine generates with: the policy, or its full copy when sharded
-        (refreshed by :meth:`sync_rollout_policy`)."""
-        return self._rollout_copy[0] if self._rollout_copy else self.policy
+        (refreshed by :meth:`sync_rollout_policy`). The copy is first given the policy's dtypes, buffers
+        and device (:func:`~lit_moe_rl.sharding.place_full_copy`): Lightning casts and moves the policy
+        after ``configure_model`` took the copy, and an engine binding to it copies what it finds."""
+        if not self._rollout_copy:
+            return self.policy
+        copy = self._rollout_copy[0]
+        placement = (self.device, next(self.policy.parameters()).dtype)
+        if self._rollout_copy_placement != placement:
+            place_full_copy(copy, self.policy, self.device)  # kept out of the module tree, so moved here
+            self._rollout_copy_placement = placement
+        return copy
 
     def sync_rollout_policy(self) -> torch.nn.Module:
         """Refresh the full rollout copy of a sharded policy (a collective) and return :meth:`rollout_policy`."""
         if self._rollout_copy:
-            self._rollout_copy[0].to(self.device)  # kept out of the module tree, so moved here
-            sync_full_copy(self._rollout_copy[0], self.policy)
+            sync_full_copy(self.rollout_policy(), self.policy)
         return self.rollout_policy()
 
     def on_fit_start(self) -> None:
@@ -233,7 +261,7 @@ class MoERLModule(L.LightningModule):
         if global_sum(float(real), self.device) == 0:  # DAPO dropped every group on every rank
             self.skip_step(batch, metrics)
             return
-        t0 = time.perf_counter()
+        t0 = self._synced_clock()
         rollout = rollout.to(self.device, skip=("routes", "old_routes", "old_router_logp"))
         batch["rollout"] = rollout  # callbacks' on_train_batch_end sees old_logp, old_topk, ...
         if self.fuses_old_pass:
@@ -242,12 +270,19 @@ class MoERLModule(L.LightningModule):
         else:
             metrics.update(self.compute_old_logprobs(rollout))
             metrics.update(self.policy_update(rollout))
-        update_s = time.perf_counter() - t0
+        update_s = self._synced_clock() - t0
         metrics["perf/update_s"] = update_s
         tokens = float(rollout.attention_mask.sum())
         metrics["perf/tokens_per_s"] = tokens / max(update_s + metrics.get("perf/rollout_s", 0.0), 1e-9)
         self._step_tokens = 0.0 if rollout.placeholder else float(rollout.response_mask.sum())
         self.log_reduced(metrics)
+
+    def _synced_clock(self) -> float:
+        """``time.perf_counter()`` once the device has finished its queued work (CUDA runs kernels
+        asynchronously: without the sync ``perf/update_s`` would miss the optimizer step's tail)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def log_reduced(self, metrics: dict[str, Any]) -> None:
         """Log one step's metrics, each reduced across ranks as :func:`~lit_moe_rl.distributed.reduction_of`
@@ -256,16 +291,39 @@ class MoERLModule(L.LightningModule):
         values = {key: float(value) for key, value in metrics.items()}
         reduced = self.rank_metrics.reduce(values, tokens=self._step_tokens, device=self.device)
         self.log_dict(reduced, on_step=True, on_epoch=False, batch_size=1)
+        self.log_step()
 
     def skip_step(self, batch: dict[str, Any], metrics: dict[str, float]) -> None:
-        """A step with no gradient (every group dropped), still counted so that ``max_steps`` ends the run."""
+        """A step with no gradient (every group dropped), still counted so that ``max_steps`` ends the run:
+        ``mini_batches`` optimizer steps, as an update would take (one step axis, README "Metrics")."""
         batch["rollout"] = batch["rollout"].select(torch.arange(0))
         self.skipped_steps += 1
-        self.optimizers().step()
-        self.lr_schedulers().step()
+        for _ in range(self.hparams.mini_batches):
+            self.optimizers().step()
+            self.lr_schedulers().step()
         metrics["policy/skipped_steps"] = float(self.skipped_steps)
         self._step_tokens = 0.0
         self.log_reduced(metrics)
+
+    def on_validation_batch_end(
+        self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self.log_step()
+
+    def log_step(self) -> None:
+        """One step axis for every logged row (README "Metrics"): the optimizer step count
+        (``trainer.global_step``) after the row's update, as ``max_steps``, checkpoints and the summary
+        count. Lightning's own axis counts rollouts, one behind after validation and after a resume.
+        Logged from the training step itself, so that a checkpoint saved in ``on_train_batch_end`` is
+        named by this step, not the previous one (Lightning names it by the logged ``step``)."""
+        if self._trainer is None:  # not run by a Trainer: no step to log
+            return
+        if self.trainer.state.stage == "train":
+            self.log("step", float(self.global_step), batch_size=1)
+            # Lightning adds the epoch only on its own axis
+            self.log("epoch", float(self.current_epoch), batch_size=1)
+        else:  # validation: an epoch value, the same on every rank
+            self.log("step", float(self.global_step), batch_size=1, sync_dist=True)
 
     def micro_batches(self, rows: Tensor) -> list[Tensor]:
         return list(rows.split(self.hparams.micro_batch_size))
@@ -346,11 +404,14 @@ class MoERLModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["skipped_steps"] = self.skipped_steps
         checkpoint["init_seed"] = self.init_seed
+        checkpoint["run_identity"] = ckpt_match.record(self)  # what a resume must match
         if self.saves_adapters_only and "state_dict" in checkpoint:
             trained = {f"policy.{name}" for name, p in self.policy.named_parameters() if p.requires_grad}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        fitting = self._trainer is None or self.trainer.state.fn == "fit"
+        ckpt_match.check_resume(self, checkpoint, self._trainer and self.trainer.ckpt_path, fitting=fitting)
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
         self.init_seed = checkpoint.get("init_seed", self.init_seed)
 
@@ -359,7 +420,9 @@ class MoERLModule(L.LightningModule):
         rewards = batch.get("val_rewards")
         if rewards is None:
             raise RuntimeError("batch has no 'val_rewards': add lit_moe_rl.callbacks.RolloutCallback")
-        self.log("val/reward", rewards.float().mean(), batch_size=len(rewards), prog_bar=True, sync_dist=True)
+        # on the module's device: sync_dist all-reduces it, and NCCL cannot reduce a CPU tensor
+        mean = rewards.float().mean().to(self.device)
+        self.log("val/reward", mean, batch_size=len(rewards), prog_bar=True, sync_dist=True)
 
     # ------------------------------------------------------------ export
     def save_hf(self, path: str) -> None:

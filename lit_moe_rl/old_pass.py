@@ -27,10 +27,12 @@ TAUS = (1.5, 2.0, 5.0, 10.0)
 def compute_old_logprobs(module: Any, rollout: Rollout) -> dict[str, float]:
     """π_old log-probs (and entropies) of every response token, once per rollout, into ``rollout``.
 
+    The policy stays in the training mode :func:`~lit_moe_rl.policy.set_training_mode` set (dropout
+    zeroed): this pass and the update compute the same function, so the first update's ratio is 1.
+
     With router-shift tracking on, also the old top-K expert ids and their router log-probs at the
     positions that predict each response token (RSPO, arXiv 2510.23027).
     """
-    module.policy.eval()
     parts: dict[str, list[tuple[Tensor, Tensor]]] = {
         "old": [],
         "ent": [],
@@ -55,7 +57,6 @@ def compute_old_logprobs(module: Any, rollout: Rollout) -> dict[str, float]:
         if cap is not None:
             parts["topk"].append((rows, cap.topk.cpu()))
             parts["router"].append((rows, gather_router_logp(cap.router_logp, cap.topk).cpu()))
-    module.policy.train()
     n, width = rollout.num_sequences, rollout.response_len
     rollout.old_logp = scatter_rows(parts["old"], n, width)
     if parts["topk"]:
@@ -124,7 +125,7 @@ def check_correction(kind: str, args: dict[str, float]) -> None:
     """Fail at start-up on an unknown correction or bad parameters, not at the first step."""
     if kind not in CORRECTIONS:
         raise ValueError(f"model.correction: unknown {kind!r}; choose one of {', '.join(CORRECTIONS)}")
-    zeros = torch.zeros(1, 1)
+    zeros = torch.zeros(1, 1, dtype=torch.float32)
     try:
         apply_correction(kind, zeros, zeros, torch.ones(1, 1, dtype=torch.bool), **args)
     except TypeError as err:

@@ -91,6 +91,7 @@ def load_policy(
     if pretrained is not None:
         path = resolve_pretrained(pretrained)
         with naming_setting("model.pretrained", path):
+            require_causal_lm(transformers.AutoConfig.from_pretrained(path, local_files_only=True), path)
             model = transformers.AutoModelForCausalLM.from_pretrained(
                 path, dtype=torch_dtype, local_files_only=True
             )
@@ -98,16 +99,100 @@ def load_policy(
     else:
         with torch.random.fork_rng(), naming_setting("model.config", config):
             torch.manual_seed(seed)
-            model = transformers.AutoModelForCausalLM.from_config(build_config(config), dtype=torch_dtype)
+            built = build_config(config)
+            check_model_config(built, "model.config")
+            model = transformers.AutoModelForCausalLM.from_config(built, dtype=torch_dtype)
+            probe_forward(model)
         tok_path = tokenizer
     if tokenizer is not None and not Path(tokenizer).is_dir():
         raise ValueError(
             f"model.tokenizer: {tokenizer!r} is not a local folder (models and tokenizers load offline)"
         )
+    if tok_path is not None:
+        require_tokenizer_files(tok_path, "model.tokenizer" if tokenizer else "model.pretrained")
     with naming_setting("model.tokenizer" if tokenizer else "model.pretrained", tok_path):
         tok = load_tokenizer(tok_path, model.config.vocab_size)
     note_aux_loss(model.config)
     return model, tok
+
+
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+)  # fmt: skip
+
+
+def require_causal_lm(config: transformers.PretrainedConfig, path: Any) -> None:
+    """The folder holds a decoder-only causal LM (a BERT or T5 would load as a random-headed model)."""
+    architectures = list(getattr(config, "architectures", None) or [])
+    causal = any(a.endswith(CAUSAL_LM_SUFFIXES) for a in architectures) if architectures else (
+        type(config) in transformers.MODEL_FOR_CAUSAL_LM_MAPPING and not getattr(config, "is_encoder_decoder", False)
+    )  # fmt: skip
+    if not causal:
+        found = ", ".join(architectures) or f"model_type {config.model_type!r}"
+        raise ValueError(
+            f"model.pretrained: {path} holds a {found}, not a causal LM: lit-moe-rl trains decoder-only (MoE) "
+            "language models such as Qwen3-MoE, Mixtral, OLMoE, DeepSeek-V3 or GPT-OSS"
+        )
+
+
+def require_tokenizer_files(path: Any, setting: str) -> None:
+    """A tokenizer folder has a tokenizer file (without one, transformers falls back to a tokenizer that
+    turns every prompt into nothing)."""
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(
+            f"{setting}: {path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...); copy the "
+            "tokenizer into it, or set model.tokenizer to a folder that has one"
+        )
+
+
+def check_model_config(config: transformers.PretrainedConfig, setting: str) -> None:
+    """Shapes transformers accepts in a config but fails on in the first forward, named in one line."""
+    top_k = getattr(config, "num_experts_per_tok", None)
+    experts = next(
+        (getattr(config, n) for n in ("num_experts", "num_local_experts", "n_routed_experts") if getattr(config, n, None)),
+        None,
+    )  # fmt: skip
+    if isinstance(top_k, int) and isinstance(experts, int) and top_k > experts:
+        raise ValueError(f"{setting}: num_experts_per_tok {top_k} is more than the {experts} experts")
+    heads, hidden = getattr(config, "num_attention_heads", None), getattr(config, "hidden_size", None)
+    explicit_head_dim = getattr(config, "head_dim", None)
+    if (
+        isinstance(heads, int)
+        and isinstance(hidden, int)
+        and heads > 0
+        and hidden > 0
+        and explicit_head_dim is None
+    ):
+        if hidden % heads:
+            raise ValueError(
+                f"{setting}: hidden_size {hidden} is not divisible by num_attention_heads {heads} "
+                "(or set head_dim)"
+            )
+        if (hidden // heads) % 2 and (
+            getattr(config, "rope_parameters", None) or getattr(config, "rope_theta", None)
+        ):
+            raise ValueError(
+                f"{setting}: hidden_size {hidden} / num_attention_heads {heads} = {hidden // heads}, an odd head "
+                "size, which rotary position embeddings cannot rotate (make it even)"
+            )
+    kv_heads = getattr(config, "num_key_value_heads", None)
+    if isinstance(heads, int) and isinstance(kv_heads, int) and kv_heads > 0 and heads % kv_heads:
+        raise ValueError(
+            f"{setting}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+        )
+
+
+def probe_forward(model: nn.Module) -> None:
+    """One two-token forward of a freshly built model, so that any shape transformers rejects fails here,
+    under the setting's name, instead of in the first rollout. Skipped for weights not yet materialised."""
+    param = next(model.parameters(), None)
+    if param is None or param.device.type == "meta":
+        return
+    ids = torch.zeros((1, 2), dtype=torch.long, device=param.device)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
 
 
 @contextlib.contextmanager
@@ -192,15 +277,15 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
 def _chunk_logp(
     head: nn.Module, hidden: Tensor, targets: Tensor, temperature: float, want_entropy: bool
 ) -> tuple[Tensor, Tensor]:
-    logits = head(hidden).float()  # [N, c, V]
+    logits = head(hidden).float()  # [c, V]
     if temperature != 1.0:
         logits = logits / temperature
-    logz = torch.logsumexp(logits, dim=-1)  # [N, c]
-    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz  # [N, c]
+    logz = torch.logsumexp(logits, dim=-1)  # [c]
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz  # [c]
     if not want_entropy:
         return logp, torch.zeros_like(logp)
     probs = torch.softmax(logits, dim=-1)
-    entropy = logz - (probs * logits).sum(-1)  # [N, c]
+    entropy = logz - (probs * logits).sum(-1)  # [c]
     return logp, entropy
 
 
@@ -211,17 +296,18 @@ def token_logprobs(
     prompt_len: int,
     *,
     temperature: float = 1.0,
-    chunk_size: int = 256,
+    chunk_size: int | None = None,
     with_entropy: bool = False,
     **forward_kwargs: Any,
 ) -> tuple[Tensor, Tensor | None, Any]:
     """Log-probs ``[N, R]`` (and entropies) of the response tokens ``input_ids[:, prompt_len:]``.
 
-    The decoder runs once; the LM head and log-softmax run over chunks of ``chunk_size`` response
-    positions. Under grad each chunk is checkpointed, so at most one chunk of fp32 logits
-    ``[N, chunk, V]`` is alive at a time in the forward and again in the backward: a 150k vocabulary
-    never materialises a full ``[N, T, V]`` tensor. Logits are divided by ``temperature`` so that
-    the trainer scores the distribution the engine sampled from.
+    The decoder runs once. The LM head and log-softmax then run only on the response tokens that
+    exist (``attention_mask`` 1; padding gets log-prob and entropy 0), flattened across rows and
+    taken ``chunk_size`` tokens at a time (default :func:`logprob_chunk_tokens`). Under grad each
+    chunk is checkpointed, so at most one chunk of fp32 logits ``[chunk_size, V]`` is alive in the
+    forward and again in the backward, whatever the batch size and response length. Logits are
+    divided by ``temperature`` so that the trainer scores the distribution the engine sampled from.
     Returns ``(logp, entropy or None, decoder outputs)``.
     """
     decoder = model.get_decoder()
@@ -235,14 +321,75 @@ def token_logprobs(
     )
     hidden = out.last_hidden_state[:, prompt_len - 1 : -1]  # [N, R, H]: positions predicting the response
     targets = input_ids[:, prompt_len:]  # [N, R]
+    where = attention_mask[:, prompt_len:].reshape(-1).nonzero().squeeze(-1)  # [n] real response tokens
+    hidden_n = hidden.reshape(-1, hidden.shape[-1]).index_select(0, where)  # [n, H]
+    targets_n = targets.reshape(-1).index_select(0, where)  # [n]
+    chunk_size = chunk_size or logprob_chunk_tokens(model.config.get_text_config().vocab_size, hidden.device)
     logps, ents = [], []
-    for start in range(0, targets.shape[1], chunk_size):
-        args = (head, hidden[:, start : start + chunk_size], targets[:, start : start + chunk_size])
+    for start in range(0, where.numel(), chunk_size):
+        args = (head, hidden_n[start : start + chunk_size], targets_n[start : start + chunk_size])
         if torch.is_grad_enabled() and hidden.requires_grad:
             lp, ent = checkpoint(_chunk_logp, *args, temperature, with_entropy, use_reentrant=False)
         else:
             lp, ent = _chunk_logp(*args, temperature, with_entropy)
         logps.append(lp)
         ents.append(ent)
-    entropy = torch.cat(ents, dim=1).detach() if with_entropy else None
-    return torch.cat(logps, dim=1), entropy, out
+    logp = _scatter_tokens(logps, where, targets.shape, hidden)
+    entropy = _scatter_tokens(ents, where, targets.shape, hidden).detach() if with_entropy else None
+    return logp, entropy, out
+
+
+CPU_CHUNK_BYTES = 32 * 2**20  # glibc's largest mmap threshold: bigger blocks are mmap'd and faulted anew
+GPU_CHUNK_BYTES = 2**30  # PyTorch's caching allocator reuses blocks: the cap is memory, not churn
+
+
+def logprob_chunk_tokens(vocab_size: int, device: torch.device) -> int:
+    """Default tokens per LM-head chunk: the most whose fp32 logits ``[tokens, V]`` fit the device's budget.
+
+    On CPU the budget is 32 MiB. glibc serves larger blocks with a fresh ``mmap`` that is page-faulted
+    and zeroed on every use: at V = 151,936, chunks of 1024 tokens spent more time faulting pages in
+    the kernel than computing (``bench/logprob_chunks.py``). At most 55 tokens there; 4096 at most for
+    small vocabularies. On a GPU the budget is 1 GiB (1,766 tokens at V = 151,936).
+    """
+    budget = GPU_CHUNK_BYTES if device.type == "cuda" else CPU_CHUNK_BYTES
+    return max(1, min(4096, budget // (4 * vocab_size)))
+
+
+def _scatter_tokens(parts: list[Tensor], where: Tensor, shape: torch.Size, like: Tensor) -> Tensor:
+    """Per-token values of the real tokens ``where`` (flat indices) back into a zero ``[N, R]``."""
+    flat = torch.zeros(shape.numel(), dtype=torch.float32, device=like.device)
+    if parts:
+        flat = flat.index_copy(0, where, torch.cat(parts))
+    return flat.view(shape)
+
+
+# Module attributes that HF models read as a dropout or noise probability in training mode only
+# (attention modules' ``attention_dropout``, Mixtral's router ``jitter_noise``, ...).
+STOCHASTIC_ATTRS = ("attention_dropout", "dropout", "hidden_dropout", "activation_dropout", "jitter_noise")
+
+
+def set_training_mode(model: nn.Module) -> int:
+    """Put ``model`` in training mode once, with every dropout and router noise zeroed; returns how many
+    were non-zero.
+
+    RL needs a deterministic policy: the importance ratio π_θ/π_old is exactly 1 at the first update only
+    if both passes compute the same function (LoRA dropout gave ppo_kl 0.0097 there). Eval mode would do
+    that too but turns HF's gradient checkpointing off (it recomputes only in training mode), so dropout
+    is zeroed instead: ``nn.Dropout`` modules (PEFT's ``lora_dropout`` included) get ``p = 0``, float
+    attributes of :data:`STOCHASTIC_ATTRS` become 0, and the config's ``*dropout``/``*jitter*`` values too.
+    """
+    zeroed = 0
+    for module in model.modules():
+        if isinstance(module, nn.Dropout) and module.p > 0:
+            module.p, zeroed = 0.0, zeroed + 1
+        for name in STOCHASTIC_ATTRS:
+            value = getattr(module, name, None)
+            if isinstance(value, float) and not isinstance(value, bool) and value > 0:
+                setattr(module, name, 0.0)
+                zeroed += 1
+    config = getattr(model, "config", None)
+    for key, value in (vars(config) if config is not None else {}).items():
+        if ("dropout" in key or "jitter" in key) and isinstance(value, float) and value > 0:
+            setattr(config, key, 0.0)
+    model.train()
+    return zeroed

@@ -9,6 +9,7 @@ with ``--model.export_dir=lit_moe_rl/assets/countdown-tiny-moe``.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from typing import Any, Literal
@@ -93,6 +94,11 @@ class SFTModule(L.LightningModule):
             self.policy, self.tokenizer = load_policy(
                 hp.pretrained, hp.config, tokenizer=hp.tokenizer, seed=torch.initial_seed()
             )
+
+    def on_fit_start(self) -> None:
+        """Every training row needs the ``solution`` field the warm start learns to write."""
+        rows = getattr(getattr(self.trainer, "datamodule", None), "train_rows", None) or []
+        check_targets(rows)
 
     def encode(self, prompts: list[str], completions: list[str]) -> tuple[Tensor, Tensor, Tensor]:
         """Left-padded ``(input_ids, attention_mask, loss_mask)``; the loss covers completion + EOS.
@@ -182,7 +188,9 @@ class SFTModule(L.LightningModule):
             if step < hp.warmup_steps:
                 return (step + 1) / (hp.warmup_steps + 1)
             progress = (step - hp.warmup_steps) / max(total - hp.warmup_steps, 1)
-            return 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * min(progress, 1.0))).item())
+            return 0.1 + 0.9 * 0.5 * (
+                1 + math.cos(math.pi * min(progress, 1.0))
+            )  # not a default-dtype tensor
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -193,6 +201,16 @@ class SFTModule(L.LightningModule):
             self.policy.save_pretrained(out)
             self.tokenizer.save_pretrained(out)
             rank_zero_info(f"sft: exported the trained model to {out} (load it with model.pretrained={out})")
+
+
+def check_targets(rows: list[dict[str, Any]], field: str = "solution") -> None:
+    """A one-line error naming the first training row without ``field`` (the completion sft trains on)."""
+    for i, row in enumerate(rows):
+        if field not in row:
+            raise ValueError(
+                f"data: sft trains on each row's {field!r} field (the completion to learn), but training row {i} "
+                f"has only {', '.join(map(repr, row)) or 'no fields'}: add {field!r} to the rows of data.path"
+            )
 
 
 def export_path(export_dir: str | None, log_dir: str) -> str | None:
@@ -214,6 +232,13 @@ class SFTCLI(OneLineCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.template", "model.template")
+
+    def _add_subcommands(self, parser: Any, **kwargs: Any) -> None:
+        """``sft`` runs Lightning's ``fit``; its ``--help`` says ``lit-moe-rl sft``, not ``... fit``."""
+        super()._add_subcommands(parser, **kwargs)
+        fit = self._subcommand_parsers["fit"]
+        fit.prog = "lit-moe-rl sft"
+        fit.description = (__doc__ or "").split("\n\n", 1)[0].replace("``", "")
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> Any:
         from lit_moe_rl.cli import rich_progress_bar

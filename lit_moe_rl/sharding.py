@@ -72,9 +72,77 @@ def unsharded_copy(policy: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
+def place_full_copy(full: nn.Module, sharded: nn.Module, device: torch.device) -> None:
+    """Give the full copy the sharded policy's dtypes and buffers, on ``device`` (no collective).
+
+    The copy is taken in ``configure_model``, before Lightning's precision plugin casts the policy
+    (``bf16-true``: ``module.to(bfloat16)``, buffers included) and moves it: each parameter takes the
+    policy's dtype here, and each buffer (RoPE ``inv_freq``) the policy's own value and dtype, so that
+    generation and training compute with the same tensors. Call it before the engine binds to the copy.
+    """
+    params = dict(full.named_parameters())
+    for name, param in sharded.named_parameters():
+        target = params[name]
+        if target.dtype != param.dtype:
+            target.data = target.data.to(param.dtype)
+    _copy_buffers(full, sharded)
+    full.to(device)
+
+
+def _copy_buffers(full: nn.Module, sharded: nn.Module) -> None:
+    """Replace every buffer of ``full`` by a copy of ``sharded``'s (value, dtype and device; FSDP2 does
+    not shard buffers)."""
+    for name, buf in sharded.named_buffers():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = full.get_submodule(owner_name) if owner_name else full
+        if leaf in owner._buffers:
+            owner._buffers[leaf] = buf.detach().clone()
+
+
+@torch.no_grad()
 def sync_full_copy(full: nn.Module, sharded: nn.Module) -> None:
-    """Copy the sharded policy's weights into its full copy (a collective per sharded parameter: every
-    rank must call it at the same point)."""
+    """Copy the sharded policy's weights and buffers into its full copy (a collective per sharded
+    parameter: every rank must call it at the same point)."""
     target = dict(full.named_parameters())
     for name, param in sharded.named_parameters():
         target[name].copy_(full_tensor(param.detach()))
+    _copy_buffers(full, sharded)
+
+
+FSDP1_REFUSED = (
+    "trainer.strategy: Lightning's FSDPStrategy (FSDP1) cannot run this trainer (manual_backward inside "
+    "its wrapped forward fails: 'Expects BACKWARD_PRE or BACKWARD_POST state', Lightning issues #19626, "
+    "#19685); use FSDP2: strategy: {class_path: lightning.pytorch.strategies.ModelParallelStrategy}"
+)
+
+
+def refuse_fsdp1(strategy: Any) -> None:
+    """Raise :class:`~lit_moe_rl.errors.SettingsError` (one line) when ``trainer.strategy`` is Lightning's
+    FSDP v1: a registered name (``fsdp``, ``fsdp_cpu_offload``), a ``class_path`` or an instance of
+    ``FSDPStrategy`` or a subclass. Checked before the Trainer is built (which on a CPU machine would
+    refuse FSDP for another reason) and again when the module is set up."""
+    from lightning.pytorch.strategies import FSDPStrategy, StrategyRegistry
+
+    from lit_moe_rl.errors import SettingsError
+
+    if isinstance(strategy, str):
+        entry = dict.get(StrategyRegistry, strategy.lower())  # the registry's own get() instantiates
+        cls = entry["strategy"] if entry else _import_class(strategy)
+    elif isinstance(strategy, FSDPStrategy):
+        cls = FSDPStrategy
+    else:
+        path = strategy.get("class_path") if hasattr(strategy, "get") else None
+        cls = _import_class(path) if isinstance(path, str) else None
+    if isinstance(cls, type) and issubclass(cls, FSDPStrategy):
+        raise SettingsError(FSDP1_REFUSED)
+
+
+def _import_class(path: str) -> Any:
+    """The class at dotted ``path``, or None when it is not one (Lightning reports bad names itself)."""
+    import importlib
+
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name, None) if module else None
+    except ImportError:
+        return None

@@ -75,6 +75,7 @@ def mini_batch_step(module: Any, rollout: Rollout, rows: Tensor) -> dict[str, fl
         # leaves weights and optimizer state untouched yet still counts (trainer.max_steps ends the run).
         opt.zero_grad(set_to_none=True)
         module.skipped_steps += 1
+        note_skipped(module)
     opt.step()
     module.lr_schedulers().step()
     opt.zero_grad(set_to_none=True)
@@ -141,3 +142,17 @@ def clip_and_measure(module: Any) -> float:
     clip = getattr(module.policy, "clip_grad_norm_", None)  # FSDP1 (FSDPStrategy) has its own sharded one
     norm = clip(max_norm) if callable(clip) else torch.nn.utils.clip_grad_norm_(params, max_norm)
     return float(full_tensor(norm))
+
+
+def note_skipped(module: Any) -> None:
+    """Say (once per run) that an update was skipped and why, rather than only counting it."""
+    if getattr(module, "_skip_noted", False):
+        return
+    module._skip_noted = True
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    rank_zero_warn(
+        f"model: optimizer step {module.global_step} skipped: its loss or gradient norm is not finite, so the "
+        "weights were left as they were (counted in policy/skipped_steps; check reward/mean for rewards too "
+        "large for float32 advantages, and model.lr; warned once)"
+    )

@@ -7,7 +7,7 @@
 | ``model.betas`` | each in [0, 1) | AdamW's moment decay rates |
 | ``model.warmup_steps`` | >= 0 | linear warm-up length in optimizer steps |
 | ``model.grad_clip`` | >= 0 (0 = no clipping) | a negative norm would silently disable clipping |
-| ``model.logprob_chunk_size`` | >= 1 | response positions per LM-head chunk |
+| ``model.logprob_chunk_size`` | >= 1 or null | response tokens (across rows) per LM-head chunk (null: by device) |
 | ``model.router_aux_loss_coef`` | >= 0 | weight of the load-balancing loss |
 | ``model.lora`` | rank >= 1, alpha > 0, dropout in [0, 1), router frozen/full/adapted | known keys only (:mod:`lit_moe_rl.lora`) |
 """
@@ -28,7 +28,7 @@ def check_module_settings(
     betas: Sequence[float],
     warmup_steps: int,
     grad_clip: float,
-    logprob_chunk_size: int,
+    logprob_chunk_size: int | None,
     router_aux_loss_coef: float,
     lora: dict[str, Any] | None = None,
     prefix: str = "model",
@@ -41,7 +41,8 @@ def check_module_settings(
         raise SettingsError(f"{prefix}.betas: must be two numbers in [0, 1), got {list(betas)}")
     at_least(f"{prefix}.warmup_steps", warmup_steps, 0)
     at_least(f"{prefix}.grad_clip", grad_clip, 0, note=" (0 turns clipping off)")
-    at_least(f"{prefix}.logprob_chunk_size", logprob_chunk_size, 1)
+    if logprob_chunk_size is not None:
+        at_least(f"{prefix}.logprob_chunk_size", logprob_chunk_size, 1)
     at_least(f"{prefix}.router_aux_loss_coef", router_aux_loss_coef, 0)
     if lora:
         from lit_moe_rl.lora import check_lora_settings

@@ -70,17 +70,25 @@ def read_metrics(path: Path) -> Rows:
     """The rows of a Lightning ``CSVLogger`` file, numbers only (empty cells dropped), each with a
     ``rollouts`` count: how many rollouts had been trained on when the row was logged.
 
-    Lightning logs a rollout's metrics, and the validation that follows it, at ``step`` = the index of
-    that rollout (0-based), while the pre-training baseline is logged at step 0 before any training
-    row; so ``rollouts`` is 0 for rows before the first training row and ``step + 1`` after it.
+    Every row's ``step`` is the optimizer step count after it (README "Metrics"; the pre-training
+    baseline is step 0), and each rollout takes ``model.mini_batches`` optimizer steps (read from the
+    ``config.yaml`` beside the file), so ``rollouts = step / mini_batches``.
     """
     with path.open() as f:
         rows = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
-    trained = False
+    mini_batches = _mini_batches(path.parent / "config.yaml")
     for row in rows:
-        trained = trained or "policy/loss" in row or "reward/mean" in row
-        row["rollouts"] = row["step"] + 1 if trained else 0.0
+        row["rollouts"] = row["step"] / mini_batches
     return rows
+
+
+def _mini_batches(config: Path) -> int:
+    if not config.is_file():
+        return 1
+    import yaml
+
+    model = (yaml.safe_load(config.read_text()) or {}).get("model") or {}
+    return int(model.get("mini_batches") or 1)
 
 
 def series(rows: Rows, key: str) -> dict[int, float]:

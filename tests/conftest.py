@@ -23,3 +23,18 @@ def cli_argv(monkeypatch):
     # a config with seed_everything (quickstart: 0, quickstart_sft: 1) leaves PL_GLOBAL_SEED in the
     # environment; without this, a later run_fit would take that seed and results would depend on test order
     monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def no_runs_in_the_checkout(request):
+    """A test writes its runs under tmp_path: a run folder that appears in the checkout's ``runs/`` (the
+    CLI's default ``save_dir``, relative to the working directory) fails the test that made it."""
+    from pathlib import Path
+
+    runs = Path(__file__).resolve().parents[1] / "runs"
+    before = set(runs.glob("*/*")) if runs.is_dir() else set()
+    created = not runs.exists()
+    yield
+    after = set(runs.glob("*/*")) if runs.is_dir() else set()
+    new = sorted(str(p) for p in after - before) or ([str(runs)] if created and runs.exists() else [])
+    assert not new, f"{request.node.nodeid} wrote into the checkout's runs/: {new[:3]} (use tmp_path)"

@@ -194,7 +194,8 @@ def test_validate_subcommand_reports_held_out_reward(tmp_path, capsys):
     from tests.helpers import TINY_ARGS
 
     args = [a for a in TINY_ARGS if "progress_bar" not in a and "model_summary" not in a]
-    main(["validate", f"--trainer.default_root_dir={tmp_path}", '--model.config={"family": "olmoe"}', *args])
+    main(["validate", f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+          '--model.config={"family": "olmoe"}', *args])  # fmt: skip
     assert "val/reward" in capsys.readouterr().out
 
 

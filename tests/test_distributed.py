@@ -195,14 +195,41 @@ def test_a_prompts_completions_do_not_depend_on_its_batch():
     policy, tokenizer = load_policy(None, {"family": "qwen3_moe"})
     engine = HFEngine(max_new_tokens=5)
     engine.bind(policy, tokenizer)
-    alone = generate_per_prompt(engine, ["4 9 => 13 ="], n=3, seed=1, step=2)
+    alone = generate_per_prompt(engine, ["4 9 => 13 ="], n=3, seed=1, step=2, positions=[1])
     batch = generate_per_prompt(engine, ["12 7 3 => 40 =", "4 9 => 13 ="], n=3, seed=1, step=2)
     r = alone.response_mask.shape[1]
     assert torch.equal(batch.input_ids[3:, batch.prompt_len :][:, :r], alone.input_ids[:, alone.prompt_len :])
     torch.testing.assert_close(batch.infer_logp[3:, :r], alone.infer_logp)
-    assert prompt_seed(1, 2, "a") != prompt_seed(1, 3, "a") != prompt_seed(2, 2, "a")
+    assert (
+        prompt_seed(1, 2, "a")
+        != prompt_seed(1, 3, "a")
+        != prompt_seed(2, 2, "a")
+        != prompt_seed(1, 2, "a", 1)
+    )
     chat = [{"role": "user", "content": "a"}]
     assert prompt_seed(1, 2, chat) == prompt_seed(1, 2, [dict(chat[0])]) != prompt_seed(1, 2, "a")
+
+
+def test_the_same_prompt_twice_in_a_step_samples_two_groups(monkeypatch):
+    """Per-prompt seeds mix in the prompt's position in the step's global batch (``i · W + rank``): a
+    duplicated prompt, on one rank or on two, gets two different groups of completions."""
+    from lit_moe_rl.policy import load_policy
+    from lit_moe_rl.rollout import per_prompt
+    from lit_moe_rl.rollout.engine import HFEngine
+
+    torch.manual_seed(0)
+    policy, tokenizer = load_policy(None, {"family": "qwen3_moe"})
+    engine = HFEngine(max_new_tokens=6)
+    engine.bind(policy, tokenizer)
+    prompt = "4 9 => 13 ="
+    twice = per_prompt.generate_per_prompt(engine, [prompt, prompt], n=3, seed=1, step=2)
+    assert not torch.equal(twice.infer_logp[:3], twice.infer_logp[3:])
+    monkeypatch.setattr(per_prompt, "is_distributed", lambda: True)  # rank 1 of 2 holds global position 1
+    monkeypatch.setattr(per_prompt, "world_size", lambda: 2)
+    monkeypatch.setattr(per_prompt.dist, "get_rank", lambda: 1)
+    assert per_prompt.global_positions(3) == [1, 3, 5]
+    on_rank_1 = per_prompt.generate_per_prompt(engine, [prompt], n=3, seed=1, step=2)
+    torch.testing.assert_close(on_rank_1.infer_logp, twice.infer_logp[3:])
 
 
 def test_datamodule_splits_prompts_by_rank_and_refuses_a_batch_no_rank_can_fill():

@@ -86,3 +86,33 @@ def test_sampling_is_deterministic_under_manual_seed(params):
     torch.manual_seed(3)
     b = sample_step(logits, params)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize(
+    "bad_row",
+    [[float("nan"), 0.0, 1.0], [float("inf"), 0.0, 1.0], [float("-inf")] * 3],
+    ids=["nan", "inf", "all-masked"],
+)
+def test_non_finite_probabilities_fail_in_one_line_before_multinomial(bad_row):
+    """On CUDA ``torch.multinomial`` asserts on the device for such a row and kills the CUDA context."""
+    from lit_moe_rl.rollout.sampling import NonFiniteProbabilities
+
+    logits = torch.tensor([[0.0, 1.0, 2.0], bad_row, [2.0, 1.0, 0.0]])
+    with pytest.raises(NonFiniteProbabilities, match=r"NaN or inf in 1 of 3 rows") as err:
+        sample_step(logits, SamplingParams())
+    assert "\n" not in str(err.value)
+
+
+def test_engine_on_nan_weights_raises_before_sampling():
+    from lit_moe_rl.policy import load_policy
+    from lit_moe_rl.rollout.engine import HFEngine
+    from lit_moe_rl.rollout.sampling import NonFiniteProbabilities
+
+    torch.manual_seed(0)
+    policy, tokenizer = load_policy(None, {"family": "qwen3_moe"})
+    with torch.no_grad():
+        policy.get_output_embeddings().weight[5].fill_(float("nan"))
+    engine = HFEngine(max_new_tokens=4)
+    engine.bind(policy, tokenizer)
+    with pytest.raises(NonFiniteProbabilities):
+        engine.generate(["4 9 => 13 ="], n=2)

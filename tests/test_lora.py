@@ -118,12 +118,13 @@ def test_lora_checkpoint_holds_only_the_adapters_and_resumes_exactly(tmp_path):
             assert after[key] == before[key], key
 
 
-def test_a_target_the_model_lacks_is_one_line_naming_model_lora(capsys):
+def test_a_target_the_model_lacks_is_one_line_naming_model_lora(capsys, tmp_path):
     from lit_moe_rl.cli import main
 
     with pytest.raises(SystemExit) as exc:
         main(["fit", *TINY_ARGS, '--model.config={"family": "qwen3_moe"}', "--trainer.max_steps=1",
-              '--model.lora={"target_modules": ["no_such_proj"]}', "--data.num_val=0"])  # fmt: skip
+              '--model.lora={"target_modules": ["no_such_proj"]}', "--data.num_val=0",
+              f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.default_root_dir={tmp_path}"])  # fmt: skip
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("lit-moe-rl: error: model.lora: PEFT cannot apply it"), err

@@ -664,3 +664,23 @@ def test_readme_ten_line_environment_works():
     env = namespace["Guess"]()
     assert env.reset({"answer": 7}, "q") == "q"
     assert env.step("5")[1:] == (0.0, False) and env.step(" 7 ") == (None, 1.0, True)
+
+
+def test_nan_probabilities_stop_a_multi_turn_rollout_in_one_line_without_reaching_multinomial():
+    from lit_moe_rl.rollout.sampling import NonFiniteProbabilities, SamplingParams, sample_step_flagged
+
+    logits = torch.tensor([[0.0, 1.0], [float("nan"), 0.0]])
+    torch.manual_seed(0)
+    tokens, _, bad = sample_step_flagged(logits, SamplingParams())
+    assert bad.tolist() == [False, True] and tokens.shape == (2,)  # the NaN row never reached multinomial
+    torch.manual_seed(0)
+    model, tok = load_policy(config={"family": "qwen3_moe", "vocab_size": 24})
+    with torch.no_grad():
+        model.get_output_embeddings().weight[5].fill_(float("nan"))
+    engine = HFEngine(max_new_tokens=8)
+    engine.bind(model, tok)
+    limits = TurnLimits(
+        max_turns=3, max_total_tokens=30, max_turn_tokens=8, max_env_tokens=8, env_timeout_s=5.0
+    )
+    with pytest.raises(NonFiniteProbabilities, match="NaN or inf in 6 of 6 rows"):
+        generate_trajectories(engine, PROMPTS, [{}, {}], n=3, make_env=ThreeTurns, limits=limits)

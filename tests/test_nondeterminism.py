@@ -25,7 +25,8 @@ def _batch(n=6, prompt_len=4, response_len=5, vocab=32):
 
 
 class BatchSizeShift(nn.Module):
-    """An LM head whose logit of every row's token 5 grows by ``shift`` per extra row in the batch."""
+    """An LM head whose logit of token 5 grows by ``shift`` per token it sees beyond one row's five
+    (``token_logprobs`` hands the head ``[tokens, H]``, flattened across rows)."""
 
     def __init__(self, head: nn.Module, shift: float) -> None:
         super().__init__()
@@ -34,7 +35,7 @@ class BatchSizeShift(nn.Module):
     def forward(self, hidden):
         logits = self.head(hidden)
         bump = torch.zeros(logits.shape[-1])
-        bump[5] = self.shift * (hidden.shape[0] - 1)
+        bump[5] = self.shift * (hidden.shape[0] - 5)
         return logits + bump
 
 
@@ -51,9 +52,9 @@ def test_composition_kl_equals_the_k3_estimate_of_a_known_shift():
     ids, attention, response, p = _batch()
     ids[:, p:] = 7  # every response token is 7, never the shifted token 5
     head = model.get_output_embeddings()
-    model.set_output_embeddings(BatchSizeShift(head, shift=0.5))
+    model.set_output_embeddings(BatchSizeShift(head, shift=0.1))
     out = composition_kl(model, ids, attention, response, p, micro_batch_size=1)
-    # one batch of 6 shifts token 5's logit by 2.5, micro-batches of one by 0: log p(7) differs by
+    # one batch of 6 rows x 5 tokens shifts token 5's logit by 0.1 x 25 = 2.5, one row by 0: log p(7) differs by
     # log(Z_whole / Z_single), where Z_whole = Z_single + p5 * (e^2.5 - 1) in units of Z_single.
     model.set_output_embeddings(head)
     with torch.no_grad():

@@ -11,6 +11,7 @@ import transformers
 from lit_moe_rl.policy import (
     char_tokenizer,
     load_policy,
+    logprob_chunk_tokens,
     position_ids_from_mask,
     resolve_pretrained,
     token_logprobs,
@@ -43,8 +44,9 @@ def test_chunked_logprobs_match_full_logits_and_gradients(family):
     logp, entropy, _ = token_logprobs(
         model, ids, attn, prompt_len, temperature=0.7, chunk_size=2, with_entropy=True
     )
-    torch.testing.assert_close(logp, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(entropy, -(full.exp() * full).sum(-1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logp[mask], expected[mask], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy[mask], -(full.exp() * full).sum(-1)[mask], rtol=1e-4, atol=1e-5)
+    assert not mask.all() and (logp[~mask] == 0).all() and (entropy[~mask] == 0).all()  # padding skipped
 
     (g_full,) = torch.autograd.grad(expected[mask].sum(), model.get_output_embeddings().weight)
     logp, _, _ = token_logprobs(model, ids, attn, prompt_len, temperature=0.7, chunk_size=2)
@@ -141,3 +143,11 @@ def test_greedy_generation_is_deterministic():
     b = engine.generate(["3 5 7 => 22 ="], n=1, greedy=True)
     assert torch.equal(a.input_ids, b.input_ids)
     assert isinstance(model, transformers.PreTrainedModel)
+
+
+def test_default_logprob_chunk_keeps_fp32_logits_within_the_device_budget():
+    # CPU: 32 MiB of [tokens, V] fp32 logits (glibc mmaps bigger blocks anew on every use); GPU: 1 GiB
+    assert logprob_chunk_tokens(151936, torch.device("cpu")) == 55  # 55 x 151,936 x 4 B = 31.9 MiB
+    assert logprob_chunk_tokens(151936, torch.device("cuda")) == 1766  # 1,766 x 151,936 x 4 B = 1.0 GiB
+    assert logprob_chunk_tokens(32, torch.device("cpu")) == 4096  # capped for small vocabularies
+    assert logprob_chunk_tokens(10**9, torch.device("cpu")) == 1

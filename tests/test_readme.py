@@ -28,7 +28,8 @@ def _commands() -> list[str]:
 
 def test_readme_opens_with_install_then_quickstart_then_tests():
     commands = _commands()
-    assert commands[:3] == [
+    assert commands[:4] == [
+        "pip install torch==2.13.0",
         'pip install -e ".[dev]"',
         "lit-moe-rl fit --config configs/quickstart.yaml",
         "python -m pytest -q",
@@ -36,9 +37,12 @@ def test_readme_opens_with_install_then_quickstart_then_tests():
 
 
 def test_ci_runs_the_readme_install_and_test_commands():
+    """.ci/run installs with the README's two commands, word for word (as ``python -m pip ... --quiet``)."""
     ci = (ROOT / ".ci" / "run").read_text()
-    assert "pip install --quiet torch==2.13.0" in ci
-    assert ci.index("torch==2.13.0") < ci.index('-e ".[dev]"')
+    installs = [c for c in _commands() if c.startswith("pip install")][:2]
+    as_run = [c.replace("pip install", "python -m pip install --quiet", 1) for c in installs]
+    assert all(command in ci for command in as_run), as_run
+    assert ci.index(as_run[0]) < ci.index(as_run[1])
     assert "python -m pytest -q" in ci
 
 
@@ -83,6 +87,9 @@ def test_sft_command_runs_shortened(tmp_path):
     )
     assert (tmp_path / "model" / "config.json").is_file()
     assert (tmp_path / "model" / "tokenizer.json").is_file()
+    assert list(
+        tmp_path.glob("quickstart_sft/version_*/config.yaml")
+    )  # README: runs/quickstart_sft/version_*
 
 
 def test_real_checkpoint_command_parses(capsys):
@@ -121,3 +128,21 @@ def test_fsdp2_command_runs_shortened_on_two_processes(tmp_path):
 
 def test_gpu_check_command_is_the_one_the_tests_run():
     assert "python bench/gpu_check.py --device cpu" in _commands()  # tests/test_gpu_check.py runs it
+
+
+def test_export_command_writes_a_finished_runs_policy(tmp_path):
+    """README "Export": the command, with <run> a finished (shortened) quickstart run."""
+    (command,) = [c for c in _commands() if "HFExportCallback" in c]
+    _lit_moe_rl(
+        "lit-moe-rl fit --config configs/quickstart.yaml",
+        "--trainer.max_steps=1",
+        "--trainer.enable_progress_bar=false",
+        "--data.num_val=8",
+        "--data.val_batch_size=8",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        f"--trainer.default_root_dir={tmp_path}",
+    )
+    (config,) = tmp_path.rglob("config.yaml")
+    run = config.parent
+    _lit_moe_rl(command.replace("<run>", str(run)), "--trainer.enable_progress_bar=false")
+    assert (run / "hf_model" / "config.json").is_file() and (run / "hf_model" / "tokenizer.json").is_file()

@@ -86,3 +86,22 @@ def test_rspo_study_quick_mode(tmp_path):
         gamma = float(rows[arm][10])
         assert (0.8 <= gamma <= 1.0) if arm in ("RSPO", "GRPO+RS") else gamma != gamma
     assert (tmp_path / "img" / "rspo.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("arm", ["GSPO", "GMPO", "RSPO"])
+def test_rspo_study_arms_run_their_algorithms_own_settings(arm, capsys):
+    """The arms switch model.algorithm over the quickstart's GRPO (clip 0.2 / 0.28): each must get its
+    own class's defaults, not GRPO's carried-over clip (what the study's table claims)."""
+    import inspect
+
+    from lit_moe_rl import algorithms
+
+    study = _rspo()
+    with pytest.raises(SystemExit):
+        main(["fit", *(a.replace("--config=", f"--config={ROOT}/") for a in study.BASE), *study.ARMS[arm],
+              "--print_config"])  # fmt: skip
+    resolved = yaml.safe_load(capsys.readouterr().out)["model"]["algorithm"]["init_args"]
+    defaults = inspect.signature(getattr(algorithms, arm).__init__).parameters
+    assert {k: resolved[k] for k in ("clip_low", "clip_high")} == {
+        k: defaults[k].default for k in ("clip_low", "clip_high")
+    }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from tests.helpers import run_fit
 
@@ -45,3 +46,43 @@ def fail_half(completion: str, sample: dict) -> float:
     if fail_half.calls % 2:
         raise RuntimeError("flaky verifier")
     return 1.0
+
+
+def by_target(completion: str, sample: dict) -> float:
+    """A reward of the prompt alone: every validation scores the same, and the two ranks' halves differ."""
+    return (int(sample["target"]) % 4) / 3
+
+
+def test_two_process_summary_is_the_whole_runs_not_rank_0s(tmp_path):
+    """Issue 19.1: under 2 processes each rank validates and scores half; the summary's start, end and
+    best held-out reward equal metrics.csv's (all ranks), and the reward calls are both ranks'."""
+    import re
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, TINY_ARGS, latest_metrics, read_metrics
+    from tests.test_distributed import free_port
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
+    args = [
+        sys.executable, "-m", "lit_moe_rl.cli", "fit", *TINY_ARGS, "--trainer.devices=2", "--trainer.max_steps=2",
+        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+        '--model.config={"family": "qwen3_moe"}', "--model.lr=1e-3", "--data.batch_size=1",
+        "--data.val_batch_size=2", "--trainer.val_check_interval=1", "--trainer.check_val_every_n_epoch=null",
+        "--rollout.reward=tests.test_summary:by_target", "--rollout.reward_isolation=thread",
+    ]  # fmt: skip
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    rows = read_metrics(latest_metrics(tmp_path))
+    val = [(int(r["step"]), float(r["val/reward"])) for r in rows if r.get("val/reward")]
+    assert [step for step, _ in val] == [0, 1, 2]
+    # Lightning's own rows (steps 1, 2) average both ranks; a reward of the prompt alone makes every
+    # validation, the step-0 baseline the summary logs included, score that same value
+    whole = f"{val[1][1]:.3f}"
+    assert [f"{r:.3f}" for _, r in val] == [whole] * 3
+    assert f"val/reward start: {whole} (step 0)" in out
+    assert f"val/reward end:   {whole} (step 2)" in out
+    assert f"val/reward best:  {whole} (step 0)" in out
+    # per rank: 3 validations x 4 prompts + 2 steps x 1 prompt x 4 completions = 20; both ranks: 40
+    assert re.search(r"failed reward calls: 0 of 40 \(scored 0\)", out), out[-2000:]

@@ -99,10 +99,10 @@ def test_a_turn_stops_at_the_tool_call_end_and_its_result_is_an_observation(monk
         turn = turns[env.calls]
         position = scripted.counts.get(env.calls, 0)
         scripted.counts[env.calls] = position + 1
-        return torch.tensor([turn[position]]), torch.tensor([-0.5])
+        return torch.tensor([turn[position]]), torch.tensor([-0.5]), torch.tensor([False])
 
     scripted.counts = {}
-    monkeypatch.setattr(multiturn, "sample_step", scripted)
+    monkeypatch.setattr(multiturn, "sample_step_flagged", scripted)
 
     def make():
         envs.append(CalculatorEnv())

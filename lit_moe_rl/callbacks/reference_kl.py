@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
@@ -30,7 +31,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lit_moe_rl.batch import Rollout
-from lit_moe_rl.policy import load_policy, token_logprobs
+from lit_moe_rl.policy import load_policy, resolve_pretrained, token_logprobs
 
 
 class ReferenceKLCallback(Callback):
@@ -43,6 +44,11 @@ class ReferenceKLCallback(Callback):
             monitor: Score π_ref and log ``ref/kl`` even when ``algorithm.kl_coef`` is 0 (one reference
                 forward per rollout); off, a ``kl_coef: 0`` run has no reference model at all.
         """
+        if pretrained is not None:
+            with _renamed_setting():
+                resolve_pretrained(
+                    pretrained
+                )  # a missing folder fails at start-up, under this setting's name
         self.pretrained = pretrained
         self.monitor = monitor
         self.model: torch.nn.Module | None = None
@@ -54,7 +60,8 @@ class ReferenceKLCallback(Callback):
             return  # nothing reads π_ref: no model, no forward
         policy = pl_module.policy
         if self.pretrained is not None:
-            self.model, _ = load_policy(self.pretrained, dtype=pl_module.hparams.dtype)
+            with _renamed_setting():
+                self.model, _ = load_policy(self.pretrained, dtype=pl_module.hparams.dtype)
             self.model.to(pl_module.device)
         elif hasattr(policy, "disable_adapter"):
             self._use_disabled_adapter = True
@@ -83,3 +90,18 @@ class ReferenceKLCallback(Callback):
                 chunk_size=pl_module.hparams.logprob_chunk_size,
             )
         return logp
+
+
+SETTING = "ReferenceKLCallback.pretrained"
+
+
+@contextlib.contextmanager
+def _renamed_setting() -> Iterator[None]:
+    """The reference model's load errors name this callback's ``pretrained``, not the policy's ``model.pretrained``."""
+    try:
+        yield
+    except ValueError as err:
+        message = str(err)
+        if message.startswith("model.pretrained:"):
+            raise ValueError(SETTING + message[len("model.pretrained") :]) from None
+        raise

@@ -3,6 +3,13 @@
 Besides the reward: the log folder, the run's time and steps, skipped updates (non-finite loss or
 gradient), failed reward calls, and for runs that measure routing (R3 replay, RSPO / router-shift
 tracking) the run means of the headline routing numbers (:data:`HEADLINE`).
+
+Under several processes every figure is the whole run's: the held-out reward and the reward-call
+counts are summed over ranks before they are printed or logged (each rank scores its own share).
+
+Interruptions: on SIGTERM (a scheduler's stop) the run saves ``last.ckpt`` at the step it finished,
+prints the summary and the command that resumes it, and the CLI exits 143; on Ctrl-C it says which
+step the checkpoint it leaves holds (README "Many processes, resume, LoRA").
 """
 
 from __future__ import annotations
@@ -14,7 +21,11 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
+
+from lit_moe_rl.checkpoint import interrupted_lines, save_last_now
+from lit_moe_rl.distributed import global_sums
 
 HEADLINE = (
     "mismatch/train_infer_kl",
@@ -39,6 +50,7 @@ class RunSummary(Callback):
         self._sums = torch.zeros(2, dtype=torch.float64)
         self._t0 = 0.0
         self.headline: dict[str, list[float]] = {}
+        self.command: list[str] | None = None  # the command line, for the resume hint (set by the CLI)
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -64,9 +76,10 @@ class RunSummary(Callback):
 
     @override
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._sums[1] == 0:
+        total, count = global_sums(self._sums.tolist(), pl_module.device)  # every rank's share
+        if count == 0:
             return
-        reward = float(self._sums[0] / self._sums[1])
+        reward = total / count
         step = trainer.global_step
         if self.history and self.history[-1][0] == step:
             self.history[-1] = (step, reward)
@@ -77,9 +90,26 @@ class RunSummary(Callback):
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        rank_zero_info(self.full_summary(trainer, pl_module))
+
+    @override
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        """SIGTERM: save ``last.ckpt``, print the summary and how to resume. Ctrl-C: which step the
+        checkpoint holds (no save: the step may be half done, and the other ranks may be gone)."""
+        if trainer.state.fn != "fit":  # validate: nothing trained, nothing to save or resume
+            return
+        if isinstance(exception, SIGTERMException):
+            save_last_now(trainer)
+            summary = self.full_summary(trainer, pl_module)
+            rank_zero_info(summary + "\n" + "\n".join(interrupted_lines(trainer, "SIGTERM", self.command)))
+        elif isinstance(exception, KeyboardInterrupt):
+            rank_zero_info("\n".join(interrupted_lines(trainer, "Ctrl-C", self.command)))
+
+    def full_summary(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str:
         lines = self.render(trainer.global_step, time.perf_counter() - self._t0)
-        lines += "\n" + "\n".join(self.run_lines(trainer, pl_module))
-        rank_zero_info(lines)
+        return lines + "\n" + "\n".join(self.run_lines(trainer, pl_module))
 
     def run_lines(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[str]:
         """Skipped updates, failed reward calls, routing headline means, and the log folder."""
@@ -88,7 +118,8 @@ class RunSummary(Callback):
             (getattr(cb, "failures", None) for cb in trainer.callbacks if hasattr(cb, "scorer")), None
         )
         if tracker is not None:
-            lines.append(f"failed reward calls: {tracker.failed} of {tracker.calls} (scored 0)")
+            failed, calls = global_sums([tracker.failed, tracker.calls], pl_module.device)
+            lines.append(f"failed reward calls: {failed:.0f} of {calls:.0f} (scored 0)")
         routing = {k: v for k, v in self.headline.items() if not k.startswith("mismatch/")}
         if routing:
             shown = {**{k: v for k, v in self.headline.items() if k.startswith("mismatch/")}, **routing}

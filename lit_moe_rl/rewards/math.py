@@ -9,14 +9,15 @@ kills a worker that is still stuck. In any other thread (``rollout.reward_isolat
 :func:`~lit_moe_rl.rewards.base.score_batch`) it passes ``None``, which math-verify documents as "no
 timeout, the caller handles it": there the batch deadline bounds the wait, but the thread keeps
 running. math-verify then logs one warning that its timeout is disabled; that is expected.
+
+math-verify is imported at the first call, not with this module: a run that scores no math (the GPU
+check, Countdown) needs neither it nor its LaTeX parser (antlr4).
 """
 
 from __future__ import annotations
 
 import threading
 from typing import Any
-
-from math_verify import parse, verify
 
 
 class MathReward:
@@ -40,6 +41,8 @@ class MathReward:
         """Reward of ``completion`` against the gold answer in ``sample[self.answer_key]``."""
         if self.answer_key not in sample:
             raise KeyError(f"math reward: sample has no {self.answer_key!r} field")
+        from math_verify import parse, verify
+
         timeout = self.timeout_s if threading.current_thread() is threading.main_thread() else None
         gold = _parse_gold(str(sample[self.answer_key]), timeout)
         if not gold:
@@ -53,4 +56,6 @@ class MathReward:
 
 def _parse_gold(gold: str, timeout: int | None) -> list:
     """Parse a gold answer as written (``"2"``, ``"$\\frac12$"``, ``"\\boxed{2}"``), else as ``$gold$``."""
+    from math_verify import parse
+
     return parse(gold, parsing_timeout=timeout) or parse(f"${gold}$", parsing_timeout=timeout)

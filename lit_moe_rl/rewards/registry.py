@@ -40,6 +40,11 @@ def resolve_reward(spec: RewardFn | str) -> RewardFn:
             obj = _instantiate(obj, spec)
     else:
         obj = spec
+    if inspect.ismodule(obj):
+        raise ValueError(
+            f"rollout.reward: {spec!r} is a module, not a function: name the function after a colon, "
+            f"{spec + ':<function>'!r}"
+        )
     if not callable(obj):
         raise ValueError(f"rollout.reward: {spec!r} is not callable (got {type(obj).__name__})")
     return obj
@@ -52,6 +57,10 @@ def _import(path: str) -> Any:
     (so that reward worker processes, which start with the parent's ``sys.path``, import it too).
     """
     module_name, sep, attr = path.partition(":")
+    if not sep and path.endswith(".py"):
+        raise ValueError(
+            f"rollout.reward: {path!r} names a file but no function in it: write {path + ':<function>'!r}"
+        )
     if not sep:
         module_name, _, attr = path.rpartition(".")
     try:

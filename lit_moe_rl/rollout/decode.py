@@ -26,8 +26,10 @@ Choices made here (and why):
   was slower than the dynamic cache's concatenation (strided keys) at short lengths; compaction costs
   about 3%. From ``GROW_FROM`` new tokens on, the cache grows by doubling instead
   (:mod:`lit_moe_rl.rollout.kv`): concatenation copies ``L^2 / 2`` positions for ``L`` tokens.
-* **One read of the device per step**: which sampled tokens are EOS (``.tolist()``); which rows are
-  live, leave or stay is decided on the host from it (each ``.any()``/``bool()`` on a device tensor
+* **One read of the device per step**: which sampled tokens are EOS and how many rows had NaN/inf
+  probabilities (``.tolist()``; such rows never reach ``torch.multinomial``, see
+  :func:`~lit_moe_rl.rollout.sampling.sample_step_flagged`); which rows are live, leave or stay is
+  decided on the host from it (each ``.any()``/``bool()`` on a device tensor
   is a stall on a GPU). A test counts the reads outside the model's forward.
 * **R3 inside the loop.** With a :class:`~lit_moe_rl.routing.record.RouteRecorder`, every forward's
   routes are written at the rows and positions that call fed, into ``[N, P + R, L, K]`` filled with
@@ -46,7 +48,7 @@ from transformers import DynamicCache
 
 from lit_moe_rl.policy import position_ids_from_mask
 from lit_moe_rl.rollout.kv import use_growing_layers
-from lit_moe_rl.rollout.sampling import SamplingParams, sample_step
+from lit_moe_rl.rollout.sampling import SamplingParams, raise_non_finite, sample_step_flagged
 
 __all__ = ["Decoded", "decode"]
 
@@ -134,21 +136,22 @@ def _sample_live(
     tokens: Tensor,
     logp: Tensor,
     t: int,
-) -> Tensor:
-    """Sample column ``t`` for the live rows only and return ``[A]`` tokens (0 at rows fed their EOS).
+) -> tuple[Tensor, Tensor]:
+    """Sample column ``t`` for the live rows only: ``[A]`` tokens (0 at rows fed their EOS) and the count
+    of live rows whose probabilities were NaN or inf (a 0-dim tensor, read with the step's EOS test).
 
     Rows kept only to feed their EOS once more (R3) are neither scored nor sampled: sampling them
     would draw random numbers the same run without recording does not draw, and shift every later
     sample (R3-on and R3-off runs with one seed must sample the same completions).
     """
     if all(batch.live):  # always so without a recorder: the exact tensors of a loop without R3
-        token, token_logp = sample_step(step.head(hidden), params)
+        token, token_logp, bad = sample_step_flagged(step.head(hidden), params)
         tokens[batch.rows, t], logp[batch.rows, t] = token, token_logp
-        return token
+        return token, bad.sum()
     live = torch.tensor([i for i, alive in enumerate(batch.live) if alive], device=hidden.device)
-    live_token, live_logp = sample_step(step.head(hidden[live]), params)
+    live_token, live_logp, bad = sample_step_flagged(step.head(hidden[live]), params)
     tokens[batch.rows[live], t], logp[batch.rows[live], t] = live_token, live_logp
-    return torch.zeros_like(batch.rows).index_copy(0, live, live_token)
+    return torch.zeros_like(batch.rows).index_copy(0, live, live_token), bad.sum()
 
 
 @torch.inference_mode()
@@ -194,9 +197,11 @@ def decode(
     for t in range(max_new_tokens):
         if not any(batch.live):
             break  # the batch only held rows fed their EOS for its route
-        token = _sample_live(step, hidden, batch, params, tokens, logp, t)  # [A]
+        token, bad = _sample_live(step, hidden, batch, params, tokens, logp, t)  # [A], []
         steps = t + 1
-        is_eos = torch.isin(token, eos).tolist()  # the step's one read of the device
+        *is_eos, bad = torch.cat([torch.isin(token, eos).long(), bad[None]]).tolist()  # the step's one read
+        if bad:
+            raise_non_finite(bad, sum(batch.live))
         ended = [alive and e for alive, e in zip(batch.live, is_eos, strict=True)]
         keep = (
             batch.live

@@ -166,7 +166,10 @@ class HFEngine(RolloutEngine):
     def _encode(self, prompts: list[Prompt], device: torch.device) -> dict[str, Tensor]:
         """Left-padded ids of strings or chat messages, BOS as the tokenizer adds it, long prompts cut
         from the left (:func:`~lit_moe_rl.rollout.prompts.encode_prompts`)."""
-        enc = encode_prompts(self.tokenizer, prompts, max_prompt_len=self.max_prompt_len)
+        enc = encode_prompts(
+            self.tokenizer, prompts, max_prompt_len=self.max_prompt_len, max_new_tokens=self.max_new_tokens,
+            max_positions=getattr(getattr(self.model, "config", None), "max_position_embeddings", None),
+        )  # fmt: skip
         return {k: v.to(device) for k, v in enc.items()}
 
     def eos_token_ids(self) -> list[int]:

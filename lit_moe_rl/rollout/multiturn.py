@@ -43,7 +43,7 @@ from lit_moe_rl.rollout.decode import _prompt_routes, _Stepper
 from lit_moe_rl.rollout.env import Environment
 from lit_moe_rl.rollout.env_runner import step_all
 from lit_moe_rl.rollout.observations import ObservationEncoder
-from lit_moe_rl.rollout.sampling import SamplingParams, sample_step
+from lit_moe_rl.rollout.sampling import SamplingParams, raise_non_finite, sample_step_flagged
 
 __all__ = ["Trajectory", "TurnLimits", "decode_trajectories"]
 
@@ -120,8 +120,10 @@ class _Loop:
         rows_hidden = (
             hidden if len(live) == len(self.rows) else hidden[torch.tensor(live, device=hidden.device)]
         )
-        token, logp = sample_step(self.step.head(rows_hidden), self.params)
-        host = torch.stack([token.double(), logp.double()]).tolist()  # the step's one host transfer
+        token, logp, bad = sample_step_flagged(self.step.head(rows_hidden), self.params)
+        host = torch.stack([token.double(), logp.double(), bad.double()]).tolist()  # the step's one read
+        if any(host[2]):
+            raise_non_finite(int(sum(host[2])), len(live))
         for i, tok, lp in zip(live, host[0], host[1], strict=True):
             traj = self.traj[self.rows[i]]
             traj.tokens.append(int(tok))

@@ -54,16 +54,82 @@ def render_prompt(tokenizer: Any, prompt: Prompt) -> str:
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 
-def encode_prompts(tokenizer: Any, prompts: list[Prompt], *, max_prompt_len: int | None) -> dict[str, Tensor]:
+def encode_prompts(
+    tokenizer: Any,
+    prompts: list[Prompt],
+    *,
+    max_prompt_len: int | None,
+    max_new_tokens: int = 0,
+    max_positions: int | None = None,
+) -> dict[str, Tensor]:
     """``{"input_ids", "attention_mask"}``, both ``[B, P]`` long, left-padded with the pad token.
 
     Each row is :func:`prompt_token_rows`'s: the tokenizer's own special tokens, the end of a long prompt.
+    With ``max_positions`` (the model's ``max_position_embeddings``), a prompt that leaves no room for
+    ``max_new_tokens`` inside it is warned about once (:func:`note_positions`).
     """
     if tokenizer.pad_token_id is None:
         raise ValueError("model.tokenizer: has no pad token (set pad_token in tokenizer_config.json)")
-    return left_pad(
-        prompt_token_rows(tokenizer, prompts, max_prompt_len=max_prompt_len), tokenizer.pad_token_id
-    )
+    rows = prompt_token_rows(tokenizer, prompts, max_prompt_len=max_prompt_len)
+    note_positions(rows, max_new_tokens, max_positions)
+    return left_pad(rows, tokenizer.pad_token_id)
+
+
+_WARNED: set[str] = set()
+
+
+def warn_once(kind: str, message: str) -> None:
+    """One warning per ``kind`` and process, on rank zero."""
+    if kind in _WARNED:
+        return
+    _WARNED.add(kind)
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    rank_zero_warn(message)
+
+
+def note_positions(rows: list[list[int]], max_new_tokens: int, max_positions: int | None) -> None:
+    """Warn (once) when a prompt plus ``max_new_tokens`` runs past the model's position embeddings: the
+    model then attends at positions it was never trained on (RoPE extrapolates silently)."""
+    if not max_positions or not rows:
+        return
+    longest = max(range(len(rows)), key=lambda i: len(rows[i]))
+    need = len(rows[longest]) + max_new_tokens
+    if need > max_positions:
+        warn_once(
+            "positions",
+            f"rollout.engine.max_prompt_len: a prompt of {len(rows[longest])} tokens plus max_new_tokens "
+            f"{max_new_tokens} needs {need} positions, but the model has max_position_embeddings {max_positions}: "
+            f"it will generate past its trained positions (set rollout.engine.max_prompt_len <= "
+            f"{max(max_positions - max_new_tokens, 1)} to cut long prompts from the left; warned once)",
+        )
+
+
+def note_unknown_characters(tokenizer: Any, texts: list[str], bodies: list[list[int]]) -> None:
+    """Warn (once) when a prompt holds characters the tokenizer maps to its unknown token (emoji on a
+    character-level vocabulary): the model sees ``<unk>`` where the text had them."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or unk in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        return
+    for i, body in enumerate(bodies):
+        if unk in body:
+            chars = unknown_characters(tokenizer, texts[i], unk)
+            warn_once(
+                "unknown",
+                f"data: prompt {i} of a batch has characters the tokenizer does not know ({chars}); they are "
+                f"encoded as {tokenizer.unk_token!r} and the model never sees them (warned once)",
+            )
+            return
+
+
+def unknown_characters(tokenizer: Any, text: str, unk: int) -> str:
+    """The text spans that encode to ``unk`` (a fast tokenizer's offsets), quoted; ``'?'`` without offsets."""
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, TypeError, ValueError):
+        return "'?'"
+    spans = [text[a:b] for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True) if t == unk]
+    return ", ".join(repr(s) for s in dict.fromkeys(spans)) or "'?'"
 
 
 def prompt_token_rows(
@@ -85,6 +151,7 @@ def prompt_token_rows(
         raise ValueError(f"rollout.engine.max_prompt_len: must be >= 1, got {max_prompt_len}")
     texts = [render_prompt(tokenizer, p) for p in prompts]
     bodies = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    note_unknown_characters(tokenizer, texts, bodies)
     fulls = tokenizer(texts, add_special_tokens=True)["input_ids"]
     rows = []
     for i, (body, full) in enumerate(zip(bodies, fulls, strict=True)):

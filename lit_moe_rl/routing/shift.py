@@ -121,11 +121,13 @@ def shift_stats(shift: RouterShift, mask: Tensor | None, floor: float) -> dict[s
     count = mask.sum().clamp(min=1)
     layer_shift = torch.where(mask.unsqueeze(-1), shift.layer_shift, 0.0).sum(dim=(0, 1)) / count
     if gamma.numel() == 0:
-        one, zero = torch.ones((), device=mask.device), torch.zeros((), device=mask.device)
+        one = torch.ones((), dtype=torch.float32, device=mask.device)
+        zero = torch.zeros((), dtype=torch.float32, device=mask.device)
         stats = {"gamma_mean": one, "gamma_p10": one, "gamma_p50": one, "gamma_min": one, "floor_frac": zero}
         return {**stats, "shift_mean": zero, "shift_p90": zero, "shift_p99": zero, "layer_shift": layer_shift}
-    g_q = torch.quantile(gamma, torch.tensor([0.1, 0.5], device=gamma.device))
-    d_q = torch.quantile(delta, torch.tensor([0.9, 0.99], device=delta.device))
+    # q in the input's dtype: under `precision: bf16-true` Lightning makes bf16 the default dtype
+    g_q = torch.quantile(gamma, torch.tensor([0.1, 0.5], dtype=gamma.dtype, device=gamma.device))
+    d_q = torch.quantile(delta, torch.tensor([0.9, 0.99], dtype=delta.dtype, device=delta.device))
     return {
         "gamma_mean": gamma.mean(),
         "gamma_p10": g_q[0],
