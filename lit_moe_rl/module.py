@@ -147,9 +147,7 @@ class MoERLModule(L.LightningModule):
         self._aux_loss: Any = None  # the family's load-balancing loss when router_aux_loss_coef > 0
         self._fused_old: list[tuple[Tensor, Tensor, Tensor]] = []  # (rows, logp, entropy) of a fused pass
         self.rank_metrics = RankMetrics()
-        self._rollout_copy: list[
-            torch.nn.Module
-        ] = []  # a sharded policy's full copy for generation
+        self._rollout_copy: list[torch.nn.Module] = []  # a sharded policy's full copy for generation
         self._rollout_copy_placement: tuple | None = None  # (device, dtype) place_full_copy matched
 
     # ------------------------------------------------------------------ model
@@ -179,7 +177,9 @@ class MoERLModule(L.LightningModule):
         self.policy.config.use_cache = False
         zeroed = set_training_mode(self.policy)  # the one mode of every forward; the engine toggles its own
         if zeroed:
-            rank_zero_warn(f"model: {zeroed} dropout/noise probabilities set to 0 (RL trains without dropout)")
+            rank_zero_warn(
+                f"model: {zeroed} dropout/noise probabilities set to 0 (RL trains without dropout)"
+            )
         mesh = data_parallel_mesh(self)
         if mesh is not None:  # FSDP2 (ModelParallelStrategy): keep a full copy to generate with, then shard
             self._rollout_copy = [unsharded_copy(self.policy)]  # a list: not a submodule, not checkpointed
