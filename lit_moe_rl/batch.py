@@ -9,6 +9,8 @@ Layout of a rollout of ``N = B * G`` sequences (``B`` prompts, ``G`` completions
   token ``j``. This is the ``[B, T]`` layout the losses take.
 - routes are ``[N, P + R, L_moe, K]``, aligned with ``input_ids``, ``-1`` where a position has no
   route (padding, the last sampled token).
+- multi-turn (``rollout.env``): the response is prompt | turn 1 | observation 1 | turn 2 | ...;
+  observation tokens have attention 1 but ``response_mask`` False (no loss, μ 0, never trained).
 """
 
 from __future__ import annotations

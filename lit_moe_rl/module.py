@@ -98,9 +98,8 @@ class MoERLModule(L.LightningModule):
         self.init_seed = torch.initial_seed()
         shift = self.algorithm.router_shift or hp.track_router_shift
         self.policy, self.tokenizer, zeroed = build_rl_policy(hp, seed=self.init_seed, router_shift=shift)
-        self.strict_loading = not ckpt_match.saves_adapters_only(
-            hp
-        )  # LoRA on model.pretrained: base reloaded
+        # LoRA on model.pretrained saves only the adapters: a resume reloads the base
+        self.strict_loading = not ckpt_match.saves_adapters_only(hp)
         if zeroed:  # the one mode of every forward; the engine toggles its own
             rank_zero_warn(
                 f"model: {zeroed} dropout/noise probabilities set to 0 (RL trains without dropout)"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 from typing import Any, Literal
 
 import lightning as L
@@ -41,6 +42,7 @@ class SFTModule(L.LightningModule):
         warmup_steps: int = 20,
         max_new_tokens: int = 16,
         export_dir: str | None = "auto",
+        multiturn_fraction: float = 0.0,
     ) -> None:
         """
         Args:
@@ -56,6 +58,10 @@ class SFTModule(L.LightningModule):
                 ``<log_dir>/hf_model`` (the run's own folder), a path, or null (don't). Rebuilding the
                 shipped ``builtin:countdown-tiny-moe`` is a deliberate step:
                 ``--model.export_dir=lit_moe_rl/assets/countdown-tiny-moe`` (README).
+            multiturn_fraction: Share of rows (in [0, 1]) shown as multi-turn Countdown transcripts: a wrong
+                attempt and its feedback as untrained context, then the solution
+                (:func:`lit_moe_rl.envs.countdown.synthetic_transcript`); the warm start of
+                ``configs/multiturn_countdown.yaml``. Needs the ``compact`` template.
         """
         super().__init__()
         check_module_settings(
@@ -68,6 +74,10 @@ class SFTModule(L.LightningModule):
             router_aux_loss_coef=0.0,
         )
         at_least("model.max_new_tokens", max_new_tokens, 1)
+        if not 0.0 <= multiturn_fraction <= 1.0:
+            raise ValueError(f"model.multiturn_fraction: must be in [0, 1], got {multiturn_fraction}")
+        if multiturn_fraction and template != "compact":
+            raise ValueError(f"model.multiturn_fraction: needs template 'compact', got {template!r}")
         self.save_hyperparameters()
         self.policy: torch.nn.Module | None = None
         self.tokenizer: Any = None
@@ -107,9 +117,45 @@ class SFTModule(L.LightningModule):
         loss_mask = torch.tensor([pad(m, 0) for m in loss_rows], device=self.device)
         return ids, attn, loss_mask
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    def encode_segments(
+        self, prompts: list[str], segments: list[list[tuple[str, bool]]]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`encode` for multi-turn transcripts: each segment is followed by EOS when it is an
+        attempt (its index is even), and carries loss (with that EOS) only when marked trained."""
+        tok = self.tokenizer
+        rows, loss_rows = [], []
+        for p, parts in zip(prompt_token_rows(tok, prompts, max_prompt_len=None), segments, strict=True):
+            row, mask = list(p), [0] * len(p)
+            for i, (text, trained) in enumerate(parts):
+                ids = tok(text, add_special_tokens=False)["input_ids"] + (
+                    [tok.eos_token_id] if i % 2 == 0 else []
+                )
+                row += ids
+                mask += [int(trained)] * len(ids)
+            rows.append(row)
+            loss_rows.append(mask)
+        width = max(map(len, rows))
+        pad = lambda row, value: [value] * (width - len(row)) + row  # noqa: E731
+        ids = torch.tensor([pad(r, tok.pad_token_id) for r in rows], device=self.device)
+        attn = torch.tensor([pad([1] * len(r), 0) for r in rows], device=self.device)
+        return ids, attn, torch.tensor([pad(m, 0) for m in loss_rows], device=self.device)
+
+    def _batch_tensors(self, batch: dict[str, Any], batch_idx: int) -> tuple[Tensor, Tensor, Tensor]:
         completions = [format_completion(s, self.hparams.template) for s in batch["samples"]]
-        ids, attn, loss_mask = self.encode(batch["prompt"], completions)
+        fraction = self.hparams.get("multiturn_fraction", 0.0)
+        if not fraction:
+            return self.encode(batch["prompt"], completions)
+        from lit_moe_rl.envs.countdown import synthetic_transcript
+
+        rng = random.Random(self.global_step * 100_003 + batch_idx)
+        segments = [
+            synthetic_transcript(s, c, rng) if rng.random() < fraction else [(c, True)]
+            for s, c in zip(batch["samples"], completions, strict=True)
+        ]
+        return self.encode_segments(batch["prompt"], segments)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        ids, attn, loss_mask = self._batch_tensors(batch, batch_idx)
         logits = self.policy(
             input_ids=ids, attention_mask=attn, position_ids=position_ids_from_mask(attn)
         ).logits
@@ -139,7 +185,9 @@ class SFTModule(L.LightningModule):
             if step < hp.warmup_steps:
                 return (step + 1) / (hp.warmup_steps + 1)
             progress = (step - hp.warmup_steps) / max(total - hp.warmup_steps, 1)
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))  # not a default-dtype tensor
+            return 0.1 + 0.9 * 0.5 * (
+                1 + math.cos(math.pi * min(progress, 1.0))
+            )  # not a default-dtype tensor
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

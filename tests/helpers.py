@@ -80,3 +80,17 @@ def train_rows(path: Path) -> list[dict[str, float]]:
     """Rows of training-step metrics, values as floats (empty cells dropped)."""
     rows = [r for r in read_metrics(path) if r.get("reward/mean")]
     return [{k: float(v) for k, v in r.items() if v != ""} for r in rows]
+
+
+def peak_rss_mib(script: str) -> list[float]:
+    """Run ``script`` in a fresh single-threaded Python; each line it prints is ``<label> <peak RSS MiB>``.
+    Returns the peaks in order (``ru_maxrss`` is per process, so a fresh one isolates the measurement)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return [float(line.split()[1]) for line in out.stdout.strip().splitlines()]

@@ -9,12 +9,18 @@ import pytest
 from tests.helpers import ROOT
 
 SMOKE = {  # script: (toy-size arguments, what its report must print)
-    "r3_overhead.py": (["--steps", "2", "--warmup", "0", "--repeats", "1", "--iters", "1"], ["overhead", "B/token"]),
+    "r3_overhead.py": (
+        ["--steps", "2", "--warmup", "0", "--repeats", "1", "--iters", "1"],
+        ["overhead", "B/token"],
+    ),
     "rspo_overhead.py": (
         ["--rounds", "1", "--warmup", "0", "--seqs", "8", "--response-len", "8"],
         ["overhead", "extra memory per response token"],
     ),
-    "logprob_chunks.py": (["--vocab", "4096", "--rows", "2", "--length", "8", "--repeats", "1"], ["page faults", "(auto)"]),
+    "logprob_chunks.py": (
+        ["--vocab", "4096", "--rows", "2", "--length", "8", "--repeats", "1"],
+        ["page faults", "(auto)"],
+    ),
 }
 
 

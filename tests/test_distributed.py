@@ -209,7 +209,12 @@ def test_a_prompts_completions_do_not_depend_on_its_batch():
     r = alone.response_mask.shape[1]
     assert torch.equal(batch.input_ids[3:, batch.prompt_len :][:, :r], alone.input_ids[:, alone.prompt_len :])
     torch.testing.assert_close(batch.infer_logp[3:, :r], alone.infer_logp)
-    assert prompt_seed(1, 2, "a") != prompt_seed(1, 3, "a") != prompt_seed(2, 2, "a") != prompt_seed(1, 2, "a", 1)
+    assert (
+        prompt_seed(1, 2, "a")
+        != prompt_seed(1, 3, "a")
+        != prompt_seed(2, 2, "a")
+        != prompt_seed(1, 2, "a", 1)
+    )
     chat = [{"role": "user", "content": "a"}]
     assert prompt_seed(1, 2, chat) == prompt_seed(1, 2, [dict(chat[0])]) != prompt_seed(1, 2, "a")
 

@@ -204,3 +204,66 @@ def test_output_is_as_long_as_the_longest_response(record):
     assert gen.input_ids.shape[1] == gen.prompt_len + gen.response_mask.shape[1]
     if record:
         assert gen.routes.shape[1] == gen.input_ids.shape[1]
+
+
+def test_recording_routes_does_not_change_what_is_sampled():
+    """Rows fed their EOS once more for R3 are not sampled: R3-on and R3-off draw the same completions
+    under one seed (issue 18 item 9: sampling them shifted the random stream, 11 of 12 rows differed)."""
+    torch.manual_seed(0)
+    model, tok = load_policy(config={"family": "qwen3_moe", "vocab_size": 24})  # EOS is likely
+    engine = _engine(model, tok, max_new_tokens=20)
+    outs = []
+    for record in (False, True):
+        torch.manual_seed(1)
+        outs.append(engine.generate(PROMPTS, n=4, record_routes=record))
+    off, on = outs
+    assert 0 < int((~off.truncated).sum()) < 12  # rows ended at different steps: some were fed their EOS
+    assert torch.equal(off.input_ids, on.input_ids)
+    assert torch.equal(off.response_mask, on.response_mask)
+    # the forwards hold the EOS rows too, so μ agrees to rounding only (matmuls are not batch-invariant)
+    torch.testing.assert_close(off.infer_logp, on.infer_logp, rtol=0, atol=1e-5)
+
+
+class _DeviceReads(torch.overrides.TorchFunctionMode):
+    """Counts reads of tensor values on the host (``tolist``, ``item``, ``bool``, ``nonzero``, ...) made
+    outside the decoder's forward: each is a stall on a GPU. Also counts sampled steps (head calls)."""
+
+    READS = {"tolist", "item", "__bool__", "__int__", "__float__", "__index__", "nonzero", "any_", "numpy"}
+
+    def __init__(self, model):
+        super().__init__()
+        self.reads, self.inside, self.steps = 0, 0, 0
+        decoder = model.get_decoder()
+        self.handles = [
+            decoder.register_forward_pre_hook(lambda *_: setattr(self, "inside", self.inside + 1)),
+            decoder.register_forward_hook(lambda *_: setattr(self, "inside", self.inside - 1)),
+            model.get_output_embeddings().register_forward_hook(
+                lambda *_: setattr(self, "steps", self.steps + 1)
+            ),
+        ]
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if not self.inside and getattr(func, "__name__", "") in self.READS:
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("record", [False, True])
+def test_the_decode_loop_reads_the_device_once_per_step(record):
+    """At most one host read per decode step (issue 14 item 9): the loop used about five before."""
+    torch.manual_seed(0)
+    model, tok = load_policy(config={"family": "qwen3_moe", "vocab_size": 24})  # rows end at many steps
+    enc = tok(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
+    torch.manual_seed(1)
+    with _DeviceReads(model) as reads:
+        if record:
+            with record_routes(model) as rec:
+                out = decode(model, enc["input_ids"], enc["attention_mask"], n=4, max_new_tokens=20,
+                             params=SamplingParams(), eos_token_ids=[2], pad_token_id=0, recorder=rec)  # fmt: skip
+        else:
+            out = decode(model, enc["input_ids"], enc["attention_mask"], n=4, max_new_tokens=20,
+                         params=SamplingParams(), eos_token_ids=[2], pad_token_id=0)  # fmt: skip
+    for handle in reads.handles:
+        handle.remove()
+    assert reads.steps == out.tokens.shape[1] >= 5
+    assert reads.reads <= reads.steps + 1  # one per step, plus the left-padding check at the start

@@ -8,12 +8,7 @@ The long one may only add its KV cache and route/token buffers (well under a MiB
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import peak_rss_mib
 
 SCRIPT = """
 import resource, torch
@@ -37,12 +32,7 @@ for length in (4, 4, 64):
 
 
 def test_generation_peak_memory_does_not_grow_with_response_length():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    out = subprocess.run(
-        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    peaks = [float(line.split()[1]) for line in out.stdout.strip().splitlines()]
+    peaks = peak_rss_mib(SCRIPT)
     short, long = peaks[1], peaks[2]
     # 4 rows x 60 more steps x V x 4 bytes = 139 MiB for one copy of the per-step logits
     assert long - short < 40, f"peak RSS grew by {long - short:.0f} MiB from 4 to 64 new tokens"

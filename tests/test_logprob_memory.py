@@ -9,12 +9,7 @@ fp32 logits, 2.3 GiB, in one chunk; the token chunk of 256 is 148 MiB.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import peak_rss_mib
 
 SCRIPT = """
 import resource, torch
@@ -38,12 +33,7 @@ for rows, length in ((2, 256), (2, 256), (16, 256)):
 
 
 def test_logprob_peak_memory_does_not_grow_with_batch_times_response():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    out = subprocess.run(
-        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    peaks = [float(line.split()[1]) for line in out.stdout.strip().splitlines()]
+    peaks = peak_rss_mib(SCRIPT)
     small, large = peaks[1], peaks[2]
     # 8x more tokens; one more [256, V] fp32 chunk alone would be +148 MiB
     assert large - small < 120, f"peak RSS grew by {large - small:.0f} MiB from 512 to 4096 response tokens"

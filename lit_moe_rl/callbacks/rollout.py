@@ -16,15 +16,23 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lit_moe_rl.batch import Rollout
+from lit_moe_rl.callbacks.multiturn import (
+    MultiTurnSettings,
+    ValMultiturn,
+    marked_transcripts,
+    multiturn_metrics,
+)
 from lit_moe_rl.learner.stats import Gathered
 from lit_moe_rl.parallel.distributed import is_distributed
 from lit_moe_rl.rewards import RewardFn, resolve_reward
 from lit_moe_rl.rewards.failures import FailureTracker
 from lit_moe_rl.rewards.workers import Isolation, RewardScorer
-from lit_moe_rl.rollout.engine import Generation, HFEngine, RolloutEngine
+from lit_moe_rl.rollout.engine import Generation, HFEngine, RolloutEngine, generate_trajectories
 from lit_moe_rl.rollout.per_prompt import generate_per_prompt
 from lit_moe_rl.rollout.prompts import Prompt, prompt_text
 from lit_moe_rl.routing.store import pack_routes
+
+DEFAULT_REWARD = "lit_moe_rl.rewards.countdown:CountdownReward"
 
 
 class RolloutCallback(Callback):
@@ -33,7 +41,7 @@ class RolloutCallback(Callback):
     def __init__(
         self,
         engine: RolloutEngine | None = None,
-        reward: RewardFn | str = "lit_moe_rl.rewards.countdown:CountdownReward",
+        reward: RewardFn | str | None = None,
         group_size: int = 8,
         reward_timeout_s: float = 10.0,
         reward_isolation: Isolation = "auto",
@@ -42,11 +50,21 @@ class RolloutCallback(Callback):
         val_samples: int = 1,
         seed: int = 0,
         seed_per_prompt: bool = False,
+        env: dict[str, Any] | None = None,
+        max_turns: int = 3,
+        max_total_tokens: int | None = None,
+        max_env_tokens: int = 256,
+        env_timeout_s: float = 10.0,
+        env_isolation: Isolation = "auto",
+        env_workers: int = 2,
+        max_batch_tokens: int | None = None,
     ) -> None:
         """
         Args:
             engine: Rollout engine (``class_path``); default ``HFEngine()``.
-            reward: Reward function: an instance or an import path ``pkg.mod:fn``.
+            reward: Reward function: an instance or an import path ``pkg.mod:fn``; default the Countdown
+                reward, or with ``env`` the sum of the environment's step rewards (a reward set with
+                ``env`` scores each whole transcript instead).
             group_size: G, completions per prompt.
             reward_timeout_s: Per-batch reward deadline in seconds (> 0); late or failing samples score 0.
             reward_isolation: ``process``: score in worker processes killed at the deadline; ``thread``:
@@ -62,6 +80,23 @@ class RolloutCallback(Callback):
             seed_per_prompt: Sample each prompt alone under a seed of (seed, step, prompt text): its
                 completions then do not depend on the rank or batch it lands in (W ranks sample what
                 one process with W times the batch does), at one engine call per prompt.
+            env: Multi-turn rollouts: an environment ``{class_path, init_args}``
+                (:class:`~lit_moe_rl.rollout.env.Environment`), one instance per trajectory.
+            max_turns: With ``env``: most sampled turns per trajectory (>= 1).
+            max_total_tokens: With ``env``: the trajectory's token budget after the prompt, sampled and
+                observation tokens together (Dr. GRPO's constant); default ``max_turns`` times the
+                engine's ``max_new_tokens`` (which caps each turn).
+            max_env_tokens: With ``env``: longest observation in tokens (>= 1); longer ones are cut, counted.
+            env_timeout_s: With ``env``: deadline of one environment step (> 0); a late step ends its
+                trajectory, scored and counted.
+            env_isolation: With ``env``: ``process``: environments live in ``env_workers`` worker processes
+                killed at the deadline (a hung or crashing one cannot stop the run); ``thread``: in the
+                trainer's process, each step in a thread (a hung one is abandoned); ``auto``: threads for
+                an environment class with ``thread_safe = True`` (the built-in Countdown one).
+            env_workers: With ``env_isolation: process``: worker processes (>= 1).
+            max_batch_tokens: Token budget of the engine's live KV cache per rank (rows x cache length,
+                >= 1): prompts generate in waves that fit it (:mod:`lit_moe_rl.rollout.waves`); None = one
+                wave. Sets the HFEngine's ``max_batch_tokens``.
         """
         if group_size < 2:
             raise ValueError(
@@ -76,7 +111,31 @@ class RolloutCallback(Callback):
                 f"rollout.stop_after_failed_batches: must be >= 0, got {stop_after_failed_batches}"
             )
         self.engine = engine if engine is not None else HFEngine()
-        self.reward = resolve_reward(reward)
+        if max_batch_tokens is not None:
+            if max_batch_tokens < 1 or not hasattr(self.engine, "max_batch_tokens"):
+                raise ValueError(
+                    f"rollout.max_batch_tokens: must be >= 1 and needs the HFEngine, got {max_batch_tokens!r}"
+                )
+            self.engine.max_batch_tokens = max_batch_tokens
+        self.multiturn = (
+            None
+            if env is None
+            else MultiTurnSettings.make(
+                env,
+                self.engine,
+                max_turns,
+                max_total_tokens,
+                max_env_tokens,
+                env_timeout_s,
+                env_isolation,
+                env_workers,
+            )
+        )
+        if self.multiturn is not None and seed_per_prompt:
+            raise ValueError("rollout.seed_per_prompt: not supported with rollout.env (multi-turn) yet")
+        self.env_reward = env is not None and reward is None
+        self.val_multiturn = ValMultiturn()
+        self.reward = resolve_reward(reward if reward is not None else DEFAULT_REWARD)
         self.scorer = RewardScorer(self.reward, reward_isolation, reward_workers)
         self.failures = FailureTracker(stop_after_failed_batches)
         self.group_size = group_size
@@ -94,6 +153,8 @@ class RolloutCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.multiturn is not None:
+            self.multiturn.check_tokenizer(pl_module.tokenizer)
         self._bind(pl_module)
 
     @override
@@ -123,11 +184,17 @@ class RolloutCallback(Callback):
         greedy = self.val_samples == 1
         with torch.random.fork_rng(devices=_devices(pl_module)):
             torch.manual_seed(self.seed + 7919 * (batch_idx + 1))
-            gen = self.engine.generate(batch["prompt"], n=self.val_samples, greedy=greedy)
+            gen = self._generate(batch["prompt"], batch["samples"], self.val_samples, greedy=greedy)
         texts = self.decode(gen)
-        rewards, _ = self._score(texts, batch["samples"], self.val_samples)
+        rewards, _ = self._rewards(gen, texts, batch["samples"], self.val_samples)
         batch["val_rewards"] = rewards.view(-1, self.val_samples).mean(-1)  # Avg@k per prompt
         batch["val_texts"] = texts
+        if gen.trajectories is not None:
+            self.val_multiturn.add(gen)
+
+    @override
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.val_multiturn.flush(trainer, pl_module)
 
     def make_rollout(
         self, pl_module: Any, prompts: list[Prompt], samples: list[dict], *, step: int
@@ -146,9 +213,9 @@ class RolloutCallback(Callback):
                 )
             else:
                 torch.manual_seed(self.seed + step + 100_003 * getattr(pl_module, "global_rank", 0))
-                gen = self.engine.generate(prompts, n=self.group_size, record_routes=self.record_routes)
+                gen = self._generate(prompts, samples, self.group_size, record=self.record_routes)
         texts = self.decode(gen)
-        rewards, errors = self._score(texts, samples, self.group_size)
+        rewards, errors = self._rewards(gen, texts, samples, self.group_size)
         algorithm = pl_module.algorithm
         rollout = Rollout(
             input_ids=gen.input_ids,
@@ -157,15 +224,17 @@ class RolloutCallback(Callback):
             prompt_len=gen.prompt_len,
             group_size=self.group_size,
             temperature=getattr(self.engine, "temperature", 1.0),
-            max_response_len=getattr(self.engine, "max_new_tokens", None),
+            max_response_len=self.max_response_len(),
             rewards=rewards,
             advantages=algorithm.advantages(rewards, self.group_size),
             infer_logp=gen.infer_logp,
             routes=pack_routes(gen.routes, gen.prompt_len, self.group_size),
-            texts=texts,
+            texts=texts if gen.trajectories is None else marked_transcripts(gen, self.engine.tokenizer),
             prompts=[prompt_text(prompt) for prompt in prompts for _ in range(self.group_size)],
         )
         rollout.extras = rollout_metrics(gen, rewards, errors)
+        if gen.trajectories is not None:
+            rollout.extras |= multiturn_metrics(gen)
         keep = algorithm.keep_groups(rewards, self.group_size)
         if keep is not None:
             rollout.extras["rollout/kept_frac"] = float(keep.float().mean())
@@ -173,10 +242,41 @@ class RolloutCallback(Callback):
         rollout.extras["perf/rollout_s"] = time.perf_counter() - t0
         return rollout
 
+    def max_response_len(self) -> int | None:
+        """Dr. GRPO's constant: the engine's ``max_new_tokens``, or with ``env`` the trajectory budget."""
+        if self.multiturn is not None:
+            return self.multiturn.limits.max_total_tokens
+        return getattr(self.engine, "max_new_tokens", None)
+
+    def _generate(
+        self,
+        prompts: list[Prompt],
+        samples: list[dict],
+        n: int,
+        *,
+        greedy: bool = False,
+        record: bool = False,
+    ) -> Generation:
+        if self.multiturn is None:
+            return self.engine.generate(prompts, n=n, greedy=greedy, record_routes=record)
+        return generate_trajectories(
+            self.engine, prompts, samples, n=n, make_env=self.multiturn.make_env, limits=self.multiturn.limits,
+            greedy=greedy, record_routes=record,
+        )  # fmt: skip
+
+    def _rewards(
+        self, gen: Generation, texts: list[str], samples: list[dict], n: int
+    ) -> tuple[torch.Tensor, int]:
+        """The reward function on each text, or (``env`` without a reward) each trajectory's step rewards."""
+        if self.env_reward and gen.trajectories is not None:
+            rewards = torch.tensor([t.reward for t in gen.trajectories], dtype=torch.float32)
+            return rewards, sum(t.env_errors + t.env_timeouts for t in gen.trajectories)
+        return self._score(texts, samples, n)
+
     def decode(self, gen: Generation) -> list[str]:
-        tokens = gen.input_ids[:, gen.prompt_len :].masked_fill(
-            ~gen.response_mask, self.engine.tokenizer.pad_token_id
-        )
+        """The response region's text (multi-turn: the whole transcript after the prompt, observations included)."""
+        real = gen.attention_mask[:, gen.prompt_len :].bool()  # the response mask, plus observations
+        tokens = gen.input_ids[:, gen.prompt_len :].masked_fill(~real, self.engine.tokenizer.pad_token_id)
         return self.engine.tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True)
 
     def _score(self, texts: list[str], samples: list[dict], n: int) -> tuple[torch.Tensor, int]:
@@ -188,6 +288,8 @@ class RolloutCallback(Callback):
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.scorer.close()
+        if self.multiturn is not None:
+            self.multiturn.close()
 
 
 def rollout_metrics(gen: Generation, rewards: torch.Tensor, errors: int) -> dict[str, float | Gathered]:

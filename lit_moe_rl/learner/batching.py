@@ -42,13 +42,16 @@ def micro_plan(
 
 
 def trim_padding(micro: Rollout) -> Rollout:
-    """``micro`` without the response columns past its longest response (all padding): every
+    """``micro`` without the response columns past its longest response (all padding; a multi-turn
+    observation is attended, so it is never cut even where no token is sampled): every
     ``[n, P + R, ...]`` tensor is cut to ``P + r`` columns and every ``[n, R, ...]`` one to ``r``.
 
     Not for routes held in a :class:`~lit_moe_rl.routing.store.RouteStore` (a full-width view): the
     module trims only when no forward context (routing replay) reads them.
     """
-    used = micro.response_mask.any(0).nonzero()
+    used = (
+        micro.attention_mask[:, micro.prompt_len :].bool().any(0).nonzero()
+    )  # sampled and observation tokens
     width = int(used.max()) + 1 if len(used) else 1
     full = micro.response_len
     if width == full:

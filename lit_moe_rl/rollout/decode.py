@@ -13,7 +13,8 @@ Choices made here (and why):
   its KV cache (``batch_select_indices``); the loop ends when no row is left or after
   ``max_new_tokens``. Nothing runs past a row's EOS. When routes are recorded, a finished row is
   fed its EOS once more before it leaves, so that every real token but the row's last position
-  has a route, as HF ``generate`` recorded them (its logits are discarded).
+  has a route, as HF ``generate`` recorded them; its logits are never computed and nothing is
+  sampled for it, so recording routes does not change what the other rows sample.
 * **Positions and masks as ``generate`` builds them for left-padded prompts:** a 2-D attention
   mask that grows by one column per step, position ids ``cumsum(mask) - 1`` for the prompt and
   ``last + 1`` per step (:func:`lit_moe_rl.policy.position_ids_from_mask`, the trainer's rule).
@@ -22,7 +23,14 @@ Choices made here (and why):
   tiny Qwen3-MoE (``eager`` experts about 5% and ``eager`` attention about 20% slower,
   ``batched_mm`` 2.8x slower, which gathers a weight copy per token), and a shared (``dtype:
   same``) engine must not change the trainer's numerics. A preallocated KV cache written in place
-  was slower than the dynamic cache's concatenation (strided keys); compaction costs about 3%.
+  was slower than the dynamic cache's concatenation (strided keys) at short lengths; compaction costs
+  about 3%. From ``GROW_FROM`` new tokens on, the cache grows by doubling instead
+  (:mod:`lit_moe_rl.rollout.kv`): concatenation copies ``L^2 / 2`` positions for ``L`` tokens.
+* **One read of the device per step**: which sampled tokens are EOS and how many rows had NaN/inf
+  probabilities (``.tolist()``; such rows never reach ``torch.multinomial``, see
+  :func:`~lit_moe_rl.rollout.sampling.sample_step_flagged`); which rows are live, leave or stay is
+  decided on the host from it (each ``.any()``/``bool()`` on a device tensor
+  is a stall on a GPU). A test counts the reads outside the model's forward.
 * **R3 inside the loop.** With a :class:`~lit_moe_rl.routing.record.RouteRecorder`, every forward's
   routes are written at the rows and positions that call fed, into ``[N, P + R, L, K]`` filled with
   -1: left padding, the last position (its token is never fed forward) and positions after a
@@ -39,7 +47,8 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from lit_moe_rl.policy import position_ids_from_mask
-from lit_moe_rl.rollout.sampling import SamplingParams, sample_step
+from lit_moe_rl.rollout.kv import use_growing_layers
+from lit_moe_rl.rollout.sampling import SamplingParams, raise_non_finite, sample_step_flagged
 
 __all__ = ["Decoded", "decode"]
 
@@ -59,13 +68,21 @@ def _cache_kwarg(decoder: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+GROW_FROM = 256
+"""Generations that may add this many tokens or more keep their KV cache in doubling buffers
+(:mod:`lit_moe_rl.rollout.kv`): no per-step copy of the whole cache. Shorter ones keep transformers'
+concatenating cache, which was faster for short sequences on CPU (the quickstart's 12 tokens)."""
+
+
 class _Stepper:
     """Runs the decoder on some rows and returns the last position's hidden state ``[A, H]``."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, max_added: int = 0) -> None:
         self.decoder = model.get_decoder()
         self.head = model.get_output_embeddings()
         self.cache = DynamicCache(config=model.config)
+        if max_added >= GROW_FROM:
+            use_growing_layers(self.cache)
         self.cache_kwarg = _cache_kwarg(self.decoder)
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
@@ -81,19 +98,24 @@ class _Stepper:
 
 @dataclass
 class _Batch:
-    """The rows still in the decode batch (``A`` of them) and what each needs for its next forward."""
+    """The rows still in the decode batch (``A`` of them) and what each needs for its next forward.
+
+    Which rows are live is kept on the host: the loop reads the device once per step (which sampled
+    tokens are EOS) and decides everything else from that.
+    """
 
     rows: Tensor  # [A] long: output row of each batch row
-    live: Tensor  # [A] bool: still sampling (False: fed its EOS once more for R3, then leaves)
+    live: list[bool]  # still sampling (False: fed its EOS once more for R3, then leaves)
     mask: Tensor  # [A, P + t] attention mask
     next_pos: Tensor  # [A, 1] position id of the next token fed
 
-    def keep(self, kept: Tensor, step: _Stepper) -> None:
-        """Keep batch rows ``kept`` (and their KV cache)."""
-        self.rows, self.live, self.mask, self.next_pos = (
-            t[kept] for t in (self.rows, self.live, self.mask, self.next_pos)
-        )
-        step.cache.batch_select_indices(kept)
+    def keep(self, kept: list[int], step: _Stepper) -> Tensor:
+        """Keep batch rows ``kept`` (and their KV cache); returns their index on the device."""
+        index = torch.tensor(kept, dtype=torch.long, device=self.rows.device)
+        self.rows, self.mask, self.next_pos = (t[index] for t in (self.rows, self.mask, self.next_pos))
+        self.live = [self.live[i] for i in kept]
+        step.cache.batch_select_indices(index)
+        return index
 
 
 def _prompt_routes(recorder, attention_mask: Tensor, n: int, width: int) -> Tensor:
@@ -104,6 +126,32 @@ def _prompt_routes(recorder, attention_mask: Tensor, n: int, width: int) -> Tens
         attention_mask.repeat_interleave(n, 0)[..., None, None] == 0, -1
     )
     return routes
+
+
+def _sample_live(
+    step: _Stepper,
+    hidden: Tensor,
+    batch: _Batch,
+    params: SamplingParams,
+    tokens: Tensor,
+    logp: Tensor,
+    t: int,
+) -> tuple[Tensor, Tensor]:
+    """Sample column ``t`` for the live rows only: ``[A]`` tokens (0 at rows fed their EOS) and the count
+    of live rows whose probabilities were NaN or inf (a 0-dim tensor, read with the step's EOS test).
+
+    Rows kept only to feed their EOS once more (R3) are neither scored nor sampled: sampling them
+    would draw random numbers the same run without recording does not draw, and shift every later
+    sample (R3-on and R3-off runs with one seed must sample the same completions).
+    """
+    if all(batch.live):  # always so without a recorder: the exact tensors of a loop without R3
+        token, token_logp, bad = sample_step_flagged(step.head(hidden), params)
+        tokens[batch.rows, t], logp[batch.rows, t] = token, token_logp
+        return token, bad.sum()
+    live = torch.tensor([i for i, alive in enumerate(batch.live) if alive], device=hidden.device)
+    live_token, live_logp, bad = sample_step_flagged(step.head(hidden[live]), params)
+    tokens[batch.rows[live], t], logp[batch.rows[live], t] = live_token, live_logp
+    return torch.zeros_like(batch.rows).index_copy(0, live, live_token), bad.sum()
 
 
 @torch.inference_mode()
@@ -130,7 +178,7 @@ def decode(
         raise ValueError("rollout.engine: prompts must be left-padded (tokenizer.padding_side='left')")
     prompt_len, rows, device = input_ids.shape[1], input_ids.shape[0] * n, input_ids.device
     eos = torch.tensor(sorted(set(eos_token_ids)), device=device)
-    step = _Stepper(model)
+    step = _Stepper(model, max_new_tokens)
     positions = position_ids_from_mask(attention_mask)
     hidden = step(input_ids, attention_mask, positions).repeat_interleave(n, dim=0)  # [N, H]
     routes = (
@@ -139,7 +187,7 @@ def decode(
     step.cache.batch_repeat_interleave(n)
     batch = _Batch(
         rows=torch.arange(rows, device=device),
-        live=torch.ones(rows, dtype=torch.bool, device=device),
+        live=[True] * rows,
         mask=attention_mask.repeat_interleave(n, dim=0),
         next_pos=positions[:, -1:].repeat_interleave(n, dim=0) + 1,
     )
@@ -147,21 +195,24 @@ def decode(
     logp = torch.zeros((rows, max_new_tokens), dtype=torch.float32, device=device)
     steps = 0  # columns sampled so far: R of the output
     for t in range(max_new_tokens):
-        if not bool(batch.live.any()):
+        if not any(batch.live):
             break  # the batch only held rows fed their EOS for its route
-        token, token_logp = sample_step(step.head(hidden), params)  # [A], [A]
-        tokens[batch.rows[batch.live], t] = token[batch.live]
-        logp[batch.rows[batch.live], t] = token_logp[batch.live]
+        token, bad = _sample_live(step, hidden, batch, params, tokens, logp, t)  # [A], []
         steps = t + 1
-        ended = batch.live & torch.isin(token, eos)
-        keep = batch.live if recorder is not None else batch.live & ~ended  # R3: an EOS is fed once
-        batch.live = batch.live & ~ended
-        if t == max_new_tokens - 1 or not bool(keep.any()):
+        *is_eos, bad = torch.cat([torch.isin(token, eos).long(), bad[None]]).tolist()  # the step's one read
+        if bad:
+            raise_non_finite(bad, sum(batch.live))
+        ended = [alive and e for alive, e in zip(batch.live, is_eos, strict=True)]
+        keep = (
+            batch.live
+            if recorder is not None
+            else [a and not e for a, e in zip(batch.live, ended, strict=True)]
+        )
+        batch.live = [a and not e for a, e in zip(batch.live, ended, strict=True)]  # R3: an EOS is fed once
+        if t == max_new_tokens - 1 or not any(keep):
             break
-        if not bool(keep.all()):
-            kept = keep.nonzero().squeeze(-1)
-            batch.keep(kept, step)
-            token = token[kept]
+        if not all(keep):
+            token = token[batch.keep([i for i, k in enumerate(keep) if k], step)]
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones((batch.mask.shape[0], 1))], dim=1)
         hidden = step(token[:, None], batch.mask, batch.next_pos)
         batch.next_pos = batch.next_pos + 1

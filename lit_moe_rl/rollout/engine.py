@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -18,8 +19,13 @@ from torch import Tensor, nn
 
 from lit_moe_rl.policy import DTYPES
 from lit_moe_rl.rollout.decode import Decoded, decode
+from lit_moe_rl.rollout.env import Environment
+from lit_moe_rl.rollout.env_workers import EnvPool
+from lit_moe_rl.rollout.multiturn import Trajectory, TurnLimits, decode_trajectories
+from lit_moe_rl.rollout.observations import ObservationEncoder
 from lit_moe_rl.rollout.prompts import Prompt, encode_prompts
 from lit_moe_rl.rollout.sampling import SamplingParams
+from lit_moe_rl.rollout.waves import concat_generations, plan_waves
 from lit_moe_rl.rollout.weights import inference_copy, sync_into
 
 log = logging.getLogger(__name__)
@@ -40,6 +46,7 @@ class Generation:
     infer_logp: Tensor  # [N, R] float32: log mu of each sampled token (engine's logp_of), 0 off the mask
     truncated: Tensor  # [N] bool: no EOS id within max_new_tokens
     routes: Tensor | None = None  # [N, P+R, L, K] int8/int16, -1 = no route (when recorded)
+    trajectories: list[Trajectory] | None = None  # multi-turn: per row, turns, env rewards and errors
 
 
 class RolloutEngine(ABC):
@@ -97,6 +104,7 @@ class HFEngine(RolloutEngine):
         dtype: Literal["same", "float32", "bfloat16", "float16"] = "same",
         max_prompt_len: int | None = None,
         logp_of: Literal["sampled", "raw"] = "sampled",
+        max_batch_tokens: int | None = None,
     ) -> None:
         """
         Args:
@@ -108,6 +116,9 @@ class HFEngine(RolloutEngine):
             max_prompt_len: Left-truncate longer prompts to this many tokens (>= 1, or None = no limit).
             logp_of: μ of the truncated distribution actually sampled (``sampled``) or of the tempered
                 distribution before top-k/top-p (``raw``).
+            max_batch_tokens: Token budget of the live KV cache (rows x cache length); prompts run in
+                waves that fit it (:mod:`lit_moe_rl.rollout.waves`; None = one wave). Usually set as
+                ``rollout.max_batch_tokens``.
         """
         _check(max_new_tokens >= 1, "max_new_tokens", "must be >= 1", max_new_tokens)
         _check(temperature > 0, "temperature", "must be > 0", temperature)
@@ -121,6 +132,12 @@ class HFEngine(RolloutEngine):
             max_prompt_len,
         )
         _check(logp_of in ("sampled", "raw"), "logp_of", "must be 'sampled' or 'raw'", logp_of)
+        _check(
+            max_batch_tokens is None or max_batch_tokens >= 1,
+            "max_batch_tokens",
+            "must be >= 1 or None",
+            max_batch_tokens,
+        )
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.top_p = top_p
@@ -128,6 +145,7 @@ class HFEngine(RolloutEngine):
         self.dtype = dtype
         self.max_prompt_len = max_prompt_len
         self.logp_of = logp_of
+        self.max_batch_tokens = max_batch_tokens
         self.model: nn.Module | None = None
         self.tokenizer: Any = None
 
@@ -168,16 +186,19 @@ class HFEngine(RolloutEngine):
         model.eval()
         params = SamplingParams(self.temperature, self.top_p, self.top_k, self.logp_of, greedy)
         eos = self.eos_token_ids()
+        gens = []
         try:
             enc = self._encode(prompts, next(model.parameters()).device)
-            with torch.inference_mode(), _maybe_record(model, record_routes) as rec:
-                out = decode(
-                    model, enc["input_ids"], enc["attention_mask"], n=n, max_new_tokens=self.max_new_tokens,
-                    params=params, eos_token_ids=eos, pad_token_id=self.tokenizer.pad_token_id, recorder=rec,
-                )  # fmt: skip
+            for wave in wave_inputs(enc, n, self.max_new_tokens, self.max_batch_tokens):
+                with torch.inference_mode(), _maybe_record(model, record_routes) as rec:
+                    out = decode(
+                        model, wave["input_ids"], wave["attention_mask"], n=n, max_new_tokens=self.max_new_tokens,
+                        params=params, eos_token_ids=eos, pad_token_id=self.tokenizer.pad_token_id, recorder=rec,
+                    )  # fmt: skip
+                gens.append(self._to_generation(wave, out, n, eos))
         finally:
             model.train(was_training)
-        return self._to_generation(enc, out, n, eos)
+        return concat_generations(gens, self.tokenizer.pad_token_id)
 
     def _to_generation(self, enc: dict[str, Tensor], out: Decoded, n: int, eos: list[int]) -> Generation:
         prompt_ids = enc["input_ids"].repeat_interleave(n, dim=0)
@@ -244,3 +265,120 @@ def _maybe_record(model: nn.Module, enabled: bool) -> Any:
     from lit_moe_rl.routing.record import record_routes
 
     return record_routes(model)
+
+
+def generate_trajectories(
+    engine: HFEngine,
+    prompts: list[Prompt],
+    samples: list[dict],
+    *,
+    n: int,
+    make_env: Callable[[], Environment] | EnvPool,
+    limits: TurnLimits,
+    greedy: bool = False,
+    record_routes: bool = False,
+) -> Generation:
+    """``n`` multi-turn trajectories per prompt with ``engine``'s weights and sampling settings
+    (:mod:`lit_moe_rl.rollout.multiturn`); ``engine.max_new_tokens`` caps each turn.
+
+    Every trajectory gets its own environment, reset with its row; the ``n`` resets of a row must
+    return the same prompt (a GRPO group shares it).
+    """
+    if engine.model is None:
+        raise RuntimeError("generate_trajectories called before bind()")
+    model, tok = engine.model, engine.tokenizer
+    trajectories, firsts = start_trajectories(prompts, samples, n, make_env, limits.env_timeout_s)
+    chat = isinstance(firsts[0], list)
+    encoder = ObservationEncoder(tok, chat)
+    for traj, prompt in zip(trajectories, [p for p in firsts for _ in range(n)], strict=True):
+        traj.conversation = encoder.start(prompt)
+    stops = tuple(getattr(trajectories[0].env, "stop_strings", ()) or ())
+    params = SamplingParams(engine.temperature, engine.top_p, engine.top_k, engine.logp_of, greedy)
+    was_training = model.training
+    model.eval()
+    gens = []
+    try:
+        enc = engine._encode(firsts, next(model.parameters()).device)
+        waves = wave_inputs(enc, n, limits.max_total_tokens, engine.max_batch_tokens)
+        for wave in waves:
+            rows = trajectories[wave["rows"].start * n : wave["rows"].stop * n]
+            with torch.inference_mode(), _maybe_record(model, record_routes) as rec:
+                routes, _ = decode_trajectories(
+                    model, wave["input_ids"], wave["attention_mask"], rows, n=n, limits=limits, params=params,
+                    eos_token_ids=engine.eos_token_ids(), pad_token_id=tok.pad_token_id, tokenizer=tok,
+                    encoder=encoder, stop_strings=stops, recorder=rec,
+                )  # fmt: skip
+            gen = trajectory_generation(wave, rows, n, tok.pad_token_id)
+            gen.routes = None if routes is None else routes.clone()
+            gens.append(gen)
+    finally:
+        model.train(was_training)
+    return concat_generations(gens, tok.pad_token_id)
+
+
+def wave_inputs(enc: dict[str, Tensor], n: int, added: int, budget: int | None) -> list[dict[str, Any]]:
+    """``enc``'s prompts split into waves that fit ``budget`` (:func:`~lit_moe_rl.rollout.waves.plan_waves`),
+    each left-padded to its own longest prompt; ``rows`` is the wave's range of prompts."""
+    if budget is None:
+        return [{**enc, "rows": range(enc["input_ids"].shape[0])}]
+    lengths = enc["attention_mask"].sum(-1).tolist()
+    waves = []
+    for rows in plan_waves(lengths, n, added, budget):
+        width = max(lengths[i] for i in rows)
+        sl = slice(rows.start, rows.stop)
+        waves.append({k: v[sl, v.shape[1] - width :] for k, v in enc.items()} | {"rows": rows})
+    return waves
+
+
+def start_trajectories(
+    prompts: list[Prompt],
+    samples: list[dict],
+    n: int,
+    make_env: Callable[[], Environment] | EnvPool,
+    timeout_s: float,
+) -> tuple[list[Trajectory], list[Prompt]]:
+    """``n`` reset environments per row (in worker processes when ``make_env`` is an :class:`EnvPool`)
+    and each row's first prompt."""
+    rows = [(sample, prompt) for prompt, sample in zip(prompts, samples, strict=True) for _ in range(n)]
+    if isinstance(make_env, EnvPool):
+        envs, starts = make_env.reset_all([s for s, _ in rows], [p for _, p in rows], timeout_s)
+    else:
+        envs = [make_env() for _ in rows]
+        starts = [env.reset(sample, prompt) for env, (sample, prompt) in zip(envs, rows, strict=True)]
+    firsts = starts[::n]
+    if any(start != firsts[i // n] for i, start in enumerate(starts)):
+        raise ValueError(
+            "rollout.env: reset() returned different prompts for one row; a GRPO group shares it"
+        )
+    return [Trajectory(env=env, conversation=[]) for env in envs], firsts
+
+
+def trajectory_generation(
+    enc: dict[str, Tensor], trajectories: list[Trajectory], n: int, pad_token_id: int
+) -> Generation:
+    """The :class:`Generation` layout of finished trajectories: prompt | turn 1 | observation 1 | turn 2 ...,
+    ``response_mask`` True on sampled tokens only, attention 1 on every real token, μ 0 off the mask."""
+    rows, width = len(trajectories), max(len(t.tokens) for t in trajectories)
+    tokens = torch.full((rows, width), pad_token_id, dtype=torch.long)
+    real = torch.zeros((rows, width), dtype=torch.bool)
+    sampled = torch.zeros((rows, width), dtype=torch.bool)
+    logp = torch.zeros((rows, width), dtype=torch.float32)
+    for i, traj in enumerate(trajectories):
+        length = len(traj.tokens)
+        tokens[i, :length] = torch.tensor(traj.tokens, dtype=torch.long)
+        real[i, :length] = True
+        sampled[i, :length] = torch.tensor(traj.sampled, dtype=torch.bool)
+        logp[i, :length] = torch.tensor(traj.logp, dtype=torch.float64).float()
+    device = enc["input_ids"].device
+    prompt_ids = enc["input_ids"].repeat_interleave(n, dim=0)
+    return Generation(
+        input_ids=torch.cat([prompt_ids, tokens.to(device)], 1),
+        attention_mask=torch.cat(
+            [enc["attention_mask"].repeat_interleave(n, dim=0), real.long().to(device)], 1
+        ),
+        response_mask=sampled.to(device),
+        prompt_len=prompt_ids.shape[1],
+        infer_logp=logp.to(device),
+        truncated=torch.tensor([t.truncated for t in trajectories], device=device),
+        trajectories=trajectories,
+    )

@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
 
 from lit_moe_rl.parallel.distributed import is_distributed, world_size
 from lit_moe_rl.rollout.engine import Generation
+from lit_moe_rl.rollout.waves import concat_generations
 
 
 def prompt_seed(seed: int, step: int, prompt: Any, index: int = 0) -> int:
@@ -61,30 +61,3 @@ def generate_per_prompt(
         torch.manual_seed(prompt_seed(seed, step, prompt, index))
         parts.append(engine.generate([prompt], n=n, record_routes=record_routes))
     return concat_generations(parts, pad_token_id=engine.tokenizer.pad_token_id)
-
-
-def concat_generations(parts: list[Generation], *, pad_token_id: int) -> Generation:
-    """Stack generations: prompts left-padded to the longest ``P``, responses right-padded to the longest ``R``."""
-    prompt_len = max(g.prompt_len for g in parts)
-    response_len = max(g.response_mask.shape[1] for g in parts)
-
-    def pad(
-        g: Generation, x: Tensor, value: float
-    ) -> Tensor:  # [N, P+R, ...] -> [N, prompt_len+response_len, ...]
-        left, right = prompt_len - g.prompt_len, response_len - g.response_mask.shape[1]
-        return torch.cat([x.new_full((x.shape[0], left, *x.shape[2:]), value), x,
-                          x.new_full((x.shape[0], right, *x.shape[2:]), value)], dim=1)  # fmt: skip
-
-    def right(x: Tensor, value: float) -> Tensor:  # [N, R] -> [N, response_len]
-        return torch.cat([x, x.new_full((x.shape[0], response_len - x.shape[1]), value)], dim=1)
-
-    routes = [pad(g, g.routes, -1) for g in parts] if parts[0].routes is not None else None
-    return Generation(
-        input_ids=torch.cat([pad(g, g.input_ids, pad_token_id) for g in parts]),
-        attention_mask=torch.cat([pad(g, g.attention_mask, 0) for g in parts]),
-        response_mask=torch.cat([right(g.response_mask, False) for g in parts]),
-        prompt_len=prompt_len,
-        infer_logp=torch.cat([right(g.infer_logp, 0.0) for g in parts]),
-        truncated=torch.cat([g.truncated for g in parts]),
-        routes=torch.cat(routes) if routes is not None else None,
-    )

@@ -26,7 +26,9 @@ __all__ = [
     "NonFiniteProbabilities",
     "SamplingParams",
     "check_probabilities",
+    "raise_non_finite",
     "sample_step",
+    "sample_step_flagged",
     "temper",
     "token_logp",
     "top_k_filter",
@@ -96,17 +98,39 @@ def check_probabilities(probs: Tensor) -> None:
 
     ``torch.multinomial`` on a NaN or inf row is a device-side assert on CUDA, which kills the CUDA
     context (and the run) without saying which step or why; a NaN row comes from NaN/inf logits (weights
-    that diverged, an overflow in low precision) or a row whose logits are all -inf. One host sync per
-    decode step, which the decode loop pays anyway for its stopping test.
+    that diverged, an overflow in low precision) or a row whose logits are all -inf. One host sync; the
+    decode loops use :func:`sample_step_flagged` instead, which folds it into their one read per step.
     """
     bad = ~torch.isfinite(probs).all(dim=-1)
     count = int(bad.sum())
     if count:
-        raise NonFiniteProbabilities(
-            f"rollout: the policy's next-token probabilities are NaN or inf in {count} of {len(probs)} "
-            "rows (diverged weights or an overflow in low precision); see policy/grad_norm and policy/loss "
-            "of the previous steps"
-        )
+        raise_non_finite(count, len(probs))
+
+
+def raise_non_finite(count: int, rows: int) -> None:
+    """The one-line :class:`NonFiniteProbabilities` for ``count`` bad rows of ``rows``."""
+    raise NonFiniteProbabilities(
+        f"rollout: the policy's next-token probabilities are NaN or inf in {count} of {rows} "
+        "rows (diverged weights or an overflow in low precision); see policy/grad_norm and policy/loss "
+        "of the previous steps"
+    )
+
+
+def sample_step_flagged(logits: Tensor, params: SamplingParams) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`sample_step` without a host read: ``(tokens, logp, bad)``, ``bad [N]`` True on rows whose
+    probabilities are NaN or inf. Such a row is drawn from a uniform stand-in, so ``torch.multinomial``
+    never sees it (no device-side assert); the caller reads ``bad`` with its other per-step values and
+    raises (:func:`raise_non_finite`). Good rows draw exactly what :func:`sample_step` draws."""
+    tempered = temper(logits, params.temperature)
+    if params.greedy:
+        tokens = tempered.argmax(-1)
+        return tokens, token_logp(tempered, tokens), torch.zeros_like(tokens, dtype=torch.bool)
+    truncated = truncate(tempered, params.top_k, params.top_p)
+    probs = truncated.softmax(-1)
+    bad = ~torch.isfinite(probs).all(dim=-1)
+    tokens = torch.multinomial(torch.where(bad[:, None], torch.ones_like(probs), probs), 1).squeeze(-1)
+    scored = truncated if params.logp_of == "sampled" else tempered
+    return tokens, token_logp(scored, tokens), bad
 
 
 def sample_step(logits: Tensor, params: SamplingParams) -> tuple[Tensor, Tensor]:

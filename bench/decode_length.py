@@ -1,0 +1,93 @@
+"""Decode time per token against response length, up to 4k tokens: is the engine's loop flat?
+
+    HF_HUB_OFFLINE=1 python bench/decode_length.py [--lengths 256 1024 4096] [--rows 8] [--threads 1]
+
+A tiny random Qwen3-MoE decodes ``--rows`` rows for each length with EOS switched off (every row runs
+the whole length), once with transformers' concatenating KV cache and once with the doubling cache
+the engine uses from ``GROW_FROM`` tokens on (:mod:`lit_moe_rl.rollout.kv`). It prints the wall time
+per token over the last quarter of each run (where the cache is longest) and the positions the cache
+copied per token. Attention itself still grows with the cache; on a tiny model at these lengths the
+per-step Python and MoE cost dominate, so flat means the loop adds nothing that grows. CPU numbers on
+a shared machine are noisy: compare rows of one run. Prints numbers; it is not a timed test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lit_moe_rl.policy import load_policy  # noqa: E402
+from lit_moe_rl.rollout import decode as decode_module  # noqa: E402
+from lit_moe_rl.rollout.sampling import SamplingParams  # noqa: E402
+
+
+class _Clock:
+    """Times each decode step (one head call per step) and records the cache's layers."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.stamps: list[float] = []
+        self.handle = model.get_output_embeddings().register_forward_hook(
+            lambda *_: self.stamps.append(time.perf_counter())
+        )
+
+
+def run(model, tok, length: int, rows: int, grow: bool) -> dict[str, float]:
+    grow_from, decode_module.GROW_FROM = decode_module.GROW_FROM, (1 if grow else 10**9)
+    layers: list = []
+    original = decode_module._Stepper.__init__
+
+    def spy(self, model, max_added=0):
+        original(self, model, max_added)
+        layers.extend(self.cache.layers)
+
+    decode_module._Stepper.__init__ = spy
+    clock = _Clock(model)
+    enc = tok(["3 5 7 => 22 ="] * rows, return_tensors="pt", padding=True, add_special_tokens=False)
+    try:
+        torch.manual_seed(0)
+        decode_module.decode(model, enc["input_ids"], enc["attention_mask"], n=1, max_new_tokens=length,
+                             params=SamplingParams(), eos_token_ids=[-1], pad_token_id=0)  # fmt: skip
+    finally:
+        clock.handle.remove()
+        decode_module._Stepper.__init__ = original
+        decode_module.GROW_FROM = grow_from
+    tail = clock.stamps[-(length // 4) :]
+    per_token = (tail[-1] - tail[0]) / max(len(tail) - 1, 1)
+    copied = sum(getattr(layer, "copied_positions", 0) for layer in layers) / max(len(layers), 1)
+    if not grow:  # concatenation copies the whole cache each step
+        prompt = enc["input_ids"].shape[1]
+        copied = rows * sum(prompt + t for t in range(length))
+    return {"ms_per_token": 1000 * per_token, "copied_per_token": copied / (rows * length)}
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, float]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096])
+    parser.add_argument("--rows", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model, tok = load_policy(
+        config={"family": "qwen3_moe", "vocab_size": 64, "max_position_embeddings": max(args.lengths) + 64}
+    )
+    model.eval()
+    rows = []
+    print("length   cache          ms/token (last quarter)   positions copied per token")
+    for length in args.lengths:
+        for grow in (False, True):
+            out = run(model, tok, length, args.rows, grow) | {"length": length, "doubling": grow}
+            rows.append(out)
+            name = "doubling" if grow else "concatenate"
+            print(f"{length:>6}   {name:<12} {out['ms_per_token']:>14.3f} {out['copied_per_token']:>28.1f}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The doubling KV cache layer (issue 14 item 9): linear bytes copied per token, same values as
+transformers' concatenating cache, bitwise the same generations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from lit_moe_rl.policy import load_policy
+from lit_moe_rl.rollout import decode as decode_module
+from lit_moe_rl.rollout.kv import GrowingLayer
+from lit_moe_rl.rollout.sampling import SamplingParams
+
+
+def test_bytes_copied_per_token_stay_flat_at_8k():
+    """Concatenation copies the whole cache each step (4096 positions per token on average at 8k);
+    doubling buffers copy each position about twice."""
+    layer = GrowingLayer()
+    layer.update(torch.zeros(1, 1, 16, 2), torch.zeros(1, 1, 16, 2))
+    for _ in range(8192):
+        layer.update(torch.ones(1, 1, 1, 2), torch.ones(1, 1, 1, 2))
+    length = 16 + 8192
+    assert layer.keys.shape[-2] == length and bool(layer.keys[..., 16:, :].eq(1).all())
+    assert layer.copied_positions / length < 3  # vs (length / 2) per token for concatenation
+
+
+def test_same_keys_and_values_as_the_concatenating_layer_through_repeats_and_selections():
+    torch.manual_seed(0)
+    ours, theirs = GrowingLayer(), DynamicLayer()
+    steps = [("update", 5), ("repeat", 3), ("update", 1), ("update", 4), ("select", [0, 2]), ("update", 1)]
+    steps += [("update", 1)] * 40 + [("select", [1]), ("update", 7)]
+    batch = 2
+    for op, arg in steps:
+        if op == "update":
+            k, v = torch.randn(batch, 2, arg, 4), torch.randn(batch, 2, arg, 4)
+            got, want = ours.update(k, v), theirs.update(k, v)
+            assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+        elif op == "repeat":
+            ours.batch_repeat_interleave(arg)
+            theirs.batch_repeat_interleave(arg)
+            batch *= arg
+        else:
+            index = torch.tensor(arg)
+            ours.batch_select_indices(index)
+            theirs.batch_select_indices(index)
+            batch = len(arg)
+    assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_long_generations_use_the_doubling_cache_and_sample_the_same_tokens(family, monkeypatch):
+    torch.manual_seed(0)
+    model, tok = load_policy(config={"family": family, "vocab_size": 64})
+    enc = tok(["3 5 7 => 22 =", "12 =>"], return_tensors="pt", padding=True, add_special_tokens=False)
+    layers = []
+    original = decode_module._Stepper.__init__
+
+    def spy(self, model, max_added=0):
+        original(self, model, max_added)
+        layers.extend(self.cache.layers)
+
+    monkeypatch.setattr(decode_module._Stepper, "__init__", spy)
+    outs = []
+    for grow_from in (10_000, 40):
+        monkeypatch.setattr(decode_module, "GROW_FROM", grow_from)
+        torch.manual_seed(3)
+        outs.append(decode_module.decode(model, enc["input_ids"], enc["attention_mask"], n=3, max_new_tokens=40,
+                                         params=SamplingParams(), eos_token_ids=[2], pad_token_id=0))  # fmt: skip
+    assert any(isinstance(layer, GrowingLayer) for layer in layers)
+    assert torch.equal(outs[0].tokens, outs[1].tokens) and torch.equal(outs[0].logp, outs[1].logp)
+
+
+def test_decode_length_bench_runs():
+    import importlib.util
+
+    from tests.helpers import ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_decode_length", ROOT / "bench" / "decode_length.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--lengths", "200", "--rows", "2"])
+    concat, doubling = rows
+    assert doubling["copied_per_token"] < 4 and concat["copied_per_token"] > 25 * doubling["copied_per_token"]
+    assert decode_module.GROW_FROM == 256  # the bench restores the engine's threshold
