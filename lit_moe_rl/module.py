@@ -40,6 +40,7 @@ from lit_moe_rl.parallel.hooks import (
     mixed_precision_policy,
     warn_low_precision,
 )
+from lit_moe_rl.parallel.rank0_load import full_state, load_on_rank0, loads_on_rank0, receive_shards
 from lit_moe_rl.policy import load_balancing_loss, load_policy, set_training_mode, token_logprobs
 from lit_moe_rl.routing.checks import require_moe
 from lit_moe_rl.routing.record import capture_router_logits
@@ -189,7 +190,9 @@ class MoERLModule(L.LightningModule):
             return
         hp = self.hparams
         self.init_seed = torch.initial_seed()
-        self.policy, self.tokenizer = load_policy(
+        mesh = data_parallel_mesh(self)
+        rank0 = loads_on_rank0(hp, mesh)  # one host copy per node (lit_moe_rl/parallel/rank0_load.py)
+        self.policy, self.tokenizer = (load_on_rank0 if rank0 else load_policy)(
             hp.pretrained, hp.config, dtype=hp.dtype, tokenizer=hp.tokenizer, seed=self.init_seed
         )
         if hp.lora:
@@ -204,11 +207,13 @@ class MoERLModule(L.LightningModule):
         zeroed = set_training_mode(self.policy)  # the one mode of every forward; the engine toggles its own
         if zeroed:
             rank_zero_warn(f"model: {zeroed} dropout/noise probabilities set to 0 (RL trains without dropout)")
-        mesh = data_parallel_mesh(self)
         if mesh is not None:  # FSDP2 (ModelParallelStrategy): keep a full copy to generate with, then shard
             if hp.rollout_weights == "resident":
                 self._rollout_copy = [unsharded_copy(self.policy)]  # a list: not a submodule, not checkpointed
+            state = full_state(self.policy) if rank0 else None
             shard_policy(self.policy, mesh, mp_policy=mixed_precision_policy(hp.compute_dtype))
+            if rank0:
+                receive_shards(self.policy, state)
 
     def rollout_policy(self) -> torch.nn.Module:
         """The module the rollout engine generates with: the policy, or its full copy when sharded

@@ -119,7 +119,8 @@ def test_an_engine_with_its_own_weights_is_refused_under_unshard(dtype):
 def test_cli_unshard_with_r3_rspo_offload_and_export_equals_one_process(tmp_path):
     """``lit-moe-rl fit`` on 2 gloo ranks with ``rollout_weights: unshard`` and ``offload_optimizer``:
     R3 records on the unsharded policy and replays on the sharded one, the optimizer state makes a
-    round trip to host memory around each rollout, and the HF export gathers the full weights; the run
+    round trip to host memory around each rollout, rank 0 alone reads the checkpoint and rank 1 receives
+    its shards, and the HF export gathers the full weights; the run
     equals one process with twice the batch (two steps: the second uses the offloaded AdamW state)."""
     import transformers
 
@@ -131,8 +132,9 @@ def test_cli_unshard_with_r3_rspo_offload_and_export_equals_one_process(tmp_path
         f"--trainer.callbacks.dirpath={tmp_path / 'hf'}",
     ]
     memory = ["--model.rollout_weights=unshard", "--model.offload_optimizer=true"]
-    two = fit(tmp_path / "two", *FSDP2, *memory, *extra, *export, devices=2, batch_size=2, steps=2)
-    one = fit(tmp_path / "one", *extra, devices=1, batch_size=4, steps=2)
+    model = ["--model.config=null", "--model.pretrained=builtin:countdown-tiny-moe"]  # rank 0 alone reads it
+    two = fit(tmp_path / "two", *FSDP2, *memory, *extra, *export, *model, devices=2, batch_size=2, steps=2)
+    one = fit(tmp_path / "one", *extra, *model, devices=1, batch_size=4, steps=2)
     assert_same_run(one, two, [*KEYS, "rspo/gamma_mean"])
     exported = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "hf", local_files_only=True

@@ -36,9 +36,28 @@ def live_tensor_bytes(device: str | None = None) -> int:
 
 
 def peak_rss_bytes() -> int:
-    """The process's peak resident set size so far (``getrusage``: KiB on Linux, bytes on macOS)."""
+    """The process's peak resident set size since start or :func:`reset_peak_rss` (Linux ``VmHWM``;
+    ``getrusage`` elsewhere, which also counts a spawned process's pre-``exec`` parent image)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset the peak to the current resident set size (Linux >= 4.0: ``5`` to ``/proc/self/clear_refs``);
+    False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def current_rss_bytes() -> int:
