@@ -27,6 +27,13 @@ GiB = 1024**3
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 HEADROOM_FRACTION = 0.05  # allocator fragmentation and the CUDA context: planned against 95% ...
 HEADROOM_BYTES = 1 * GiB  # ... minus 1 GiB (or 5% more of a small one) of each GPU
+PERSISTENT = (
+    "sharded parameters",
+    "AdamW state",
+    "resident full copy",
+    "engine's own copy",
+    "reference model",
+)
 GPU_CHUNK_BYTES = 1 * GiB  # the default log-prob chunk budget on a GPU (policy.logprob_chunk_tokens)
 
 
@@ -112,8 +119,9 @@ class Plan:
 
     @property
     def resident(self) -> int:
-        """What stays allocated between steps: the parts present in both phases, at their smaller size."""
-        return sum(min(g, u) for g, u in self.gpu.values() if g is not None and u is not None)
+        """What stays allocated between steps (after an update, before the next rollout): the sharded
+        parameters, AdamW's state (offloaded only while generating), a resident or engine copy, a reference."""
+        return sum(u or 0 for name, (_, u) in self.gpu.items() if name.startswith(PERSISTENT))
 
     @property
     def usable(self) -> int | None:

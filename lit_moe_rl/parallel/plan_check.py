@@ -85,5 +85,5 @@ def refuse_if_not_fitting(module: Any, trainer: Any) -> None:
     raise SettingsError(
         f"model.memory_check: the memory plan needs {plan.peak / GiB:.1f} GiB per GPU in the {phase}, more than "
         f"the {plan.usable / GiB:.1f} GiB usable of this {plan.capacity / GiB:.1f} GiB GPU (breakdown above); it "
-        f"would fit with: {'; '.join(suggest_fixes(plan))}. Set model.memory_check: false to start anyway"
+        f"would fit with: {'; '.join(suggest_fixes(plan))}; set model.memory_check: false to start anyway"
     )
