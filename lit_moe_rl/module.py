@@ -402,14 +402,22 @@ class MoERLModule(L.LightningModule):
         """The policy as :meth:`configure_model` first built it (same source, same seed), without LoRA,
         on this module's device, and sharded like the policy under FSDP2."""
         hp = self.hparams
-        policy, _ = load_policy(
+        mesh = data_parallel_mesh(self)
+        rank0 = loads_on_rank0(hp, mesh)  # one host copy per node, as configure_model
+        policy, _ = (load_on_rank0 if rank0 else load_policy)(
             hp.pretrained, hp.config, dtype=hp.dtype, tokenizer=hp.tokenizer, seed=self.init_seed
         )
         policy.config.use_cache = False
-        policy.to(self.device)
-        mesh = data_parallel_mesh(self)
-        mp = mixed_precision_policy(hp.compute_dtype)
-        return shard_policy(policy, mesh, mp_policy=mp) if mesh is not None else policy
+        state = full_state(policy) if rank0 else None
+        if not rank0:
+            policy.to(self.device)
+        if mesh is None:
+            return policy
+        shard_policy(policy, mesh, mp_policy=mixed_precision_policy(hp.compute_dtype))
+        if rank0:
+            receive_shards(policy, state)
+            policy.to(self.device)
+        return policy
 
     @property
     def saves_adapters_only(self) -> bool:

@@ -10,8 +10,9 @@ its own EOS), which sharded forwards (collectives) cannot run. So a sharded poli
 unsharded *rollout copy*, refreshed after every optimizer step with :func:`sync_full_copy`: the
 rollout engine binds to it, R3 records its routes there, and the sharded training forward replays them.
 The copy costs one full set of weights per rank (in the training dtype; a bf16 engine keeps its own
-bf16 copy of it): the price of generating without collectives. A 30B model wants a separate inference
-engine (vLLM) instead.
+bf16 copy of it): the price of generating without collectives. ``model.rollout_weights: unshard``
+generates with the policy itself instead, all-gathered for the rollout only
+(:mod:`lit_moe_rl.parallel.unshard`).
 """
 
 from __future__ import annotations

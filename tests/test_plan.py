@@ -37,17 +37,25 @@ def test_qwen3_30b_a3b_sizes_by_hand(qwen30b):
     # 768x2048), router 128x2048, two RMSNorms 2x2048; plus embeddings and LM head 151936x2048 each, final norm
     layer = 2048 * 4096 * 2 + 2048 * 512 * 2 + 256 + 128 * (2048 * 1536 + 768 * 2048) + 128 * 2048 + 4096
     assert qwen30b.params == 48 * layer + 2 * 151936 * 2048 + 2048 == 30_532_122_624
-    plan = make_plan(qwen30b, PlanSettings(ranks=8, sharded=True, compute_dtype="bfloat16", max_new_tokens=8192,
-                                           prompt_tokens=512, prompts_per_rank=16, group_size=8))  # fmt: skip
-    parts = plan.gpu
-    assert parts["sharded parameters (float32)"] == (qwen30b.params * 4 // 8,) * 2
-    assert parts["AdamW state (float32)"][1] == qwen30b.params * 8 // 8
+    # the old recipe (bf16-true): bf16 shards, bf16 AdamW moments, a resident bf16 copy of ~61 GB per rank
+    old = PlanSettings(ranks=8, sharded=True, weight_dtype="bfloat16", compute_dtype="bfloat16", prompt_tokens=512,
+                       max_new_tokens=8192, prompts_per_rank=16, group_size=8)  # fmt: skip
+    parts = make_plan(qwen30b, old).gpu
+    assert parts["sharded parameters (bfloat16)"] == (qwen30b.params * 2 // 8,) * 2
+    assert parts["AdamW state (bfloat16)"][1] == qwen30b.params * 2 * 2 // 8
+    assert parts["resident full copy (bfloat16)"] == (qwen30b.params * 2,) * 2
     # the figures: 96 KiB of bf16 keys and values per token (48 layers x 2 x 4 heads x 128), and
     # ~100 GiB for 128 rows x 8.7k tokens
     kv = next(v for k, v in parts.items() if k.startswith("KV cache"))[0]
     assert kv == 128 * 8704 * 48 * 2 * 4 * 128 * 2
     assert 100 < kv / GiB < 110
-    assert parts["resident full copy (bfloat16)"] == (qwen30b.params * 2,) * 2  # ~61 GB per rank
+    # fp32 masters, unshard: fp32 shards and moments, bf16 full weights during generation only
+    new = old.with_(weight_dtype="float32", rollout_weights="unshard", offload_optimizer=True)
+    plan = make_plan(qwen30b, new)
+    assert plan.gpu["sharded parameters (float32)"] == (qwen30b.params * 4 // 8,) * 2
+    assert plan.gpu["AdamW state (float32)"] == (None, qwen30b.params * 8 // 8)
+    assert plan.gpu["full weights for the rollout (bfloat16)"] == (qwen30b.params * 2, None)
+    assert plan.resident == qwen30b.params * 4 // 8 + qwen30b.params * 8 // 8
 
 
 def test_suggestions_fix_the_phase_that_does_not_fit(qwen30b):
@@ -56,11 +64,13 @@ def test_suggestions_fix_the_phase_that_does_not_fit(qwen30b):
                             micro_batch_size=2)  # fmt: skip
     plan = make_plan(qwen30b, settings, capacity=139 * GiB)
     assert plan.fits is False  # a resident copy, AdamW on the GPU, and a 40 GiB KV cache
-    # the generation sets the peak; unsharding does not lower it (the full weights exist then either way)
+    # the generation sets the peak: the resident copy is fp32 (a copy of the master weights), unsharding
+    # gathers bf16; AdamW's 28 GiB per rank then go to the host
     assert plan.generation_peak > plan.update_peak
-    assert suggest_fixes(plan) == ["model.offload_optimizer: true"]
-    assert make_plan(qwen30b, settings.with_(offload_optimizer=True), 139 * GiB).fits
-    on_80 = make_plan(qwen30b, settings.with_(offload_optimizer=True), 79 * GiB)
+    assert suggest_fixes(plan) == ["model.rollout_weights: unshard", "model.offload_optimizer: true"]
+    fixed = settings.with_(rollout_weights="unshard", offload_optimizer=True)
+    assert make_plan(qwen30b, fixed, 139 * GiB).fits
+    on_80 = make_plan(qwen30b, fixed, 79 * GiB)
     assert on_80.fits is False and suggest_fixes(on_80)[-1].startswith("KV cache for ")
 
 

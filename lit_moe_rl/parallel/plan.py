@@ -208,9 +208,12 @@ def make_plan(shape: ModelShape, settings: PlanSettings, capacity: int | None = 
         f"gradients ({s.weight_dtype})": (None, grads),
         f"AdamW state ({s.weight_dtype})": (None if s.offload_optimizer else adam, adam),
     }
+    if s.sharded and resident:  # a deep copy of the policy: the trained weights' dtype
+        copy = shape.params * w
+        gpu[f"resident full copy ({s.weight_dtype})"] = (copy, copy)
+    elif s.sharded:  # all-gathered into MixedPrecisionPolicy.param_dtype
+        gpu[f"full weights for the rollout ({s.compute_dtype})"] = (full, None)
     if s.sharded:
-        what = "resident full copy" if resident else "full weights for the rollout"
-        gpu[f"{what} ({s.compute_dtype})"] = (full, full if resident else None)
         gpu[f"FSDP2 all-gather window ({s.compute_dtype})"] = (None, 2 * shape.largest_unit * c)
     if s.engine_dtype is not None:
         copy = shape.params * BYTES[s.engine_dtype]
