@@ -321,6 +321,11 @@ def format_plan(plan: Plan, source: str = "") -> str:
     for name, (gen, upd) in plan.gpu.items():
         lines.append(f"  {name:<56}{_gib(gen):>11}{_gib(upd):>9}")
     lines.append(f"  {'total':<56}{_gib(plan.generation_peak):>11}{_gib(plan.update_peak):>9}")
+    other = s.with_(gradient_checkpointing=not s.gradient_checkpointing)
+    lines.append(
+        f"  activations {'without' if s.gradient_checkpointing else 'with'} gradient checkpointing would be "
+        f"{_gib(activation_bytes(shape, other))} {unit_name}"
+    )
     lines.append(f"  resident between steps: {_gib(plan.resident)} {unit_name}")
     if plan.capacity is not None:
         verdict = "fits" if plan.fits else "DOES NOT FIT"
