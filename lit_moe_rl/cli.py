@@ -64,7 +64,9 @@ class MoERLCLI(OneLineCLI):
         super()._add_subcommands(parser, **kwargs)
         # `sft` is dispatched by main() before parsing; listed here so that `lit-moe-rl --help` shows it
         parser._subcommands_action.add_subcommand("sft", ArgumentParser(description=SFT_HELP), help=SFT_HELP)
-        parser._subcommands_action.add_subcommand("plan", ArgumentParser(description=PLAN_HELP), help=PLAN_HELP)
+        parser._subcommands_action.add_subcommand(
+            "plan", ArgumentParser(description=PLAN_HELP), help=PLAN_HELP
+        )
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
         """Use Rich's progress bar unless the user disabled the bar or chose another one."""
