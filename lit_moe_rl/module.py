@@ -32,6 +32,15 @@ from lit_moe_rl.batching import trim_padding
 from lit_moe_rl.distributed import RankMetrics, global_sum
 from lit_moe_rl.lora import apply_lora
 from lit_moe_rl.old_pass import check_correction
+from lit_moe_rl.parallel.hooks import (
+    check_memory_settings,
+    export_model,
+    gather_full_state,
+    generation_weights,
+    mixed_precision_policy,
+    warn_low_precision,
+)
+from lit_moe_rl.parallel.rank0_load import full_state, load_on_rank0, loads_on_rank0, receive_shards
 from lit_moe_rl.policy import load_balancing_loss, load_policy, set_training_mode, token_logprobs
 from lit_moe_rl.routing.checks import require_moe
 from lit_moe_rl.routing.record import capture_router_logits
@@ -77,6 +86,10 @@ class MoERLModule(L.LightningModule):
         track_router_shift: bool = False,
         old_logp_pass: Literal["auto", "always"] = "auto",
         trim_padding: bool = True,
+        compute_dtype: Literal["bfloat16", "float16"] | None = None,
+        rollout_weights: Literal["resident", "unshard"] = "resident",
+        offload_optimizer: bool = False,
+        memory_check: bool = True,
     ) -> None:
         """
         Args:
@@ -110,6 +123,16 @@ class MoERLModule(L.LightningModule):
                 response columns (same loss and gradients up to float rounding; off under routing replay).
             track_router_shift: Measure RSPO's router shift (``rspo/*``) even when the algorithm does not
                 weight by it (RouterShiftCallback turns this on).
+            compute_dtype: FSDP2 mixed precision (:mod:`lit_moe_rl.parallel.mixed_precision`): float32
+                sharded weights, gradients and AdamW state, forward and backward in this dtype, float32
+                gradient reduction. Needs ``trainer.precision: 32-true`` and ``model.dtype: float32``.
+            rollout_weights: Under FSDP2, what the rollout generates with: ``resident``, a rank-local full
+                copy kept between steps; ``unshard``, the policy itself all-gathered once per rollout and
+                resharded before the update (:mod:`lit_moe_rl.parallel.unshard`).
+            offload_optimizer: Move AdamW's state to (pinned) host memory while the rollout generates and
+                back before the update, bitwise unchanged (:mod:`lit_moe_rl.parallel.offload`).
+            memory_check: Refuse at start a configuration the memory planner says cannot fit the detected
+                GPU (``lit-moe-rl plan``; :mod:`lit_moe_rl.parallel.plan`); false skips the check.
         """
         super().__init__()
         if pretrained is None and config is None:
@@ -149,6 +172,7 @@ class MoERLModule(L.LightningModule):
         self.rank_metrics = RankMetrics()
         self._rollout_copy: list[torch.nn.Module] = []  # a sharded policy's full copy for generation
         self._rollout_copy_placement: tuple | None = None  # (device, dtype) place_full_copy matched
+        self._export_state: dict[str, Tensor] | None = None  # full weights gathered for save_hf (unshard)
 
     # ------------------------------------------------------------------ model
     def setup(self, stage: str) -> None:
@@ -156,6 +180,7 @@ class MoERLModule(L.LightningModule):
         trainer = getattr(self, "_trainer", None)
         if trainer is not None:
             refuse_fsdp1(trainer.strategy)
+            check_memory_settings(self, trainer)
 
     def configure_model(self) -> None:
         """Load the policy (idempotent; runs under the strategy's init context, e.g. FSDP)."""
@@ -163,7 +188,9 @@ class MoERLModule(L.LightningModule):
             return
         hp = self.hparams
         self.init_seed = torch.initial_seed()
-        self.policy, self.tokenizer = load_policy(
+        mesh = data_parallel_mesh(self)
+        rank0 = loads_on_rank0(hp, mesh)  # one host copy per node (lit_moe_rl/parallel/rank0_load.py)
+        self.policy, self.tokenizer = (load_on_rank0 if rank0 else load_policy)(
             hp.pretrained, hp.config, dtype=hp.dtype, tokenizer=hp.tokenizer, seed=self.init_seed
         )
         if hp.lora:
@@ -180,10 +207,13 @@ class MoERLModule(L.LightningModule):
             rank_zero_warn(
                 f"model: {zeroed} dropout/noise probabilities set to 0 (RL trains without dropout)"
             )
-        mesh = data_parallel_mesh(self)
         if mesh is not None:  # FSDP2 (ModelParallelStrategy): keep a full copy to generate with, then shard
-            self._rollout_copy = [unsharded_copy(self.policy)]  # a list: not a submodule, not checkpointed
-            shard_policy(self.policy, mesh)
+            if hp.rollout_weights == "resident":
+                self._rollout_copy = [unsharded_copy(self.policy)]  # a list: not a submodule, not checkpointed
+            state = full_state(self.policy) if rank0 else None
+            shard_policy(self.policy, mesh, mp_policy=mixed_precision_policy(hp.compute_dtype))
+            if rank0:
+                receive_shards(self.policy, state)
 
     def rollout_policy(self) -> torch.nn.Module:
         """The module the rollout engine generates with: the policy, or its full copy when sharded
@@ -205,8 +235,16 @@ class MoERLModule(L.LightningModule):
             sync_full_copy(self.rollout_policy(), self.policy)
         return self.rollout_policy()
 
+    @contextlib.contextmanager
+    def generation_weights(self) -> Iterator[torch.nn.Module]:
+        """Around a rollout: the policy unsharded (``rollout_weights: unshard``) and the optimizer state off
+        the device (``offload_optimizer``); yields :meth:`rollout_policy` (:mod:`lit_moe_rl.parallel`)."""
+        with generation_weights(self) as policy:
+            yield policy
+
     def on_fit_start(self) -> None:
         """Fail before the first rollout on a KL term without a reference (callbacks' hooks ran first)."""
+        warn_low_precision(self)
         if self.algorithm.kl_coef > 0 and self.reference is None:
             raise ValueError(
                 "algorithm.kl_coef: > 0 needs a reference model: add lit_moe_rl.callbacks.ReferenceKLCallback"
@@ -387,13 +425,22 @@ class MoERLModule(L.LightningModule):
         """The policy as :meth:`configure_model` first built it (same source, same seed), without LoRA,
         on this module's device, and sharded like the policy under FSDP2."""
         hp = self.hparams
-        policy, _ = load_policy(
+        mesh = data_parallel_mesh(self)
+        rank0 = loads_on_rank0(hp, mesh)  # one host copy per node, as configure_model
+        policy, _ = (load_on_rank0 if rank0 else load_policy)(
             hp.pretrained, hp.config, dtype=hp.dtype, tokenizer=hp.tokenizer, seed=self.init_seed
         )
         policy.config.use_cache = False
-        policy.to(self.device)
-        mesh = data_parallel_mesh(self)
-        return shard_policy(policy, mesh) if mesh is not None else policy
+        state = full_state(policy) if rank0 else None
+        if not rank0:
+            policy.to(self.device)
+        if mesh is None:
+            return policy
+        shard_policy(policy, mesh, mp_policy=mixed_precision_policy(hp.compute_dtype))
+        if rank0:
+            receive_shards(policy, state)
+            policy.to(self.device)
+        return policy
 
     @property
     def saves_adapters_only(self) -> bool:
@@ -425,11 +472,19 @@ class MoERLModule(L.LightningModule):
         self.log("val/reward", mean, batch_size=len(rewards), prog_bar=True, sync_dist=True)
 
     # ------------------------------------------------------------ export
+    def gather_for_export(self) -> None:
+        """Every rank, before rank 0's :meth:`save_hf`: all-gather the full weights to rank 0's host memory
+        when no resident copy holds them (a collective; a no-op otherwise)."""
+        self._export_state = gather_full_state(self)
+
     def save_hf(self, path: str) -> None:
         """Save the policy (LoRA merged) and tokenizer as a Hugging Face folder ``from_pretrained`` loads.
 
-        A sharded policy is saved from its full rollout copy (refreshed after every optimizer step)."""
+        A sharded policy is saved from its full rollout copy (refreshed after every optimizer step), or
+        under ``rollout_weights: unshard`` from the full state gathered by :meth:`gather_for_export`."""
         model = self.rollout_policy()
+        if self._export_state is not None:
+            model, self._export_state = export_model(self, self._export_state), None
         if hasattr(model, "merge_and_unload"):
             import copy
 

@@ -7,6 +7,7 @@ and the module's algorithm (advantages, dynamic sampling). Registered by the CLI
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -23,6 +24,7 @@ from lit_moe_rl.callbacks.multiturn import (
     multiturn_metrics,
 )
 from lit_moe_rl.distributed import is_distributed
+from lit_moe_rl.parallel.unshard import check_engine
 from lit_moe_rl.rewards import RewardFn, resolve_reward
 from lit_moe_rl.rewards.failures import FailureTracker
 from lit_moe_rl.rewards.workers import Isolation, RewardScorer
@@ -145,6 +147,8 @@ class RolloutCallback(Callback):
         self.record_routes = False  # switched on by RoutingReplayCallback (R3)
 
     def _bind(self, pl_module: L.LightningModule) -> None:
+        if getattr(pl_module, "hparams", {}).get("rollout_weights") == "unshard":
+            check_engine(self.engine)
         self.engine.bind(_rollout_policy(pl_module), pl_module.tokenizer)
 
     def _sync(self, pl_module: L.LightningModule) -> None:
@@ -181,7 +185,7 @@ class RolloutCallback(Callback):
     @override
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         greedy = self.val_samples == 1
-        with torch.random.fork_rng(devices=_devices(pl_module)):
+        with torch.random.fork_rng(devices=_devices(pl_module)), _generation_weights(pl_module):
             torch.manual_seed(self.seed + 7919 * (batch_idx + 1))
             gen = self._generate(batch["prompt"], batch["samples"], self.val_samples, greedy=greedy)
         texts = self.decode(gen)
@@ -200,7 +204,7 @@ class RolloutCallback(Callback):
     ) -> Rollout:
         """Generate, score and compute advantages for one step's prompts."""
         t0 = time.perf_counter()
-        with torch.random.fork_rng(devices=_devices(pl_module)):
+        with torch.random.fork_rng(devices=_devices(pl_module)), _generation_weights(pl_module):
             if self.seed_per_prompt:
                 gen = generate_per_prompt(
                     self.engine,
@@ -319,6 +323,12 @@ def _rollout_policy(pl_module: Any, *, sync: bool = False) -> Any:
     if sync and hasattr(pl_module, "sync_rollout_policy"):
         return pl_module.sync_rollout_policy()
     return pl_module.rollout_policy() if hasattr(pl_module, "rollout_policy") else pl_module.policy
+
+
+def _generation_weights(pl_module: Any) -> Any:
+    """The module's context around generation (FSDP2 unshard, optimizer offload), or nothing."""
+    enter = getattr(pl_module, "generation_weights", None)
+    return enter() if enter is not None else contextlib.nullcontext()
 
 
 def _devices(pl_module: Any) -> list[int]:

@@ -1,0 +1,1 @@
+"""Cross-rank code, sharding, mixed precision, the memory planner."""
