@@ -169,9 +169,69 @@ def test_env_factory_reads_class_path_and_init_args():
         env_factory({"class_path": "tests.nowhere.Env"})
 
 
-def test_a_sliding_window_the_cache_outgrows_is_refused():
+class CountsResets(ThreeTurns):
+    resets = 0
+
+    def reset(self, sample, prompt):
+        CountsResets.resets += 1
+        return super().reset(sample, prompt)
+
+
+def test_a_sliding_window_the_cache_could_outgrow_is_refused_before_any_reset():
+    from lit_moe_rl.rollout.multiturn import cache_columns
+
+    limits = TurnLimits(
+        max_turns=3, max_total_tokens=90, max_turn_tokens=20, max_env_tokens=16, env_timeout_s=5
+    )
+    assert cache_columns(limits) == 3 * (20 + 16) + 1  # holes included, whatever max_total_tokens
     with pytest.raises(ValueError, match="rollout.env: multi-turn rollouts of a sliding-window model need"):
-        _run("gpt_oss", window=16, record=False)
+        _run("gpt_oss", window=100, env=CountsResets, record=False)  # 109 columns after the prompt
+    assert CountsResets.resets == 0
+    with pytest.raises(ValueError, match=r"need sliding_window >= the KV cache's 122 columns"):
+        _run("gpt_oss", window=110, env=CountsResets, record=False)  # the 13-token prompt: checked per wave
+    assert CountsResets.resets == 6  # reset, then refused before any decode step
+    _, _, gen = _run("gpt_oss", window=122, record=False)
+    assert gen.attention_mask.shape[1] <= 122  # the bound holds: output columns never exceed the cache's
+
+
+class ResetRaises(ThreeTurns):
+    calls = 0
+
+    def reset(self, sample, prompt):
+        ResetRaises.calls += 1
+        if ResetRaises.calls % 3 == 2:  # the second trajectory of each group
+            raise RuntimeError("reset bug")
+        return super().reset(sample, prompt)
+
+
+class ResetHangs(ResetRaises):
+    def reset(self, sample, prompt):
+        if ResetRaises.calls % 3 == 1:  # the next call is the failing one: hang instead of raising
+            ResetRaises.calls += 1
+            time.sleep(60)
+        return super().reset(sample, prompt)
+
+
+@pytest.mark.parametrize("env", [ResetRaises, ResetHangs])
+def test_a_failing_reset_ends_that_trajectory_scored_zero_and_the_run_goes_on(env):
+    from lit_moe_rl.callbacks.multiturn import multiturn_metrics
+
+    ResetRaises.calls = 0
+    start = time.monotonic()
+    _, _, gen = _run(env=env, env_timeout_s=1.0, record=True)
+    assert time.monotonic() - start < 20  # the hung reset gets the per-step deadline
+    failed = [t.reset_failed for t in gen.trajectories]
+    assert failed == [False, True, False] * 2
+    for traj in gen.trajectories:
+        if traj.reset_failed:
+            assert traj.reward == 0.0 and traj.turns == 1 and traj.ended and all(traj.sampled)
+            assert (traj.env_timeouts, traj.env_errors) == ((1, 0) if env is ResetHangs else (0, 1))
+            assert "reset()" in traj.errors[0]
+        else:
+            assert traj.turns == 3 and traj.reward == 3.0
+    metrics = multiturn_metrics(gen)
+    assert metrics["multiturn/env_errors" if env is ResetRaises else "multiturn/env_timeouts"] == 2.0
+    assert torch.equal(gen.routes[..., 0, 0] >= 0, gen.attention_mask.bool())  # R3 routes every real token
 
 
 QWEN_LIKE = (
@@ -550,7 +610,9 @@ def test_max_batch_tokens_waves_multi_turn_trajectories_and_refuses_a_budget_bel
     _, _, gen = _run(max_total_tokens=60, record=True)
     torch.manual_seed(0)
     model, tok = load_policy(config={"family": "qwen3_moe", "vocab_size": 24})
-    engine = HFEngine(max_new_tokens=20, max_batch_tokens=3 * (14 + 60))
+    engine = HFEngine(
+        max_new_tokens=20, max_batch_tokens=3 * (14 + 3 * (20 + 16) + 1)
+    )  # one prompt, holes included
     engine.bind(model, tok)
     limits = TurnLimits(
         max_turns=3, max_total_tokens=60, max_turn_tokens=20, max_env_tokens=16, env_timeout_s=5.0
@@ -561,8 +623,12 @@ def test_max_batch_tokens_waves_multi_turn_trajectories_and_refuses_a_budget_bel
     )
     assert len(waved.trajectories) == 6 and waved.routes.shape[:2] == waved.input_ids.shape
     assert torch.equal((waved.routes[..., 0, 0] >= 0), waved.attention_mask.bool())
-    engine.max_batch_tokens = 50
-    with pytest.raises(ValueError, match="rollout.max_batch_tokens: 50 is less than one prompt's 3 rows"):
+    slots = _CacheSlots(model)
+    generate_trajectories(engine, PROMPTS, [{}, {}], n=3, make_env=ThreeTurns, limits=limits)
+    slots.handle.remove()
+    assert slots.peak <= engine.max_batch_tokens  # the masked hole columns are counted
+    engine.max_batch_tokens = 3 * (14 + 60)  # enough for real tokens only: the holes would not fit
+    with pytest.raises(ValueError, match="rollout.max_batch_tokens: 222 is less than one prompt's 3 rows"):
         generate_trajectories(engine, PROMPTS, [{}, {}], n=3, make_env=ThreeTurns, limits=limits)
 
 

@@ -22,8 +22,15 @@ Choices made here (and why):
   or late environment step) is fed its last token once more when routes are recorded (as the
   single-turn loop feeds its EOS), then leaves; only the last position has no route.
 * **Sliding-window attention** (GPT-OSS, Mixtral configs with a window) counts cache columns, holes
-  included, so a window the cache outgrows is refused (:func:`_check_window`) rather than attending
-  to other tokens than the training forward does.
+  included, so a window the cache could outgrow is refused before the rollout starts
+  (:func:`check_window`, against :func:`cache_columns`) rather than attending to other tokens than
+  the training forward does.
+* **Cache columns, holes included**: a round of turns adds at most ``max_turn_tokens`` decode columns
+  and one observation chunk of ``max_env_tokens`` more, so the cache never holds more than
+  :func:`cache_columns` columns; ``rollout.max_batch_tokens`` plans waves with it.
+* **A failed ``reset()``** (raised, or past the per-step deadline) ends its trajectory only: the row
+  samples its first turn from the group's prompt (so it is never empty), is not stepped, and ends
+  with reward 0 and the error counted.
 * **One host transfer per step** (the sampled tokens and their μ, together): stop strings, turn
   counts and the environment need the tokens on the host anyway.
 * **Tokens in, tokens out**: what is appended is exactly what was sampled or what the observation
@@ -45,7 +52,7 @@ from lit_moe_rl.rollout.env_runner import step_all
 from lit_moe_rl.rollout.observations import ObservationEncoder
 from lit_moe_rl.rollout.sampling import SamplingParams, raise_non_finite, sample_step_flagged
 
-__all__ = ["Trajectory", "TurnLimits", "decode_trajectories"]
+__all__ = ["Trajectory", "TurnLimits", "cache_columns", "check_window", "decode_trajectories"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,9 @@ class Trajectory:
     env_timeouts: int = 0
     obs_cut: int = 0  # observations cut to max_env_tokens or to the remaining budget
     errors: list[str] = field(default_factory=list)
+    reset_failed: bool = (
+        False  # its environment's reset() raised or timed out: ends at its first stop, scored 0
+    )
 
     def turn_tokens(self) -> list[int]:
         return self.tokens[self.turn_start :]
@@ -160,7 +170,14 @@ class _Loop:
     # ------------------------------------------------------------- environment
     def step_envs(self, stopped: list[int]) -> dict[int, list[int]]:
         """Step the environments of the ``stopped`` batch rows concurrently; return their observation tokens."""
+        failed = [i for i in stopped if self.traj[self.rows[i]].reset_failed]
+        for i in failed:  # never reset: nothing to step; the turn is counted, the reward stays 0
+            self.traj[self.rows[i]].turns += 1
+            self.traj[self.rows[i]].ended = True
+        stopped = [i for i in stopped if not self.traj[self.rows[i]].reset_failed]
         trajs = [self.traj[self.rows[i]] for i in stopped]
+        if not trajs:
+            return {}
         actions = [self.tokenizer.decode(t.turn_tokens(), skip_special_tokens=True) for t in trajs]
         results = step_all([t.env for t in trajs], actions, self.limits.env_timeout_s)
         observations = {}
@@ -241,7 +258,6 @@ class _Loop:
             positions[i, width - len(feed) :] = torch.arange(self.next_pos[i], self.next_pos[i] + len(feed))
             self.next_pos[i] += len(feed)
         self.mask = torch.cat([self.mask, chunk_mask.to(device)], dim=1)
-        _check_window(self.step.decoder.config, self.mask.shape[1])
         hidden = self.step(ids.to(device), self.mask, positions.to(device))
         if self.recorder is not None:
             self._record(feeds, width)
@@ -261,14 +277,24 @@ class _Loop:
         self.routes[out_row, out_col] = taken[batch_idx, chunk_col]
 
 
-def _check_window(config: Any, columns: int) -> None:
-    """Sliding-window attention counts cache columns, and this loop's cache has masked holes: refuse a
-    window the cache outgrows, where the engine would attend to other tokens than the trainer."""
-    window = getattr(config, "sliding_window", None)
+def cache_columns(limits: TurnLimits) -> int:
+    """Most KV-cache columns after the prompt, masked holes included: each of ``max_turns`` rounds adds
+    at most ``max_turn_tokens`` columns of decode steps (the last one widened by an observation of
+    ``max_env_tokens``), and a row that ends is fed its last token once more (R3)."""
+    return limits.max_turns * (limits.max_turn_tokens + limits.max_env_tokens) + 1
+
+
+def check_window(config: Any, limits: TurnLimits, prompt_len: int = 0) -> None:
+    """Refuse a sliding window the cache could outgrow (its columns include masked holes) before any
+    work: the engine would attend to other tokens than the trainer's forward does."""
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    columns = prompt_len + cache_columns(limits)
     if window is not None and columns > window:
         raise ValueError(
             f"rollout.env: multi-turn rollouts of a sliding-window model need sliding_window >= the KV cache's "
-            f"{columns} columns (masked holes included), got {window}; lower rollout.max_total_tokens"
+            f"{columns} columns (prompt + max_turns x (max_new_tokens + max_env_tokens) + 1, masked holes "
+            f"included), got {window}; lower rollout.max_turns, rollout.engine.max_new_tokens or "
+            f"rollout.max_env_tokens"
         )
 
 
@@ -293,6 +319,7 @@ def decode_trajectories(
     (``B * n`` of them, prompt-major) and returns ``(routes [N, P + R, L, K] or None, P)``."""
     if not bool(attention_mask[:, -1].all()):
         raise ValueError("rollout.engine: prompts must be left-padded (tokenizer.padding_side='left')")
+    check_window(model.config, limits, input_ids.shape[1])
     text = dict(encoder=encoder, tokenizer=tokenizer, stop_strings=stop_strings, eos_token_ids=eos_token_ids,
                 pad_token_id=pad_token_id)  # fmt: skip
     loop = _Loop(model, trajectories, limits, params, text, recorder)
