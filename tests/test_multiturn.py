@@ -750,3 +750,25 @@ def test_nan_probabilities_stop_a_multi_turn_rollout_in_one_line_without_reachin
     )
     with pytest.raises(NonFiniteProbabilities, match="NaN or inf in 6 of 6 rows"):
         generate_trajectories(engine, PROMPTS, [{}, {}], n=3, make_env=ThreeTurns, limits=limits)
+
+
+def test_environment_threads_are_reused_and_a_hung_one_is_left_alone():
+    import threading
+
+    from lit_moe_rl.rollout.env_runner import run_concurrently
+
+    def workers():
+        return sum(t.name == "lit-moe-rl-env" for t in threading.enumerate())
+
+    start = workers()
+    for _ in range(6):
+        assert run_concurrently([lambda i=i: i for i in range(8)], 5.0) == [("ok", i) for i in range(8)]
+        time.sleep(0.05)  # the threads return to the idle list after answering
+    assert workers() - start <= 8  # 48 calls, at most 8 at once: threads are reused, not one per call
+    release = threading.Event()
+    hung = run_concurrently([release.wait, lambda: 1 / 0, lambda: "fine"], 0.3)
+    assert hung == [("timeout", None), ("error", "ZeroDivisionError: division by zero"), ("ok", "fine")]
+    assert (
+        run_concurrently([lambda: "next"] * 3, 5.0) == [("ok", "next")] * 3
+    )  # not queued behind the hung one
+    release.set()
