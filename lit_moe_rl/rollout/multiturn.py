@@ -112,7 +112,8 @@ class _Loop:
         self.final: list[bool] = [False] * len(trajectories)  # fed its last token (R3); leaves next step
         self.paused: list[bool] = [False] * len(trajectories)  # stopped; waits for the others' turns to end
         self.next_pos: list[int] = []
-        self.mask: Tensor | None = None
+        self.full_mask: Tensor | None = None  # [A, P + cache_columns]: mask columns written so far, then 0
+        self.width = 0  # columns of ``full_mask`` in the KV cache
         self.routes: Tensor | None = None
         self.prompt_len = 0
 
@@ -235,9 +236,9 @@ class _Loop:
                 continue
             feeds.append([traj.tokens[-1 - len(observations.get(i, []))]] + observations.get(i, []))
         if len(keep) < len(self.rows):
-            index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
+            index = torch.tensor(keep, dtype=torch.long, device=self.full_mask.device)
             self.step.cache.batch_select_indices(index)
-            self.mask = self.mask[index]
+            self.full_mask = self.full_mask[index]
             self.rows = [self.rows[i] for i in keep]
             self.final = [self.final[i] for i in keep]
             self.paused = [self.paused[i] for i in keep]
@@ -245,8 +246,29 @@ class _Loop:
         return feeds
 
     def forward(self, feeds: list[list[int]]) -> Tensor:
-        """Feed each batch row its tokens (right-aligned in an ``[A, W]`` chunk); record their routes."""
-        width, device = max(map(len, feeds)), self.mask.device
+        """Feed each batch row its tokens (right-aligned in an ``[A, W]`` chunk); record their routes.
+
+        The attention mask is a view of one buffer (no per-step copy of the whole mask), and a decode
+        step (``W == 1``) builds its inputs with one host-to-device tensor each, not a loop of writes.
+        """
+        width, device = max(map(len, feeds)), self.full_mask.device
+        if width == 1:
+            real = [bool(feed) for feed in feeds]
+            ids = torch.tensor([[feed[0] if feed else self.pad] for feed in feeds])
+            chunk_mask = torch.tensor([[int(r)] for r in real])
+            positions = torch.tensor([[p if r else 0] for p, r in zip(self.next_pos, real, strict=True)])
+            self.next_pos = [p + r for p, r in zip(self.next_pos, real, strict=True)]
+        else:
+            ids, chunk_mask, positions = self._chunk(feeds, width)
+        self.full_mask[:, self.width : self.width + width] = chunk_mask.to(device)
+        self.width += width
+        hidden = self.step(ids.to(device), self.full_mask[:, : self.width], positions.to(device))
+        if self.recorder is not None:
+            self._record(feeds, width)
+        return hidden
+
+    def _chunk(self, feeds: list[list[int]], width: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Token ids, mask and positions of an ``[A, W]`` chunk, each row's feed right-aligned."""
         ids = torch.full((len(feeds), width), self.pad, dtype=torch.long)
         chunk_mask = torch.zeros((len(feeds), width), dtype=torch.long)
         positions = torch.zeros((len(feeds), width), dtype=torch.long)
@@ -257,11 +279,7 @@ class _Loop:
             chunk_mask[i, width - len(feed) :] = 1
             positions[i, width - len(feed) :] = torch.arange(self.next_pos[i], self.next_pos[i] + len(feed))
             self.next_pos[i] += len(feed)
-        self.mask = torch.cat([self.mask, chunk_mask.to(device)], dim=1)
-        hidden = self.step(ids.to(device), self.mask, positions.to(device))
-        if self.recorder is not None:
-            self._record(feeds, width)
-        return hidden
+        return ids, chunk_mask, positions
 
     def _record(self, feeds: list[list[int]], width: int) -> None:
         """Routes of the chunk's real columns, at their positions in the output layout."""
@@ -329,7 +347,10 @@ def decode_trajectories(
     if recorder is not None:
         loop.routes = _prompt_routes(recorder, attention_mask, n, prompt_len + limits.max_total_tokens)
     loop.step.cache.batch_repeat_interleave(n)
-    loop.mask = attention_mask.repeat_interleave(n, dim=0)
+    loop.full_mask = torch.cat(
+        [attention_mask, attention_mask.new_zeros((attention_mask.shape[0], cache_columns(limits)))], dim=1
+    ).repeat_interleave(n, dim=0)
+    loop.width = prompt_len
     loop.next_pos = (positions[:, -1] + 1).repeat_interleave(n).tolist()
     while loop.rows:
         live = loop.live()
