@@ -781,3 +781,17 @@ def test_environment_threads_are_reused_and_a_hung_one_is_left_alone():
         run_concurrently([lambda: "next"] * 3, 5.0) == [("ok", "next")] * 3
     )  # not queued behind the hung one
     release.set()
+
+
+def test_a_failing_reset_in_a_worker_process_ends_that_trajectory_only():
+    from lit_moe_rl.rollout.env_workers import EnvPool
+
+    pool = EnvPool({"class_path": "tests.test_multiturn.ResetRaises"}, num_workers=2)
+    try:  # worker 0 resets trajectories 0, 2, 4 in turn and fails its second "fail" row: trajectory 2
+        _, _, gen = _run(env=pool, env_timeout_s=5.0, record=False, samples=[{"fail": 1}, {}])
+    finally:
+        pool.close()
+    assert [t.reset_failed for t in gen.trajectories] == [False, False, True, False, False, False]
+    failed = gen.trajectories[2]
+    assert failed.reward == 0.0 and failed.env_errors == 1 and "reset bug" in failed.errors[0]
+    assert all(t.reward == 3.0 for i, t in enumerate(gen.trajectories) if i != 2)
