@@ -795,3 +795,26 @@ def test_a_failing_reset_in_a_worker_process_ends_that_trajectory_only():
     failed = gen.trajectories[2]
     assert failed.reward == 0.0 and failed.env_errors == 1 and "reset bug" in failed.errors[0]
     assert all(t.reward == 3.0 for i, t in enumerate(gen.trajectories) if i != 2)
+
+
+class _AlwaysOne:
+    thread_safe = True
+
+    def __call__(self, text, sample):
+        return 1.0
+
+
+def test_a_trajectory_whose_reset_failed_scores_zero_under_a_transcript_reward():
+    from types import SimpleNamespace
+
+    from lit_moe_rl.callbacks.rollout import RolloutCallback
+
+    callback = RolloutCallback(
+        env={"class_path": "tests.test_multiturn.ThreeTurns"}, reward=_AlwaysOne(), group_size=2
+    )
+    trajs = [
+        SimpleNamespace(reset_failed=f, env_errors=int(f), env_timeouts=0)
+        for f in (False, True, False, False)
+    ]
+    rewards, errors = callback._rewards(SimpleNamespace(trajectories=trajs), ["a"] * 4, [{}, {}], 2)
+    assert rewards.tolist() == [1.0, 0.0, 1.0, 1.0] and errors == 0
