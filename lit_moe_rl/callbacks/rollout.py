@@ -29,6 +29,7 @@ from lit_moe_rl.rewards import RewardFn, resolve_reward
 from lit_moe_rl.rewards.failures import FailureTracker
 from lit_moe_rl.rewards.workers import Isolation, RewardScorer
 from lit_moe_rl.rollout.engine import Generation, HFEngine, RolloutEngine, generate_trajectories
+from lit_moe_rl.rollout.multiturn import check_window
 from lit_moe_rl.rollout.per_prompt import generate_per_prompt
 from lit_moe_rl.rollout.prompts import Prompt, prompt_text
 from lit_moe_rl.routing.store import pack_routes
@@ -159,6 +160,8 @@ class RolloutCallback(Callback):
         if self.multiturn is not None:
             self.multiturn.check_tokenizer(pl_module.tokenizer)
         self._bind(pl_module)
+        if self.multiturn is not None:  # a sliding window the multi-turn cache could outgrow: refused now
+            check_window(self.engine.model.config, self.multiturn.limits)
 
     @override
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -274,7 +277,11 @@ class RolloutCallback(Callback):
         if self.env_reward and gen.trajectories is not None:
             rewards = torch.tensor([t.reward for t in gen.trajectories], dtype=torch.float32)
             return rewards, sum(t.env_errors + t.env_timeouts for t in gen.trajectories)
-        return self._score(texts, samples, n)
+        rewards, errors = self._score(texts, samples, n)
+        if gen.trajectories is not None:  # a trajectory whose reset() failed scores 0 whatever its text
+            failed = torch.tensor([t.reset_failed for t in gen.trajectories], device=rewards.device)
+            rewards = rewards.masked_fill(failed, 0.0)
+        return rewards, errors
 
     def decode(self, gen: Generation) -> list[str]:
         """The response region's text (multi-turn: the whole transcript after the prompt, observations included)."""
