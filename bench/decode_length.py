@@ -2,6 +2,8 @@
 
     HF_HUB_OFFLINE=1 python bench/decode_length.py [--lengths 256 1024 4096] [--rows 8] [--threads 1]
 
+(``bench/scaling.py --decode-lengths`` prints the engine's row of this table, :func:`time_per_token`.)
+
 A tiny random Qwen3-MoE decodes ``--rows`` rows for each length with EOS switched off (every row runs
 the whole length), once with transformers' concatenating KV cache and once with the doubling cache
 the engine uses from ``GROW_FROM`` tokens on (:mod:`lit_moe_rl.rollout.kv`). It prints the wall time
@@ -28,12 +30,16 @@ from lit_moe_rl.rollout.sampling import SamplingParams  # noqa: E402
 
 
 class _Clock:
-    """Times each decode step (one head call per step) and records the cache's layers."""
+    """Times each decode step (one head call per step). With one intra-op thread it reads this
+    thread's CPU time, not the wall clock: on a machine shared with other jobs the wall clock
+    counts their time slices too (ratios between lengths swung 1.3-3.3x run to run), CPU time does
+    not (1.47-1.60x)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.stamps: list[float] = []
+        now = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
         self.handle = model.get_output_embeddings().register_forward_hook(
-            lambda *_: self.stamps.append(time.perf_counter())
+            lambda *_: self.stamps.append(now())
         )
 
 
@@ -66,6 +72,41 @@ def run(model, tok, length: int, rows: int, grow: bool) -> dict[str, float]:
     return {"ms_per_token": 1000 * per_token, "copied_per_token": copied / (rows * length)}
 
 
+def tiny_model(longest: int):
+    """The random Qwen3-MoE both benches decode with (positions for ``longest`` new tokens)."""
+    torch.manual_seed(0)
+    model, tok = load_policy(
+        config={"family": "qwen3_moe", "vocab_size": 64, "max_position_embeddings": longest + 64}
+    )
+    return model.eval(), tok
+
+
+def time_per_token(model, tok, lengths: list[int], rows: int) -> list[dict[str, float]]:
+    """ms per token of the engine's own loop at each of ``lengths``, from ONE decode of ``max(lengths)``
+    tokens (EOS off): the mean step time over the last quarter before each length, so the ratios
+    between lengths share the machine's load. Each row also has the ratio to the shortest length."""
+    clock = _Clock(model)
+    enc = tok(["3 5 7 => 22 ="] * rows, return_tensors="pt", padding=True, add_special_tokens=False)
+    try:
+        torch.manual_seed(0)
+        decode_module.decode(model, enc["input_ids"], enc["attention_mask"], n=1, max_new_tokens=max(lengths),
+                             params=SamplingParams(), eos_token_ids=[-1], pad_token_id=0)  # fmt: skip
+    finally:
+        clock.handle.remove()
+    out = []
+    for length in sorted(lengths):
+        window = clock.stamps[length - max(length // 4, 2) : length]
+        ms = 1000 * (window[-1] - window[0]) / (len(window) - 1)
+        out.append(
+            {
+                "length": length,
+                "ms_per_token": ms,
+                "vs_shortest": ms / (out[0]["ms_per_token"] if out else ms),
+            }
+        )
+    return out
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096])
@@ -73,11 +114,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model, tok = load_policy(
-        config={"family": "qwen3_moe", "vocab_size": 64, "max_position_embeddings": max(args.lengths) + 64}
-    )
-    model.eval()
+    model, tok = tiny_model(max(args.lengths))
     rows = []
     print("length   cache          ms/token (last quarter)   positions copied per token")
     for length in args.lengths:

@@ -357,6 +357,10 @@ def fit_config(args: argparse.Namespace, variant: str, tokenizer: Path) -> dict[
     callbacks: list[dict[str, Any]] = [
         {"class_path": "lit_moe_rl.callbacks.memory.MemoryCallback"},
         {"class_path": "bench.gpu_probe.WeightProbe", "init_args": {"path": str(probe_path(args, variant))}},
+        {
+            "class_path": "lit_moe_rl.parallel.plan_probe.PlanProbe",
+            "init_args": {"path": str(plan_path(args, variant))},
+        },
     ]
     if variant == "r3":
         callbacks.append(
@@ -413,6 +417,24 @@ def probe_path(args: argparse.Namespace, variant: str) -> Path:
     return args.out / "runs" / f"{variant}_weights.json"
 
 
+def plan_path(args: argparse.Namespace, variant: str) -> Path:
+    return args.out / "runs" / f"{variant}_plan.json"
+
+
+def plan_vs_measured(record: dict[str, float]) -> dict[str, Any]:
+    """The memory plan of a fit beside what it used: on CUDA the plan's peak against
+    ``torch.cuda.max_memory_allocated``; everywhere the planned resident memory against live tensor bytes."""
+    gib = 1024**3
+    out = {f"{k}_gib": v / gib for k, v in record.items()}
+    text = f"resident planned {record['planned_resident'] / gib:.3f} GiB vs live {record['measured_resident'] / gib:.3f} GiB"
+    if "cuda_max_allocated" in record:
+        text = (
+            f"peak planned {record['planned_peak'] / gib:.2f} GiB vs max_memory_allocated "
+            f"{record['cuda_max_allocated'] / gib:.2f} GiB; {text}"
+        )
+    return {**out, "plan_summary": text}
+
+
 def check_fit(
     args: argparse.Namespace, variant: str, tokenizer: Path, timeout: float, site: Path | None
 ) -> dict[str, Any]:
@@ -426,6 +448,7 @@ def check_fit(
 
     shutil.rmtree(args.out / "runs" / variant, ignore_errors=True)  # never read an earlier run's metrics
     probe_path(args, variant).unlink(missing_ok=True)
+    plan_path(args, variant).unlink(missing_ok=True)
     config.write_text(yaml.safe_dump(fit_config(args, variant, tokenizer)))
     log = args.out / "logs" / f"fit_{variant}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -453,7 +476,9 @@ def check_fit(
         variant, rows, json.loads(probe_path(args, variant).read_text()), WORKLOAD[args.device]["steps"]
     )
     figures = step_figures(args, rows, passes=4.0 if variant in SEPARATE_OLD_PASS else 3.0)
-    return {**figures, **verdict, "log": str(log), "summary": f"{figures['summary']}; {verdict['signal']}"}
+    plan = plan_vs_measured(json.loads(plan_path(args, variant).read_text()))
+    summary = f"{figures['summary']}; {verdict['signal']}; {plan['plan_summary']}"
+    return {**figures, **verdict, "memory_plan": plan, "log": str(log), "summary": summary}
 
 
 def _metrics(log_root: Path) -> list[dict[str, float]]:

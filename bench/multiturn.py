@@ -9,12 +9,16 @@ On 4-turn trajectories of a tiny random Qwen3-MoE (plain-text environment, an ob
   observation onto the row's cache;
 * **re-prefill**: the loop other frameworks run, teacher-forced on the *same* trajectories so both
   process identical tokens: every turn prefills the whole history (prompt, earlier turns and
-  observations) into a fresh cache, then feeds that turn's sampled tokens one step at a time.
+  observations) into a fresh cache, then feeds that turn's sampled tokens one step at a time. Each
+  forward also computes the LM head and samples a (discarded) token, as a real loop must; without it
+  the baseline skipped work the engine does (``--no-sample`` times that leaner loop).
 
 Prefilled tokens are counted by a hook on the decoder (real tokens of each row fed in a call that
-feeds that row more than one token); decode tokens are rows fed one token. Wall times are medians of
-``--repeats``, per trajectory, with torch pinned to ``--threads`` threads. On a shared machine, time
-ratios are only indicative; the token counts are exact. Prints numbers; it is not a timed test.
+feeds that row more than one token); decode tokens are rows fed one token. Wall and CPU times (this
+process, all its threads: other jobs on a shared machine do not count) are medians of ``--repeats``,
+per trajectory, with torch pinned to ``--threads`` threads. On a shared machine, wall-time ratios
+swing with the load (0.8-1.3x between runs); CPU-time ratios are steadier. The token counts are exact.
+Prints numbers; it is not a timed test.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from lit_moe_rl.rollout.decode import _cache_kwarg
 from lit_moe_rl.rollout.engine import Generation, HFEngine, generate_trajectories
 from lit_moe_rl.rollout.env import Environment
 from lit_moe_rl.rollout.multiturn import TurnLimits
+from lit_moe_rl.rollout.sampling import SamplingParams, sample_step_flagged
 
 OBSERVATION = "= 12 => 34 ="
 
@@ -68,9 +73,16 @@ class Counter:
 
 
 @torch.inference_mode()
-def reprefill(model: torch.nn.Module, gen: Generation) -> None:
+def reprefill(model: torch.nn.Module, gen: Generation, sample: bool = True) -> None:
     """Teacher-forced re-prefill loop over ``gen``'s trajectories: each turn prefills the history."""
     decoder = model.get_decoder()
+    head = model.get_output_embeddings()
+
+    def forward(**kwargs) -> None:
+        hidden = decoder(**kwargs).last_hidden_state[:, -1]
+        if sample:  # the next token's logits and a draw, as the engine computes at every step
+            sample_step_flagged(head(hidden), SamplingParams())
+
     kw = _cache_kwarg(decoder)
     response = gen.input_ids[:, gen.prompt_len :]
     sampled = gen.response_mask
@@ -88,7 +100,7 @@ def reprefill(model: torch.nn.Module, gen: Generation) -> None:
         for j, h in enumerate(histories):
             ids[j, width - len(h) :], mask[j, width - len(h) :] = h, 1
         cache = DynamicCache(config=model.config)
-        decoder(
+        forward(
             input_ids=ids,
             attention_mask=mask,
             position_ids=position_ids_from_mask(mask),
@@ -102,7 +114,7 @@ def reprefill(model: torch.nn.Module, gen: Generation) -> None:
             token = response[torch.tensor(rows), col][:, None]
             live = torch.tensor([[t < turns[i][k][1] - turns[i][k][0] - 1] for i in rows]).long()
             mask = torch.cat([mask, live], 1)
-            decoder(input_ids=token, attention_mask=mask, position_ids=pos, use_cache=True, **{kw: cache})
+            forward(input_ids=token, attention_mask=mask, position_ids=pos, use_cache=True, **{kw: cache})
             pos = pos + live
 
 
@@ -135,12 +147,12 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
         args.turns, args.turns * (args.turn_tokens + args.obs), args.turn_tokens, args.obs, 10.0
     )
     prompts = ["3 5 7 => 22 ="] * args.rows
-    times: dict[str, list[float]] = {"engine": [], "reprefill": []}
+    times: dict[str, list[float]] = {"engine": [], "reprefill": [], "engine_cpu": [], "reprefill_cpu": []}
     counts: dict[str, Counter] = {}
     for _ in range(args.repeats):
         counter = Counter(model)
         torch.manual_seed(1)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         gen = generate_trajectories(
             engine,
             prompts,
@@ -150,12 +162,14 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
             limits=limits,
         )
         times["engine"].append((time.perf_counter() - start) / args.rows)
+        times["engine_cpu"].append((time.process_time() - cpu) / args.rows)
         counter.handle.remove()
         counts["engine"] = counter
         counter = Counter(model)
-        start = time.perf_counter()
-        reprefill(model, gen)
+        start, cpu = time.perf_counter(), time.process_time()
+        reprefill(model, gen, sample=not args.no_sample)
         times["reprefill"].append((time.perf_counter() - start) / args.rows)
+        times["reprefill_cpu"].append((time.process_time() - cpu) / args.rows)
         counter.handle.remove()
         counts["reprefill"] = counter
     turns = sum(t.turns for t in gen.trajectories) / args.rows
@@ -164,8 +178,10 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
         out[f"{name}_prefill_tokens"] = counts[name].prefill / args.rows
         out[f"{name}_decode_tokens"] = counts[name].decode / args.rows
         out[f"{name}_s"] = statistics.median(times[name])
+        out[f"{name}_cpu_s"] = statistics.median(times[name + "_cpu"])
     out["prefill_ratio"] = out["reprefill_prefill_tokens"] / max(out["engine_prefill_tokens"], 1.0)
     out["time_ratio"] = out["reprefill_s"] / out["engine_s"]
+    out["cpu_ratio"] = out["reprefill_cpu_s"] / out["engine_cpu_s"]
     return out
 
 
@@ -177,6 +193,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--turn_tokens", type=int, default=32, help="most sampled tokens per turn")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--no-sample", action="store_true", help="re-prefill loop without LM head and sampling"
+    )
     return parser.parse_args(argv)
 
 
@@ -187,10 +206,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         ("prefilled tokens", "prefill_tokens"),
         ("decoded tokens", "decode_tokens"),
         ("wall time (s)", "s"),
+        ("CPU time (s)", "cpu_s"),
     ):
         print(f"{name:<20} {out['engine_' + key]:>16.4g} {out['reprefill_' + key]:>22.4g}")
     print(f"turns per trajectory {out['turns_per_trajectory']:.2f}; prefill ratio {out['prefill_ratio']:.2f}x, "
-          f"time ratio {out['time_ratio']:.2f}x (re-prefill / engine)")  # fmt: skip
+          f"time ratio {out['time_ratio']:.2f}x, CPU-time ratio {out['cpu_ratio']:.2f}x (re-prefill / engine)")  # fmt: skip
     return out
 
 

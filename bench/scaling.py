@@ -2,6 +2,7 @@
 
     HF_HUB_OFFLINE=1 python bench/scaling.py [--steps 4] [--threads 2] [--out bench/results/scaling]
     HF_HUB_OFFLINE=1 python bench/scaling.py --smoke     # one tiny point: checks that it all runs
+    HF_HUB_OFFLINE=1 python bench/scaling.py --decode-lengths 256 1024 4096 --G   # only the length axis
 
 From a small base point (a random Qwen3-MoE, hidden 64, 2 layers, 8 experts top-2, a 99-symbol
 character tokenizer; 4 prompts x G=8 completions x up to 32 new tokens, fp32) one setting at a time
@@ -13,6 +14,12 @@ grows while the others stay at the base:
 * ``experts`` (routed experts, top-2 each, ``--experts``): 4, 8, 16;
 * ``vocab`` (vocabulary size; the tokenizer has as many symbols, ``--vocab``): 99, 16384, 151936
   (Qwen3's).
+
+and, in this process, the engine's **time per token against response length** (``--decode-lengths``,
+to 4k tokens): one decode of a tiny Qwen3-MoE with EOS off, timed over the last quarter before each
+length (:func:`bench.decode_length.time_per_token`), so the ratios between lengths come from one run
+under one load. What grows is attention over the longer cache; the loop itself copies nothing that
+grows with the length (doubling KV cache, the attention mask a view of one buffer).
 
 Each point is one ``lit-moe-rl fit`` subprocess with ``--threads`` intra-op threads. Step time is the
 median over steps 2..N of the wall time between optimizer-step ends; peak memory is the highest resident
@@ -43,6 +50,8 @@ from bench.steptimer import run_timed, timed_fit_command  # noqa: E402
 BASE = {"G": 8, "response_len": 32, "experts": 8, "vocab": 99}
 AXES = {"G": [4, 8, 16], "response_len": [16, 32, 64], "experts": [4, 8, 16], "vocab": [99, 16384, 151936]}
 SMOKE_AXES = {"G": [2], "response_len": [4], "experts": [4], "vocab": [99]}
+DECODE_LENGTHS, SMOKE_DECODE_LENGTHS = [256, 1024, 4096], [16, 32]
+DECODE_ROWS = 8
 LABELS = {
     "G": "completions per prompt G",
     "response_len": "max new tokens",
@@ -145,6 +154,21 @@ def sweep(
     return rows
 
 
+def decode_lengths(lengths: list[int], threads: int) -> list[dict[str, float]]:
+    """ms per token at each response length, in this process (one decode; ratios from one run)."""
+    import torch
+
+    from bench.decode_length import time_per_token, tiny_model
+
+    torch.set_num_threads(threads)
+    model, tok = tiny_model(max(lengths))
+    rows = time_per_token(model, tok, lengths, DECODE_ROWS)
+    print(f"response length   ms/token ({DECODE_ROWS} rows, one run)   x shortest")
+    for r in rows:
+        print(f"{r['length']:>15}   {r['ms_per_token']:>27.3f}   {r['vs_shortest']:>10.2f}", flush=True)
+    return rows
+
+
 def plot(rows: list[dict], path: Path) -> None:
     """One panel per axis: s/step (left) and peak memory added (right) against the swept value."""
     import matplotlib
@@ -179,8 +203,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for axis, values in AXES.items():
         flag = "--" + axis.replace("_", "-")
         parser.add_argument(
-            flag, dest=axis, type=int, nargs="+", default=values, help=f"{LABELS[axis]} values"
+            flag, dest=axis, type=int, nargs="*", default=values, help=f"{LABELS[axis]} values (none: skip)"
         )
+    parser.add_argument(
+        "--decode-lengths", type=int, nargs="*", default=DECODE_LENGTHS,
+        help="response lengths for the engine's time per token (none: skip)",
+    )  # fmt: skip
     parser.add_argument(
         "--out", type=Path, default=ROOT / "bench" / "results" / "scaling", help="<out>.json/png"
     )
@@ -197,8 +225,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    axes = SMOKE_AXES if args.smoke else {axis: getattr(args, axis) for axis in AXES}
+    axes = SMOKE_AXES if args.smoke else {axis: getattr(args, axis) for axis in AXES if getattr(args, axis)}
     base = {k: v[0] for k, v in SMOKE_AXES.items()} if args.smoke else BASE
+    lengths = SMOKE_DECODE_LENGTHS if args.smoke else args.decode_lengths
+    per_token = decode_lengths(lengths, args.threads) if lengths else []
     with tempfile.TemporaryDirectory(prefix="scaling-") as tmp:
         rows = sweep(axes, base, args.steps, args.threads, Path(tmp))
     result = {
@@ -207,11 +237,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "steps": args.steps,
         "base": base,
         "points": rows,
+        "decode_lengths": per_token,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    plot(rows, args.out.with_suffix(".png"))
-    print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
+    if rows:
+        plot(rows, args.out.with_suffix(".png"))
+    print(f"wrote {args.out.with_suffix('.json')}" + (f" and {args.out.with_suffix('.png')}" if rows else ""))
     return result
 
 

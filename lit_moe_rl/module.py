@@ -1,25 +1,27 @@
-"""The LightningModule: a thin adapter over :class:`~lit_moe_rl.learner.Learner`. It builds the policy and
-the optimizer, hands the rollout :class:`~lit_moe_rl.callbacks.rollout.RolloutCallback` put into the batch
-to the learner, logs what it returns, saves, restores and exports. Optimisation is manual (several updates
-per rollout): Lightning's wrapped optimizer and ``manual_backward`` are the learner's."""
+"""The LightningModule: a thin adapter over :class:`~lit_moe_rl.learner.Learner`. It builds the policy and the
+optimizer, hands each rollout to the learner (Lightning's optimizer and ``manual_backward`` become the learner's),
+logs what it returns, saves, restores and exports."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_moe_rl import ckpt_match
 from lit_moe_rl.algorithms import GRPO, Algorithm
 from lit_moe_rl.learner import ForwardContext, Learner, LearnerSettings, Stats, add_named
 from lit_moe_rl.learner.optim import adamw_with_warmup
 from lit_moe_rl.learner.settings import CorrectionKind
+from lit_moe_rl.parallel import hooks
 from lit_moe_rl.parallel.distributed import Collectives
-from lit_moe_rl.parallel.sharding import RolloutCopy, data_parallel_mesh, refuse_fsdp1, shard_policy
-from lit_moe_rl.policy import build_rl_policy, initial_policy, save_hf_folder
+from lit_moe_rl.parallel.sharding import RolloutCopy, data_parallel_mesh
+from lit_moe_rl.policy import save_hf_folder
 from lit_moe_rl.validation import check_rl_module_settings
+
+ADAMW_SETTINGS = ("lr", "weight_decay", "betas", "warmup_steps")
 
 
 class MoERLModule(L.LightningModule):
@@ -48,6 +50,10 @@ class MoERLModule(L.LightningModule):
         track_router_shift: bool = False,
         old_logp_pass: Literal["auto", "always"] = "auto",
         trim_padding: bool = True,
+        compute_dtype: Literal["bfloat16", "float16"] | None = None,
+        rollout_weights: Literal["resident", "unshard"] = "resident",
+        offload_optimizer: bool = False,
+        memory_check: bool = True,
     ) -> None:
         """
         Args:
@@ -72,6 +78,10 @@ class MoERLModule(L.LightningModule):
             old_logp_pass: ``auto``: π_old read off the update forward when exact (``Learner.fuses_old_pass``).
             trim_padding: Sort micro-batches by length and drop all-padding columns (off under routing replay).
             track_router_shift: Log RSPO's router shift (``rspo/*``) for any algorithm (RouterShiftCallback).
+            compute_dtype: FSDP2 mixed precision: fp32 sharded weights and AdamW state, compute in this dtype.
+            rollout_weights: Under FSDP2: ``resident`` full copy to generate with, or ``unshard`` per rollout.
+            offload_optimizer: Move AdamW's state to host memory while the rollout generates (bitwise back).
+            memory_check: Refuse at start a config the memory planner says cannot fit (``lit-moe-rl plan``).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["algorithm"])
@@ -84,30 +94,23 @@ class MoERLModule(L.LightningModule):
         self.forward_contexts: list[ForwardContext] = []  # registered by callbacks, shared with the learner
         self.init_seed = 0  # the seed configure_model built the policy with (kept in checkpoints)
         self.rollout_copy: RolloutCopy | None = None  # a sharded policy's full copy for generation
+        self.export_state: dict[str, Any] | None = None  # the full weights gather_for_export gathered
 
     def setup(self, stage: str) -> None:
-        """Refuse Lightning's FSDP v1 before the model is built (a Trainer made in Python skips the CLI)."""
-        if getattr(self, "_trainer", None) is not None:
-            refuse_fsdp1(self.trainer.strategy)
+        """Refuse FSDP v1 and memory settings that cannot work, before the model is built (a Python Trainer too)."""
+        if (trainer := getattr(self, "_trainer", None)) is not None:
+            hooks.check_strategy(self, trainer)
 
     def configure_model(self) -> None:
         """Load the policy and build its learner (idempotent; runs under the strategy's init context)."""
         if self.policy is not None:
             return
         hp = self.hparams
-        self.init_seed = torch.initial_seed()
-        shift = self.algorithm.router_shift or hp.track_router_shift
-        self.policy, self.tokenizer, zeroed = build_rl_policy(hp, seed=self.init_seed, router_shift=shift)
-        # LoRA on model.pretrained saves only the adapters: a resume reloads the base
-        self.strict_loading = not ckpt_match.saves_adapters_only(hp)
-        if zeroed:  # the one mode of every forward; the engine toggles its own
-            rank_zero_warn(
-                f"model: {zeroed} dropout/noise probabilities set to 0 (RL trains without dropout)"
-            )
-        mesh = data_parallel_mesh(self)
-        if mesh is not None:  # FSDP2 (ModelParallelStrategy): keep a full copy to generate with, then shard
-            self.rollout_copy = RolloutCopy(self.policy)
-            shard_policy(self.policy, mesh)
+        self.init_seed, shift = torch.initial_seed(), self.algorithm.router_shift or hp.track_router_shift
+        self.policy, self.tokenizer, self.rollout_copy = hooks.build_policy(
+            hp, seed=self.init_seed, router_shift=shift, mesh=data_parallel_mesh(self)
+        )
+        self.strict_loading = not ckpt_match.saves_adapters_only(hp)  # LoRA adapters only: the base reloads
         settings = LearnerSettings.from_hparams(hp)
         self.learner = Learner(self.policy, self.algorithm, settings, forward_contexts=self.forward_contexts)
 
@@ -123,47 +126,44 @@ class MoERLModule(L.LightningModule):
         """Refresh a sharded policy's full rollout copy (a collective) and return :meth:`rollout_policy`."""
         return self.rollout_copy.sync(self.policy, self.device) if self.rollout_copy else self.policy
 
+    def generation_weights(self) -> contextlib.AbstractContextManager:
+        """Around a rollout: the policy unsharded (``rollout_weights: unshard``), the optimizer state offloaded."""
+        return hooks.generation_weights(self)
+
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
         opt, sched = adamw_with_warmup(
-            self.policy.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, betas=hp.betas,
-            warmup_steps=hp.warmup_steps,
-        )  # fmt: skip
+            self.policy.parameters(), **{k: self.hparams[k] for k in ADAMW_SETTINGS}
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_fit_start(self) -> None:
-        """Give the learner Lightning's optimizer, backward and device (callbacks' hooks ran first), and
-        fail before the first rollout on a KL term without a reference."""
+        """Give the learner Lightning's optimizer, backward and device; fail on a KL term without a reference."""
         block = getattr(self.trainer.strategy, "block_backward_sync", None)  # DDP's no_sync
         self.learner.bind(
             self.optimizers(), self.lr_schedulers(), backward=self.manual_backward,
             collectives=Collectives(self.device), no_sync=block if callable(block) else None,
         )  # fmt: skip
+        hooks.warn_low_precision(self)
         if self.algorithm.kl_coef > 0 and self.learner.reference is None:
             raise ValueError(
                 "algorithm.kl_coef: > 0 needs a reference model: add lit_moe_rl.callbacks.ReferenceKLCallback"
             )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        rollout = batch.get("rollout")
-        if rollout is None:
-            raise RuntimeError(
-                "batch has no 'rollout': add lit_moe_rl.callbacks.RolloutCallback to trainer.callbacks"
-            )
+        if (rollout := batch.get("rollout")) is None:
+            raise RuntimeError("batch has no 'rollout': add lit_moe_rl.callbacks.RolloutCallback")
         batch["rollout"] = rollout = self.learner.prepare(rollout)  # callbacks then see old_logp, old_topk...
         self.log_step(self.learner.step(rollout, optimizer_step=self.global_step))
 
     def log_reduced(self, metrics: dict[str, Any]) -> None:
-        """Log callbacks' per-rank metrics reduced across ranks by name (``distributed.reduction_of``; token
-        means by this step's tokens). Every rank calls it at the same point (``on_train_batch_end``)."""
+        """Log callbacks' per-rank metrics reduced across ranks by name (every rank, ``on_train_batch_end``)."""
         stats = Stats()
         add_named(stats, metrics, self.learner.step_tokens)
         self.log_step(stats.reduce(self.learner.collectives))
 
     def log_step(self, metrics: dict[str, float]) -> None:
-        """Log ``metrics`` on one step axis (README "Metrics"): the optimizer step count after the row's update,
-        as ``max_steps``, checkpoints and the summary count (Lightning's own counts rollouts). Logged from the
-        step itself, so that a checkpoint saved in ``on_train_batch_end`` is named by this step."""
+        """Log ``metrics`` on one step axis (README "Metrics"): the optimizer step count, logged with the step so
+        that a checkpoint saved in ``on_train_batch_end`` is named by it (Lightning's axis counts rollouts)."""
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
         if self._trainer is None:  # not run by a Trainer: no step to log
             return
@@ -173,19 +173,15 @@ class MoERLModule(L.LightningModule):
             self.log("step", float(self.global_step), batch_size=1, sync_dist=True)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        rewards = batch.get("val_rewards")
-        if rewards is None:
+        if (rewards := batch.get("val_rewards")) is None:
             raise RuntimeError("batch has no 'val_rewards': add lit_moe_rl.callbacks.RolloutCallback")
-        # on the module's device: sync_dist all-reduces it, and NCCL cannot reduce a CPU tensor
-        mean = rewards.float().mean().to(self.device)
+        mean = rewards.float().mean().to(self.device)  # NCCL (sync_dist) cannot reduce a CPU tensor
         self.log("val/reward", mean, batch_size=len(rewards), prog_bar=True, sync_dist=True)
         self.log_step({})
 
     def initial_policy(self) -> torch.nn.Module:
-        """The policy as :meth:`configure_model` first built it, without LoRA (:func:`policy.initial_policy`)."""
-        return initial_policy(
-            self.hparams, seed=self.init_seed, device=self.device, mesh=data_parallel_mesh(self)
-        )
+        """The policy as :meth:`configure_model` first built it, without LoRA (:func:`hooks.initial_policy`)."""
+        return hooks.initial_policy(self)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         ckpt_match.save_module_state(self, checkpoint)
@@ -193,7 +189,12 @@ class MoERLModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         ckpt_match.load_module_state(self, checkpoint, self._trainer)
 
+    def gather_for_export(self) -> None:
+        """Every rank, before rank 0's :meth:`save_hf`: the full weights gathered when no copy holds them."""
+        self.export_state = hooks.gather_full_state(self)  # read (once) by save_hf
+
     def save_hf(self, path: str) -> None:
-        """Save the policy (LoRA merged) and tokenizer as a Hugging Face folder ``from_pretrained`` loads.
-        A sharded policy is saved from its full rollout copy (refreshed after every optimizer step)."""
-        save_hf_folder(self.rollout_policy(), self.tokenizer, path)
+        """Save the policy (LoRA merged) and tokenizer as a Hugging Face folder (a sharded one: its full copy)."""
+        state, self.export_state = self.export_state, None
+        model = hooks.export_model(self, state) if state is not None else self.rollout_policy()
+        save_hf_folder(model, self.tokenizer, path)

@@ -404,14 +404,16 @@ def prepare_for_rl(model: nn.Module, *, gradient_checkpointing: bool = False) ->
     return set_training_mode(model)
 
 
-def build_rl_policy(hp: Any, *, seed: int, router_shift: bool) -> tuple[nn.Module, Any, int]:
+def build_rl_policy(
+    hp: Any, *, seed: int, router_shift: bool, loader: Any = None
+) -> tuple[nn.Module, Any, int]:
     """The policy of an RL run from the module's ``model.*`` settings ``hp``: :func:`load_policy`, LoRA
     when asked, checked (an MoE when ``router_shift`` is tracked; a family with a load-balancing loss when
     it is weighted) and :func:`prepare_for_rl`. Returns ``(policy, tokenizer, dropouts zeroed)``."""
     from lit_moe_rl.lora import apply_lora
     from lit_moe_rl.routing.checks import require_moe
 
-    policy, tokenizer = load_policy(
+    policy, tokenizer = (loader or load_policy)(
         hp["pretrained"], hp["config"], dtype=hp["dtype"], tokenizer=hp["tokenizer"], seed=seed
     )
     if hp["lora"]:
@@ -432,18 +434,3 @@ def save_hf_folder(model: nn.Module, tokenizer: Any, path: str) -> None:
         model = copy.deepcopy(model).merge_and_unload()
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-
-
-def initial_policy(hp: Any, *, seed: int, device: torch.device, mesh: Any = None) -> nn.Module:
-    """The policy an RL run started from (same ``model.*`` source and ``seed``), without LoRA, on ``device``,
-    sharded on ``mesh`` (FSDP2) when given: the reference model of a resumed or sharded run."""
-    policy, _ = load_policy(
-        hp["pretrained"], hp["config"], dtype=hp["dtype"], tokenizer=hp["tokenizer"], seed=seed
-    )
-    policy.config.use_cache = False
-    policy.to(device)
-    if mesh is None:
-        return policy
-    from lit_moe_rl.parallel.sharding import shard_policy
-
-    return shard_policy(policy, mesh)

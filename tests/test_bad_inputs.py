@@ -187,7 +187,7 @@ def test_wandb_online_without_network_fails_fast(capsys, tmp_path, monkeypatch):
 @pytest.mark.parametrize(("argv", "needle"), [
     (["test"], "'test' has no meaning for RL training"),
     (["predict"], "'predict' has no meaning here"),
-    (["frobnicate"], "unknown subcommand 'frobnicate' (choose from fit, validate, sft)"),
+    (["frobnicate"], "unknown subcommand 'frobnicate' (choose from fit, validate, sft, plan)"),
 ])  # fmt: skip
 def test_subcommands_without_meaning(capsys, tmp_path, argv, needle):
     assert needle in _error(capsys, tmp_path, *argv, raw=True)

@@ -86,6 +86,11 @@ def _assert_report(out: Path, stdout: str) -> None:
         assert max(fit["reward_std"]) > 0 and max(fit["grad_norm"]) > 0  # a learning signal, used
         assert fit["weights"]["moved"] >= 16 and fit["weights"]["finite"]
         assert (out / "logs" / f"{name}.log").stat().st_size > 0  # full logs kept in --out
+        plan = fit["memory_plan"]  # the planner beside the run (on CUDA: vs max_memory_allocated)
+        assert (
+            plan["planned_peak_gib"] > plan["planned_resident_gib"] > 0 and plan["measured_resident_gib"] > 0
+        )
+        assert "resident planned" in fit["summary"]
     assert report["experts"]["fastest"] in ("eager", "batched_mm", "grouped_mm")
     assert report["rollout"]["experts_kernel"] == report["experts"]["training_kernel"]
     assert report["rollout"]["logp_absdiff_mean"] < 1e-3
@@ -228,3 +233,17 @@ def test_the_update_is_timed_after_a_device_sync(monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
     learner.synced_clock()
     assert synced == [cuda]
+
+
+def test_plan_vs_measured_names_max_memory_allocated_on_cuda():
+    gib = 1024**3
+    record = {
+        "planned_resident": gib,
+        "measured_resident": gib,
+        "planned_peak": 3 * gib,
+        "cuda_max_allocated": 2 * gib,
+    }
+    text = gpu_check.plan_vs_measured(record)["plan_summary"]
+    assert text.startswith(
+        "peak planned 3.00 GiB vs max_memory_allocated 2.00 GiB; resident planned 1.000 GiB"
+    )

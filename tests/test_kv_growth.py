@@ -83,3 +83,21 @@ def test_decode_length_bench_runs():
     concat, doubling = rows
     assert doubling["copied_per_token"] < 4 and concat["copied_per_token"] > 25 * doubling["copied_per_token"]
     assert decode_module.GROW_FROM == 256  # the bench restores the engine's threshold
+
+
+def test_scaling_bench_prints_time_per_token_against_response_length(tmp_path, capsys):
+    import json
+    import sys
+
+    from tests.helpers import ROOT
+
+    sys.path.insert(0, str(ROOT))
+    from bench import scaling
+
+    out = scaling.main(["--decode-lengths", "16", "64", "--G", "--response-len", "--experts", "--vocab",
+                        "--out", str(tmp_path / "s")])  # fmt: skip
+    lengths = out["decode_lengths"]
+    assert [r["length"] for r in lengths] == [16, 64] and lengths[0]["vs_shortest"] == 1.0
+    assert all(r["ms_per_token"] > 0 for r in lengths) and out["points"] == []
+    assert "x shortest" in capsys.readouterr().out
+    assert json.loads((tmp_path / "s.json").read_text())["decode_lengths"] == lengths

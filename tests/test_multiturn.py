@@ -3,6 +3,7 @@ tokens are appended as they were encoded and never trained, and R3 routes are ex
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -33,7 +34,7 @@ class ThreeTurns(Environment):
         return (OBS[self.turn - 1] if self.turn <= 2 else None), 1.0, self.turn >= 3
 
 
-def _run(family="qwen3_moe", *, record=True, env=ThreeTurns, n=3, window=256, **limits):
+def _run(family="qwen3_moe", *, record=True, env=ThreeTurns, n=3, window=256, samples=None, **limits):
     torch.manual_seed(0)
     extra = {"sliding_window": window} if family == "gpt_oss" else {}
     model, tok = load_policy(config={"family": family, "vocab_size": 24} | extra)
@@ -45,7 +46,13 @@ def _run(family="qwen3_moe", *, record=True, env=ThreeTurns, n=3, window=256, **
     )
     torch.manual_seed(1)
     gen = generate_trajectories(
-        engine, PROMPTS, [{}, {}], n=n, make_env=env, limits=TurnLimits(**limits), record_routes=record
+        engine,
+        PROMPTS,
+        samples or [{}, {}],
+        n=n,
+        make_env=env,
+        limits=TurnLimits(**limits),
+        record_routes=record,
     )
     return model, tok, gen
 
@@ -169,9 +176,73 @@ def test_env_factory_reads_class_path_and_init_args():
         env_factory({"class_path": "tests.nowhere.Env"})
 
 
-def test_a_sliding_window_the_cache_outgrows_is_refused():
+class CountsResets(ThreeTurns):
+    resets = 0
+
+    def reset(self, sample, prompt):
+        CountsResets.resets += 1
+        return super().reset(sample, prompt)
+
+
+def test_a_sliding_window_the_cache_could_outgrow_is_refused_before_any_reset():
+    from lit_moe_rl.rollout.multiturn import cache_columns
+
+    limits = TurnLimits(
+        max_turns=3, max_total_tokens=90, max_turn_tokens=20, max_env_tokens=16, env_timeout_s=5
+    )
+    assert cache_columns(limits) == 3 * (20 + 16) + 1  # holes included, whatever max_total_tokens
     with pytest.raises(ValueError, match="rollout.env: multi-turn rollouts of a sliding-window model need"):
-        _run("gpt_oss", window=16, record=False)
+        _run("gpt_oss", window=100, env=CountsResets, record=False)  # 109 columns after the prompt
+    assert CountsResets.resets == 0
+    with pytest.raises(ValueError, match=r"need sliding_window >= the KV cache's 122 columns"):
+        _run("gpt_oss", window=110, env=CountsResets, record=False)  # the 13-token prompt: checked per wave
+    assert CountsResets.resets == 6  # reset, then refused before any decode step
+    _, _, gen = _run("gpt_oss", window=122, record=False)
+    assert gen.attention_mask.shape[1] <= 122  # the bound holds: output columns never exceed the cache's
+
+
+class ResetRaises(ThreeTurns):
+    """Rows with ``fail`` in their sample: the first reset succeeds, the later ones fail."""
+
+    lock, calls = threading.Lock(), 0
+
+    def reset(self, sample, prompt):
+        with ResetRaises.lock:
+            ResetRaises.calls += sample.get("fail", 0)
+            fails = sample.get("fail", 0) and ResetRaises.calls > 1
+        if fails:
+            self.fail()
+        return super().reset(sample, prompt)
+
+    def fail(self):
+        raise RuntimeError("reset bug")
+
+
+class ResetHangs(ResetRaises):
+    def fail(self):
+        time.sleep(60)
+
+
+@pytest.mark.parametrize("env", [ResetRaises, ResetHangs])
+def test_a_failing_reset_ends_that_trajectory_scored_zero_and_the_run_goes_on(env):
+    from lit_moe_rl.callbacks.multiturn import multiturn_metrics
+
+    ResetRaises.calls = 0
+    start = time.monotonic()
+    _, _, gen = _run(env=env, env_timeout_s=1.0, record=True, samples=[{"fail": 1}, {}])
+    assert time.monotonic() - start < 20  # the hung reset gets the per-step deadline
+    failed = [t.reset_failed for t in gen.trajectories]
+    assert sum(failed[:3]) == 2 and not any(failed[3:])  # one reset of the first group succeeded
+    for traj in gen.trajectories:
+        if traj.reset_failed:
+            assert traj.reward == 0.0 and traj.turns == 1 and traj.ended and all(traj.sampled)
+            assert (traj.env_timeouts, traj.env_errors) == ((1, 0) if env is ResetHangs else (0, 1))
+            assert "reset()" in traj.errors[0]
+        else:
+            assert traj.turns == 3 and traj.reward == 3.0
+    metrics = multiturn_metrics(gen)
+    assert metrics["multiturn/env_errors" if env is ResetRaises else "multiturn/env_timeouts"] == 2.0
+    assert torch.equal(gen.routes[..., 0, 0] >= 0, gen.attention_mask.bool())  # R3 routes every real token
 
 
 QWEN_LIKE = (
@@ -550,7 +621,9 @@ def test_max_batch_tokens_waves_multi_turn_trajectories_and_refuses_a_budget_bel
     _, _, gen = _run(max_total_tokens=60, record=True)
     torch.manual_seed(0)
     model, tok = load_policy(config={"family": "qwen3_moe", "vocab_size": 24})
-    engine = HFEngine(max_new_tokens=20, max_batch_tokens=3 * (14 + 60))
+    engine = HFEngine(
+        max_new_tokens=20, max_batch_tokens=3 * (14 + 3 * (20 + 16) + 1)
+    )  # one prompt, holes included
     engine.bind(model, tok)
     limits = TurnLimits(
         max_turns=3, max_total_tokens=60, max_turn_tokens=20, max_env_tokens=16, env_timeout_s=5.0
@@ -561,8 +634,12 @@ def test_max_batch_tokens_waves_multi_turn_trajectories_and_refuses_a_budget_bel
     )
     assert len(waved.trajectories) == 6 and waved.routes.shape[:2] == waved.input_ids.shape
     assert torch.equal((waved.routes[..., 0, 0] >= 0), waved.attention_mask.bool())
-    engine.max_batch_tokens = 50
-    with pytest.raises(ValueError, match="rollout.max_batch_tokens: 50 is less than one prompt's 3 rows"):
+    slots = _CacheSlots(model)
+    generate_trajectories(engine, PROMPTS, [{}, {}], n=3, make_env=ThreeTurns, limits=limits)
+    slots.handle.remove()
+    assert slots.peak <= engine.max_batch_tokens  # the masked hole columns are counted
+    engine.max_batch_tokens = 3 * (14 + 60)  # enough for real tokens only: the holes would not fit
+    with pytest.raises(ValueError, match="rollout.max_batch_tokens: 222 is less than one prompt's 3 rows"):
         generate_trajectories(engine, PROMPTS, [{}, {}], n=3, make_env=ThreeTurns, limits=limits)
 
 
@@ -684,3 +761,60 @@ def test_nan_probabilities_stop_a_multi_turn_rollout_in_one_line_without_reachin
     )
     with pytest.raises(NonFiniteProbabilities, match="NaN or inf in 6 of 6 rows"):
         generate_trajectories(engine, PROMPTS, [{}, {}], n=3, make_env=ThreeTurns, limits=limits)
+
+
+def test_environment_threads_are_reused_and_a_hung_one_is_left_alone():
+    from lit_moe_rl.rollout.env_runner import run_concurrently
+
+    def workers():
+        return sum(t.name == "lit-moe-rl-env" for t in threading.enumerate())
+
+    start = workers()
+    for _ in range(6):
+        assert run_concurrently([lambda i=i: i for i in range(8)], 5.0) == [("ok", i) for i in range(8)]
+        time.sleep(0.05)  # the threads return to the idle list after answering
+    assert workers() - start <= 8  # 48 calls, at most 8 at once: threads are reused, not one per call
+    release = threading.Event()
+    hung = run_concurrently([release.wait, lambda: 1 / 0, lambda: "fine"], 0.3)
+    assert hung == [("timeout", None), ("error", "ZeroDivisionError: division by zero"), ("ok", "fine")]
+    assert (
+        run_concurrently([lambda: "next"] * 3, 5.0) == [("ok", "next")] * 3
+    )  # not queued behind the hung one
+    release.set()
+
+
+def test_a_failing_reset_in_a_worker_process_ends_that_trajectory_only():
+    from lit_moe_rl.rollout.env_workers import EnvPool
+
+    pool = EnvPool({"class_path": "tests.test_multiturn.ResetRaises"}, num_workers=2)
+    try:  # worker 0 resets trajectories 0, 2, 4 in turn and fails its second "fail" row: trajectory 2
+        _, _, gen = _run(env=pool, env_timeout_s=5.0, record=False, samples=[{"fail": 1}, {}])
+    finally:
+        pool.close()
+    assert [t.reset_failed for t in gen.trajectories] == [False, False, True, False, False, False]
+    failed = gen.trajectories[2]
+    assert failed.reward == 0.0 and failed.env_errors == 1 and "reset bug" in failed.errors[0]
+    assert all(t.reward == 3.0 for i, t in enumerate(gen.trajectories) if i != 2)
+
+
+class _AlwaysOne:
+    thread_safe = True
+
+    def __call__(self, text, sample):
+        return 1.0
+
+
+def test_a_trajectory_whose_reset_failed_scores_zero_under_a_transcript_reward():
+    from types import SimpleNamespace
+
+    from lit_moe_rl.callbacks.rollout import RolloutCallback
+
+    callback = RolloutCallback(
+        env={"class_path": "tests.test_multiturn.ThreeTurns"}, reward=_AlwaysOne(), group_size=2
+    )
+    trajs = [
+        SimpleNamespace(reset_failed=f, env_errors=int(f), env_timeouts=0)
+        for f in (False, True, False, False)
+    ]
+    rewards, errors = callback._rewards(SimpleNamespace(trajectories=trajs), ["a"] * 4, [{}, {}], 2)
+    assert rewards.tolist() == [1.0, 0.0, 1.0, 1.0] and errors == 0

@@ -93,7 +93,7 @@ def test_sft_command_runs_shortened(tmp_path):
 
 
 def test_real_checkpoint_command_parses(capsys):
-    (real,) = [c for c in _commands() if "qwen3_30b_a3b_rspo" in c]
+    (real,) = [c for c in _commands() if "qwen3_30b_a3b_rspo" in c and c.startswith("lit-moe-rl fit")]
     argv = shlex.split(real)
     cwd = os.getcwd()
     os.chdir(ROOT)
@@ -146,3 +146,16 @@ def test_export_command_writes_a_finished_runs_policy(tmp_path):
     run = config.parent
     _lit_moe_rl(command.replace("<run>", str(run)), "--trainer.enable_progress_bar=false")
     assert (run / "hf_model" / "config.json").is_file() and (run / "hf_model" / "tokenizer.json").is_file()
+
+
+def test_plan_commands_print_plans_that_fit(capsys):
+    """The "Memory" section's `lit-moe-rl plan` commands, and the plan figures its table quotes."""
+    commands = [c for c in _commands() if c.startswith("lit-moe-rl plan")]
+    assert len(commands) == 2
+    for command in commands:
+        _lit_moe_rl(command)
+        out = capsys.readouterr().out
+        peak = next(line for line in out.splitlines() if line.strip().startswith("peak "))
+        assert peak.endswith(": fits"), peak
+        figure = peak.split("peak ")[1].split(" GiB")[0]
+        assert f"| {figure} GiB (generation)" in README, (command, figure)

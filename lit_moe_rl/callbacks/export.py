@@ -44,6 +44,8 @@ class HFExportCallback(Callback):
 
     def _export(self, trainer: L.Trainer, pl_module: L.LightningModule, what: str) -> None:
         path = self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "hf_model")
+        if hasattr(pl_module, "gather_for_export"):
+            pl_module.gather_for_export()  # every rank: a sharded policy without a full copy all-gathers
         if trainer.is_global_zero:
             pl_module.save_hf(path)
             rank_zero_info(f"exported {what} as a Hugging Face folder: {path}")

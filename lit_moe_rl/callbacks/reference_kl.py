@@ -31,6 +31,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lit_moe_rl.batch import Rollout
+from lit_moe_rl.parallel.unshard import fsdp_units
 from lit_moe_rl.policy import load_policy, resolve_pretrained, token_logprobs
 
 if TYPE_CHECKING:
@@ -68,7 +69,7 @@ class ReferenceKLCallback(Callback):
             self.model.to(pl_module.device)
         elif hasattr(policy, "disable_adapter"):
             self._use_disabled_adapter = True
-        elif trainer.ckpt_path is None and pl_module.rollout_copy is None:
+        elif trainer.ckpt_path is None and not fsdp_units(policy):
             self.model = copy.deepcopy(policy)  # a fresh, unsharded run: the policy is the initial one
         else:  # resumed (the policy holds the restored weights) or sharded (FSDP2 cannot be deep-copied)
             self.model = pl_module.initial_policy()

@@ -7,6 +7,7 @@ and the module's algorithm (advantages, dynamic sampling). Registered by the CLI
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -24,10 +25,12 @@ from lit_moe_rl.callbacks.multiturn import (
 )
 from lit_moe_rl.learner.stats import Gathered
 from lit_moe_rl.parallel.distributed import is_distributed
+from lit_moe_rl.parallel.unshard import check_engine
 from lit_moe_rl.rewards import RewardFn, resolve_reward
 from lit_moe_rl.rewards.failures import FailureTracker
 from lit_moe_rl.rewards.workers import Isolation, RewardScorer
 from lit_moe_rl.rollout.engine import Generation, HFEngine, RolloutEngine, generate_trajectories
+from lit_moe_rl.rollout.multiturn import check_window
 from lit_moe_rl.rollout.per_prompt import generate_per_prompt
 from lit_moe_rl.rollout.prompts import Prompt, prompt_text
 from lit_moe_rl.routing.store import pack_routes
@@ -146,6 +149,8 @@ class RolloutCallback(Callback):
         self.record_routes = False  # switched on by RoutingReplayCallback (R3)
 
     def _bind(self, pl_module: L.LightningModule) -> None:
+        if getattr(pl_module, "hparams", {}).get("rollout_weights") == "unshard":
+            check_engine(self.engine)
         self.engine.bind(_rollout_policy(pl_module), pl_module.tokenizer)
 
     def _sync(self, pl_module: L.LightningModule) -> None:
@@ -156,6 +161,8 @@ class RolloutCallback(Callback):
         if self.multiturn is not None:
             self.multiturn.check_tokenizer(pl_module.tokenizer)
         self._bind(pl_module)
+        if self.multiturn is not None:  # a sliding window the multi-turn cache could outgrow: refused now
+            check_window(self.engine.model.config, self.multiturn.limits)
 
     @override
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -182,7 +189,7 @@ class RolloutCallback(Callback):
     @override
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         greedy = self.val_samples == 1
-        with torch.random.fork_rng(devices=_devices(pl_module)):
+        with torch.random.fork_rng(devices=_devices(pl_module)), _generation_weights(pl_module):
             torch.manual_seed(self.seed + 7919 * (batch_idx + 1))
             gen = self._generate(batch["prompt"], batch["samples"], self.val_samples, greedy=greedy)
         texts = self.decode(gen)
@@ -201,7 +208,7 @@ class RolloutCallback(Callback):
     ) -> Rollout:
         """Generate, score and compute advantages for one step's prompts."""
         t0 = time.perf_counter()
-        with torch.random.fork_rng(devices=_devices(pl_module)):
+        with torch.random.fork_rng(devices=_devices(pl_module)), _generation_weights(pl_module):
             if self.seed_per_prompt:
                 gen = generate_per_prompt(
                     self.engine,
@@ -271,7 +278,11 @@ class RolloutCallback(Callback):
         if self.env_reward and gen.trajectories is not None:
             rewards = torch.tensor([t.reward for t in gen.trajectories], dtype=torch.float32)
             return rewards, sum(t.env_errors + t.env_timeouts for t in gen.trajectories)
-        return self._score(texts, samples, n)
+        rewards, errors = self._score(texts, samples, n)
+        if gen.trajectories is not None:  # a trajectory whose reset() failed scores 0 whatever its text
+            failed = torch.tensor([t.reset_failed for t in gen.trajectories], device=rewards.device)
+            rewards = rewards.masked_fill(failed, 0.0)
+        return rewards, errors
 
     def decode(self, gen: Generation) -> list[str]:
         """The response region's text (multi-turn: the whole transcript after the prompt, observations included)."""
@@ -320,6 +331,12 @@ def _rollout_policy(pl_module: Any, *, sync: bool = False) -> Any:
     if sync and hasattr(pl_module, "sync_rollout_policy"):
         return pl_module.sync_rollout_policy()
     return pl_module.rollout_policy() if hasattr(pl_module, "rollout_policy") else pl_module.policy
+
+
+def _generation_weights(pl_module: Any) -> Any:
+    """The module's context around generation (FSDP2 unshard, optimizer offload), or nothing."""
+    enter = getattr(pl_module, "generation_weights", None)
+    return enter() if enter is not None else contextlib.nullcontext()
 
 
 def _devices(pl_module: Any) -> list[int]:

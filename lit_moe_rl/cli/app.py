@@ -50,6 +50,7 @@ DEFAULT_CALLBACKS = [
 ]
 
 SFT_HELP = "Supervised warm start of a small model before RL (lit-moe-rl sft --help)."
+PLAN_HELP = "Per-GPU and per-node memory of a config, and whether it fits (lit-moe-rl plan --help)."
 REMOVED = {
     "test": "'test' has no meaning for RL training (no test_step): use 'validate' for the held-out reward",
     "predict": "'predict' has no meaning here: use 'validate' to score completions on the held-out prompts",
@@ -68,6 +69,9 @@ class MoERLCLI(OneLineCLI):
         super()._add_subcommands(parser, **kwargs)
         # `sft` is dispatched by main() before parsing; listed here so that `lit-moe-rl --help` shows it
         parser._subcommands_action.add_subcommand("sft", ArgumentParser(description=SFT_HELP), help=SFT_HELP)
+        parser._subcommands_action.add_subcommand(
+            "plan", ArgumentParser(description=PLAN_HELP), help=PLAN_HELP
+        )
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
         """Use Rich's progress bar unless the user disabled the bar or chose another one."""
@@ -157,6 +161,11 @@ def _run(args: list[str] | None) -> None:
     argv = sys.argv[1:] if args is None else args
     if argv and argv[0] in REMOVED:
         raise ValueError(REMOVED[argv[0]])
+    if argv and argv[0] == "plan":  # the memory planner: reads the config, builds nothing
+        from lit_moe_rl.parallel.plan_cli import main as plan_main
+
+        plan_main(argv[1:])
+        return
     if argv and argv[0] == "sft":
         from lit_moe_rl.cli.sft import SFTCLI
         from lit_moe_rl.sft import SFTModule

@@ -10,8 +10,9 @@ its own EOS), which sharded forwards (collectives) cannot run. So a sharded poli
 unsharded *rollout copy*, refreshed after every optimizer step with :func:`sync_full_copy`: the
 rollout engine binds to it, R3 records its routes there, and the sharded training forward replays them.
 The copy costs one full set of weights per rank (in the training dtype; a bf16 engine keeps its own
-bf16 copy of it): the price of generating without collectives. A 30B model wants a separate inference
-engine (vLLM) instead.
+bf16 copy of it): the price of generating without collectives. ``model.rollout_weights: unshard``
+generates with the policy itself instead, all-gathered for the rollout only
+(:mod:`lit_moe_rl.parallel.unshard`).
 """
 
 from __future__ import annotations
@@ -52,20 +53,22 @@ def data_parallel_mesh(module: LightningModule) -> Any:
     return mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
 
 
-def shard_policy(policy: nn.Module, mesh: Any) -> nn.Module:
+def shard_policy(policy: nn.Module, mesh: Any, mp_policy: Any = None) -> nn.Module:
     """``fully_shard`` each decoder layer, the decoder (embeddings, final norm) and the LM head on
     ``mesh`` (FSDP2); returns ``policy``.
 
     The decoder and the head are separate units, not one root: the log-prob pass calls them apart
     (the head in chunks, :func:`lit_moe_rl.policy.token_logprobs`), never the model's own forward.
+    ``mp_policy``: FSDP2's ``MixedPrecisionPolicy`` (:mod:`lit_moe_rl.parallel.mixed_precision`), or None.
     """
     from torch.distributed.fsdp import fully_shard
 
     base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+    kwargs = {"mp_policy": mp_policy} if mp_policy is not None else {}
     for layer in decoder_layers(policy):
-        fully_shard(layer, mesh=mesh)
-    fully_shard(base.get_decoder(), mesh=mesh)
-    fully_shard(base.get_output_embeddings(), mesh=mesh)
+        fully_shard(layer, mesh=mesh, **kwargs)
+    fully_shard(base.get_decoder(), mesh=mesh, **kwargs)
+    fully_shard(base.get_output_embeddings(), mesh=mesh, **kwargs)
     return policy
 
 

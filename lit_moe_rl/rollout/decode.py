@@ -16,7 +16,8 @@ Choices made here (and why):
   has a route, as HF ``generate`` recorded them; its logits are never computed and nothing is
   sampled for it, so recording routes does not change what the other rows sample.
 * **Positions and masks as ``generate`` builds them for left-padded prompts:** a 2-D attention
-  mask that grows by one column per step, position ids ``cumsum(mask) - 1`` for the prompt and
+  mask that grows by one column per step (a view of one ``[N, P + max_new_tokens]`` buffer: no per-step
+  copy of ``P + t`` columns, which ``torch.cat`` made), position ids ``cumsum(mask) - 1`` for the prompt and
   ``last + 1`` per step (:func:`lit_moe_rl.policy.position_ids_from_mask`, the trainer's rule).
 * **The model's own kernels.** The loop keeps the model's experts and attention implementations:
   transformers' defaults (``grouped_mm`` experts, ``sdpa`` attention) were the fastest on CPU for a
@@ -106,13 +107,21 @@ class _Batch:
 
     rows: Tensor  # [A] long: output row of each batch row
     live: list[bool]  # still sampling (False: fed its EOS once more for R3, then leaves)
-    mask: Tensor  # [A, P + t] attention mask
+    full_mask: Tensor  # [A, P + max_new_tokens]: the prompt's mask, then ones; ``mask`` is a prefix of it
+    width: int  # columns of ``full_mask`` in the KV cache so far (P + t)
     next_pos: Tensor  # [A, 1] position id of the next token fed
+
+    @property
+    def mask(self) -> Tensor:
+        """``[A, P + t]`` attention mask: a view, so a step copies nothing that grows with the length."""
+        return self.full_mask[:, : self.width]
 
     def keep(self, kept: list[int], step: _Stepper) -> Tensor:
         """Keep batch rows ``kept`` (and their KV cache); returns their index on the device."""
         index = torch.tensor(kept, dtype=torch.long, device=self.rows.device)
-        self.rows, self.mask, self.next_pos = (t[index] for t in (self.rows, self.mask, self.next_pos))
+        self.rows, self.full_mask, self.next_pos = (
+            t[index] for t in (self.rows, self.full_mask, self.next_pos)
+        )
         self.live = [self.live[i] for i in kept]
         step.cache.batch_select_indices(index)
         return index
@@ -188,7 +197,10 @@ def decode(
     batch = _Batch(
         rows=torch.arange(rows, device=device),
         live=[True] * rows,
-        mask=attention_mask.repeat_interleave(n, dim=0),
+        full_mask=torch.cat(
+            [attention_mask, attention_mask.new_ones((attention_mask.shape[0], max_new_tokens))], dim=1
+        ).repeat_interleave(n, dim=0),
+        width=prompt_len,
         next_pos=positions[:, -1:].repeat_interleave(n, dim=0) + 1,
     )
     tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
@@ -213,7 +225,7 @@ def decode(
             break
         if not all(keep):
             token = token[batch.keep([i for i, k in enumerate(keep) if k], step)]
-        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((batch.mask.shape[0], 1))], dim=1)
+        batch.width += 1
         hidden = step(token[:, None], batch.mask, batch.next_pos)
         batch.next_pos = batch.next_pos + 1
         if recorder is not None:

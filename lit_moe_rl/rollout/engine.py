@@ -20,8 +20,15 @@ from torch import Tensor, nn
 from lit_moe_rl.policy import DTYPES
 from lit_moe_rl.rollout.decode import Decoded, decode
 from lit_moe_rl.rollout.env import Environment
+from lit_moe_rl.rollout.env_runner import run_concurrently
 from lit_moe_rl.rollout.env_workers import EnvPool
-from lit_moe_rl.rollout.multiturn import Trajectory, TurnLimits, decode_trajectories
+from lit_moe_rl.rollout.multiturn import (
+    Trajectory,
+    TurnLimits,
+    cache_columns,
+    check_window,
+    decode_trajectories,
+)
 from lit_moe_rl.rollout.observations import ObservationEncoder
 from lit_moe_rl.rollout.prompts import Prompt, encode_prompts
 from lit_moe_rl.rollout.sampling import SamplingParams
@@ -287,19 +294,21 @@ def generate_trajectories(
     if engine.model is None:
         raise RuntimeError("generate_trajectories called before bind()")
     model, tok = engine.model, engine.tokenizer
+    check_window(model.config, limits)  # before any reset; the prompt's columns are checked per wave
     trajectories, firsts = start_trajectories(prompts, samples, n, make_env, limits.env_timeout_s)
     chat = isinstance(firsts[0], list)
     encoder = ObservationEncoder(tok, chat)
     for traj, prompt in zip(trajectories, [p for p in firsts for _ in range(n)], strict=True):
         traj.conversation = encoder.start(prompt)
-    stops = tuple(getattr(trajectories[0].env, "stop_strings", ()) or ())
+    reset = [t for t in trajectories if not t.reset_failed] or trajectories
+    stops = tuple(getattr(reset[0].env, "stop_strings", ()) or ())
     params = SamplingParams(engine.temperature, engine.top_p, engine.top_k, engine.logp_of, greedy)
     was_training = model.training
     model.eval()
     gens = []
     try:
         enc = engine._encode(firsts, next(model.parameters()).device)
-        waves = wave_inputs(enc, n, limits.max_total_tokens, engine.max_batch_tokens)
+        waves = wave_inputs(enc, n, cache_columns(limits), engine.max_batch_tokens)  # holes included
         for wave in waves:
             rows = trajectories[wave["rows"].start * n : wave["rows"].stop * n]
             with torch.inference_mode(), _maybe_record(model, record_routes) as rec:
@@ -337,20 +346,37 @@ def start_trajectories(
     make_env: Callable[[], Environment] | EnvPool,
     timeout_s: float,
 ) -> tuple[list[Trajectory], list[Prompt]]:
-    """``n`` reset environments per row (in worker processes when ``make_env`` is an :class:`EnvPool`)
-    and each row's first prompt."""
+    """``n`` reset environments per row (in worker processes when ``make_env`` is an :class:`EnvPool`,
+    else each in a thread under the per-step deadline) and each row's first prompt.
+
+    A reset that raises or misses the deadline ends that trajectory only (``reset_failed``: it samples
+    its first turn from the group's prompt, is never stepped, and scores 0); the row's own prompt
+    stands in when all ``n`` resets of a row fail.
+    """
     rows = [(sample, prompt) for prompt, sample in zip(prompts, samples, strict=True) for _ in range(n)]
     if isinstance(make_env, EnvPool):
-        envs, starts = make_env.reset_all([s for s, _ in rows], [p for _, p in rows], timeout_s)
+        envs, answers = make_env.reset_all([s for s, _ in rows], [p for _, p in rows], timeout_s)
     else:
         envs = [make_env() for _ in rows]
-        starts = [env.reset(sample, prompt) for env, (sample, prompt) in zip(envs, rows, strict=True)]
-    firsts = starts[::n]
-    if any(start != firsts[i // n] for i, start in enumerate(starts)):
-        raise ValueError(
-            "rollout.env: reset() returned different prompts for one row; a GRPO group shares it"
-        )
-    return [Trajectory(env=env, conversation=[]) for env in envs], firsts
+        calls = [lambda e=env, r=row: e.reset(*r) for env, row in zip(envs, rows, strict=True)]
+        answers = run_concurrently(calls, timeout_s)
+    trajectories = [Trajectory(env=env, conversation=[]) for env in envs]
+    firsts = []
+    for i in range(len(prompts)):
+        group = [answers[j] for j in range(i * n, (i + 1) * n)]
+        starts = [value for status, value in group if status == "ok"]
+        if any(start != starts[0] for start in starts):
+            raise ValueError(
+                "rollout.env: reset() returned different prompts for one row; a GRPO group shares it"
+            )
+        firsts.append(starts[0] if starts else prompts[i])
+    for traj, (status, value) in zip(trajectories, answers, strict=True):
+        if status != "ok":
+            traj.reset_failed = True
+            traj.env_timeouts += status == "timeout"
+            traj.env_errors += status == "error"
+            traj.errors.append(f"reset() {value or 'timed out'}")
+    return trajectories, firsts
 
 
 def trajectory_generation(

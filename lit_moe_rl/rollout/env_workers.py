@@ -86,25 +86,26 @@ class EnvPool:
 
     def reset_all(
         self, samples: list[dict[str, Any]], prompts: list[Any], timeout_s: float
-    ) -> tuple[list[RemoteEnv], list[Any]]:
-        """One fresh environment per ``(sample, prompt)``, reset in the workers; their first prompts."""
+    ) -> tuple[list[RemoteEnv], list[tuple[str, Any]]]:
+        """One fresh environment per ``(sample, prompt)``, reset in the workers by the deadline; per
+        environment ``("ok", first prompt)``, ``("error", message)`` or ``("timeout", None)``."""
         self._start()
         for worker in self.workers:
             worker.conn.send(("clear", None, None))
         envs = [RemoteEnv(self, key) for key in range(len(samples))]
+        for env in envs:  # a worker replaced during the resets loses the environments it held
+            env.generation = self.workers[env.worker].generation
         answers = self._call(
             envs, [("reset", (s, p)) for s, p in zip(samples, prompts, strict=True)], timeout_s
         )
-        starts = []
+        out = []
         for env, (status, value) in zip(envs, answers, strict=True):
             if status != "ok":
-                raise RuntimeError(
-                    f"rollout.env: reset() failed in a worker process ({value or 'timed out'})"
-                )
+                out.append((status, value))
+                continue
             prompt, env.stop_strings, env.last_metrics = value
-            env.generation = self.workers[env.worker].generation
-            starts.append(prompt)
-        return envs, starts
+            out.append(("ok", prompt))
+        return envs, out
 
     def step_all(self, envs: list[RemoteEnv], actions: list[str], timeout_s: float) -> list[StepResult]:
         """Step every environment with its action, all workers at once, by the deadline."""

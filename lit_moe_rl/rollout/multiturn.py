@@ -22,8 +22,15 @@ Choices made here (and why):
   or late environment step) is fed its last token once more when routes are recorded (as the
   single-turn loop feeds its EOS), then leaves; only the last position has no route.
 * **Sliding-window attention** (GPT-OSS, Mixtral configs with a window) counts cache columns, holes
-  included, so a window the cache outgrows is refused (:func:`_check_window`) rather than attending
-  to other tokens than the training forward does.
+  included, so a window the cache could outgrow is refused before the rollout starts
+  (:func:`check_window`, against :func:`cache_columns`) rather than attending to other tokens than
+  the training forward does.
+* **Cache columns, holes included**: a round of turns adds at most ``max_turn_tokens`` decode columns
+  and one observation chunk of ``max_env_tokens`` more, so the cache never holds more than
+  :func:`cache_columns` columns; ``rollout.max_batch_tokens`` plans waves with it.
+* **A failed ``reset()``** (raised, or past the per-step deadline) ends its trajectory only: the row
+  samples its first turn from the group's prompt (so it is never empty), is not stepped, and ends
+  with reward 0 and the error counted.
 * **One host transfer per step** (the sampled tokens and their μ, together): stop strings, turn
   counts and the environment need the tokens on the host anyway.
 * **Tokens in, tokens out**: what is appended is exactly what was sampled or what the observation
@@ -45,7 +52,7 @@ from lit_moe_rl.rollout.env_runner import step_all
 from lit_moe_rl.rollout.observations import ObservationEncoder
 from lit_moe_rl.rollout.sampling import SamplingParams, raise_non_finite, sample_step_flagged
 
-__all__ = ["Trajectory", "TurnLimits", "decode_trajectories"]
+__all__ = ["Trajectory", "TurnLimits", "cache_columns", "check_window", "decode_trajectories"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,9 @@ class Trajectory:
     env_timeouts: int = 0
     obs_cut: int = 0  # observations cut to max_env_tokens or to the remaining budget
     errors: list[str] = field(default_factory=list)
+    reset_failed: bool = (
+        False  # its environment's reset() raised or timed out: ends at its first stop, scored 0
+    )
 
     def turn_tokens(self) -> list[int]:
         return self.tokens[self.turn_start :]
@@ -102,7 +112,8 @@ class _Loop:
         self.final: list[bool] = [False] * len(trajectories)  # fed its last token (R3); leaves next step
         self.paused: list[bool] = [False] * len(trajectories)  # stopped; waits for the others' turns to end
         self.next_pos: list[int] = []
-        self.mask: Tensor | None = None
+        self.full_mask: Tensor | None = None  # [A, P + cache_columns]: mask columns written so far, then 0
+        self.width = 0  # columns of ``full_mask`` in the KV cache
         self.routes: Tensor | None = None
         self.prompt_len = 0
 
@@ -160,7 +171,14 @@ class _Loop:
     # ------------------------------------------------------------- environment
     def step_envs(self, stopped: list[int]) -> dict[int, list[int]]:
         """Step the environments of the ``stopped`` batch rows concurrently; return their observation tokens."""
+        failed = [i for i in stopped if self.traj[self.rows[i]].reset_failed]
+        for i in failed:  # never reset: nothing to step; the turn is counted, the reward stays 0
+            self.traj[self.rows[i]].turns += 1
+            self.traj[self.rows[i]].ended = True
+        stopped = [i for i in stopped if not self.traj[self.rows[i]].reset_failed]
         trajs = [self.traj[self.rows[i]] for i in stopped]
+        if not trajs:
+            return {}
         actions = [self.tokenizer.decode(t.turn_tokens(), skip_special_tokens=True) for t in trajs]
         results = step_all([t.env for t in trajs], actions, self.limits.env_timeout_s)
         observations = {}
@@ -218,9 +236,9 @@ class _Loop:
                 continue
             feeds.append([traj.tokens[-1 - len(observations.get(i, []))]] + observations.get(i, []))
         if len(keep) < len(self.rows):
-            index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
+            index = torch.tensor(keep, dtype=torch.long, device=self.full_mask.device)
             self.step.cache.batch_select_indices(index)
-            self.mask = self.mask[index]
+            self.full_mask = self.full_mask[index]
             self.rows = [self.rows[i] for i in keep]
             self.final = [self.final[i] for i in keep]
             self.paused = [self.paused[i] for i in keep]
@@ -228,8 +246,29 @@ class _Loop:
         return feeds
 
     def forward(self, feeds: list[list[int]]) -> Tensor:
-        """Feed each batch row its tokens (right-aligned in an ``[A, W]`` chunk); record their routes."""
-        width, device = max(map(len, feeds)), self.mask.device
+        """Feed each batch row its tokens (right-aligned in an ``[A, W]`` chunk); record their routes.
+
+        The attention mask is a view of one buffer (no per-step copy of the whole mask), and a decode
+        step (``W == 1``) builds its inputs with one host-to-device tensor each, not a loop of writes.
+        """
+        width, device = max(map(len, feeds)), self.full_mask.device
+        if width == 1:
+            real = [bool(feed) for feed in feeds]
+            ids = torch.tensor([[feed[0] if feed else self.pad] for feed in feeds])
+            chunk_mask = torch.tensor([[int(r)] for r in real])
+            positions = torch.tensor([[p if r else 0] for p, r in zip(self.next_pos, real, strict=True)])
+            self.next_pos = [p + r for p, r in zip(self.next_pos, real, strict=True)]
+        else:
+            ids, chunk_mask, positions = self._chunk(feeds, width)
+        self.full_mask[:, self.width : self.width + width] = chunk_mask.to(device)
+        self.width += width
+        hidden = self.step(ids.to(device), self.full_mask[:, : self.width], positions.to(device))
+        if self.recorder is not None:
+            self._record(feeds, width)
+        return hidden
+
+    def _chunk(self, feeds: list[list[int]], width: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Token ids, mask and positions of an ``[A, W]`` chunk, each row's feed right-aligned."""
         ids = torch.full((len(feeds), width), self.pad, dtype=torch.long)
         chunk_mask = torch.zeros((len(feeds), width), dtype=torch.long)
         positions = torch.zeros((len(feeds), width), dtype=torch.long)
@@ -240,12 +279,7 @@ class _Loop:
             chunk_mask[i, width - len(feed) :] = 1
             positions[i, width - len(feed) :] = torch.arange(self.next_pos[i], self.next_pos[i] + len(feed))
             self.next_pos[i] += len(feed)
-        self.mask = torch.cat([self.mask, chunk_mask.to(device)], dim=1)
-        _check_window(self.step.decoder.config, self.mask.shape[1])
-        hidden = self.step(ids.to(device), self.mask, positions.to(device))
-        if self.recorder is not None:
-            self._record(feeds, width)
-        return hidden
+        return ids, chunk_mask, positions
 
     def _record(self, feeds: list[list[int]], width: int) -> None:
         """Routes of the chunk's real columns, at their positions in the output layout."""
@@ -261,14 +295,24 @@ class _Loop:
         self.routes[out_row, out_col] = taken[batch_idx, chunk_col]
 
 
-def _check_window(config: Any, columns: int) -> None:
-    """Sliding-window attention counts cache columns, and this loop's cache has masked holes: refuse a
-    window the cache outgrows, where the engine would attend to other tokens than the trainer."""
-    window = getattr(config, "sliding_window", None)
+def cache_columns(limits: TurnLimits) -> int:
+    """Most KV-cache columns after the prompt, masked holes included: each of ``max_turns`` rounds adds
+    at most ``max_turn_tokens`` columns of decode steps (the last one widened by an observation of
+    ``max_env_tokens``), and a row that ends is fed its last token once more (R3)."""
+    return limits.max_turns * (limits.max_turn_tokens + limits.max_env_tokens) + 1
+
+
+def check_window(config: Any, limits: TurnLimits, prompt_len: int = 0) -> None:
+    """Refuse a sliding window the cache could outgrow (its columns include masked holes) before any
+    work: the engine would attend to other tokens than the trainer's forward does."""
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    columns = prompt_len + cache_columns(limits)
     if window is not None and columns > window:
         raise ValueError(
             f"rollout.env: multi-turn rollouts of a sliding-window model need sliding_window >= the KV cache's "
-            f"{columns} columns (masked holes included), got {window}; lower rollout.max_total_tokens"
+            f"{columns} columns (prompt + max_turns x (max_new_tokens + max_env_tokens) + 1, masked holes "
+            f"included), got {window}; lower rollout.max_turns, rollout.engine.max_new_tokens or "
+            f"rollout.max_env_tokens"
         )
 
 
@@ -293,6 +337,7 @@ def decode_trajectories(
     (``B * n`` of them, prompt-major) and returns ``(routes [N, P + R, L, K] or None, P)``."""
     if not bool(attention_mask[:, -1].all()):
         raise ValueError("rollout.engine: prompts must be left-padded (tokenizer.padding_side='left')")
+    check_window(model.config, limits, input_ids.shape[1])
     text = dict(encoder=encoder, tokenizer=tokenizer, stop_strings=stop_strings, eos_token_ids=eos_token_ids,
                 pad_token_id=pad_token_id)  # fmt: skip
     loop = _Loop(model, trajectories, limits, params, text, recorder)
@@ -302,7 +347,10 @@ def decode_trajectories(
     if recorder is not None:
         loop.routes = _prompt_routes(recorder, attention_mask, n, prompt_len + limits.max_total_tokens)
     loop.step.cache.batch_repeat_interleave(n)
-    loop.mask = attention_mask.repeat_interleave(n, dim=0)
+    loop.full_mask = torch.cat(
+        [attention_mask, attention_mask.new_zeros((attention_mask.shape[0], cache_columns(limits)))], dim=1
+    ).repeat_interleave(n, dim=0)
+    loop.width = prompt_len
     loop.next_pos = (positions[:, -1] + 1).repeat_interleave(n).tolist()
     while loop.rows:
         live = loop.live()

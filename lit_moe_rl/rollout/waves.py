@@ -1,8 +1,8 @@
 """A token budget for the live KV cache: prompts generate in waves that each fit ``max_batch_tokens``.
 
 A wave of ``k`` prompts holds ``k * n`` rows whose KV cache grows to at most ``P + R`` columns (``P``
-the wave's longest prompt, ``R`` the most tokens a row may add: ``max_new_tokens``, or a multi-turn
-trajectory's budget), so ``k * n * (P + R) <= max_batch_tokens`` bounds the cache's token slots (the
+the wave's longest prompt, ``R`` the most columns a row may add: ``max_new_tokens``, or a multi-turn
+trajectory's :func:`~lit_moe_rl.rollout.multiturn.cache_columns`, its masked hole columns included), so ``k * n * (P + R) <= max_batch_tokens`` bounds the cache's token slots (the
 memory planner multiplies them by the bytes of one token's K and V). Prompts keep their order; waves
 run one after the other and their outputs are merged into one :class:`Generation` (prompts re-padded
 on the left, responses and routes on the right). Without a budget nothing is split: one wave, the
