@@ -186,7 +186,7 @@ def check_env(args: argparse.Namespace, installed: dict[str, Any]) -> dict[str, 
     import torch
     import transformers
 
-    from lit_moe_rl.compat import unsupported_versions
+    from lit_moe_rl.cli.compat import unsupported_versions
 
     info = {
         "torch": torch.__version__,

@@ -120,11 +120,12 @@ def paired(iters: int) -> dict[str, list[float]]:
             t0 = time.perf_counter()
             rollout = rollout_cb.make_rollout(module, prompts, rows, step=it)
             callback.on_train_batch_start(None, module, {}, 0)
-            module.compute_old_logprobs(rollout)
-            for micro_rows in module.micro_batches(torch.arange(rollout.num_sequences)):
-                micro = rollout.select(micro_rows)
-                with module.forward_context("update", micro):
-                    logp, _, _ = module.sequence_logprobs(micro)
+            learner = module.learner
+            learner.compute_old_logprobs(rollout)
+            for micro_rows in torch.arange(rollout.num_sequences).split(learner.settings.micro_batch_size):
+                micro = rollout.select(micro_rows)  # untrimmed in every variant: the same work
+                with learner.forward_context("update", micro):
+                    logp, _, _ = learner.sequence_logprobs(micro)
                     (logp * micro.response_mask).sum().backward()
             callback.step_metrics()
             module.policy.zero_grad(set_to_none=True)

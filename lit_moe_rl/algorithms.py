@@ -34,6 +34,8 @@ class Algorithm(ABC):
     """Abstract base: GRPO advantages; subclasses define :meth:`objective` (not selectable in YAML)."""
 
     name = "base"
+    # how each statistic of :meth:`objective` combines across micro-batches and ranks (losses.py)
+    stat_kinds: dict[str, str] = losses.GRPO_STAT_KINDS
 
     def __init__(
         self,
@@ -273,6 +275,7 @@ class GSPO(SequenceObjective):
 
     name = "gspo"
     loss_fn = staticmethod(losses.gspo_loss)
+    stat_kinds = losses.GSPO_STAT_KINDS
 
     def __init__(
         self,
@@ -308,6 +311,7 @@ class GMPO(SequenceObjective):
 
     name = "gmpo"
     loss_fn = staticmethod(losses.gmpo_loss)
+    stat_kinds = losses.GMPO_STAT_KINDS
 
     def __init__(
         self,

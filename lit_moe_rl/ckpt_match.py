@@ -19,11 +19,14 @@ a change is not refused but warned about (:func:`optimizer_notes`), naming the v
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_moe_rl.errors import SettingsError
+
+if TYPE_CHECKING:
+    from lit_moe_rl.module import MoERLModule
 
 SETTINGS = ("dtype", "lora", "correction", "correction_args")
 """``model.*`` hyperparameters a resume must share with its checkpoint (besides shapes and algorithm)."""
@@ -38,7 +41,7 @@ def algorithm_record(algorithm: Any) -> dict[str, Any]:
     return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": args}
 
 
-def record(module: Any) -> dict[str, Any]:
+def record(module: MoERLModule) -> dict[str, Any]:
     """What a checkpoint of ``module`` was trained with (stored under ``checkpoint["run_identity"]``)."""
     shapes = {name: list(p.shape) for name, p in module.policy.named_parameters()}
     return {
@@ -48,7 +51,7 @@ def record(module: Any) -> dict[str, Any]:
     }
 
 
-def check_resume(module: Any, checkpoint: dict[str, Any], path: Any, *, fitting: bool = True) -> None:
+def check_resume(module: MoERLModule, checkpoint: dict[str, Any], path: Any, *, fitting: bool = True) -> None:
     """Raise :class:`SettingsError` when ``checkpoint`` was trained with another model, LoRA or algorithm
     (the algorithm only when ``fitting``: ``validate`` does not use it)."""
     saved = checkpoint.get("run_identity")
@@ -152,3 +155,29 @@ def _algo_diff(saved: dict[str, Any], now: dict[str, Any]) -> tuple[str, str]:
         keys = [k for k in keys if saved["init_args"].get(k) != now["init_args"].get(k)]
         return show(saved, keys), show(now, keys)
     return show(saved, sorted(saved["init_args"])), show(now, sorted(now["init_args"]))
+
+
+def saves_adapters_only(hparams: Any) -> bool:
+    """LoRA on a model loaded from ``model.pretrained``: the frozen base weights are not saved (the
+    checkpoint holds the adapters, a ``full`` router and the optimizer); a resume reloads the base."""
+    return bool(hparams["lora"]) and hparams["pretrained"] is not None
+
+
+def save_module_state(module: MoERLModule, checkpoint: dict[str, Any]) -> None:
+    """What an RL checkpoint holds beyond Lightning's: the skip count, the init seed, :func:`record`; and
+    only the trained parameters when :func:`saves_adapters_only`."""
+    checkpoint["skipped_steps"] = module.learner.skipped_steps if module.learner is not None else 0
+    checkpoint["init_seed"] = module.init_seed
+    checkpoint["run_identity"] = record(module)  # what a resume must match
+    if saves_adapters_only(module.hparams) and "state_dict" in checkpoint:
+        trained = {f"policy.{name}" for name, p in module.policy.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
+
+
+def load_module_state(module: MoERLModule, checkpoint: dict[str, Any], trainer: Any = None) -> None:
+    """Check that ``checkpoint`` matches the run (:func:`check_resume`; ``trainer``: the one restoring it, if
+    any), then restore the skip count and seed."""
+    fitting = trainer is None or trainer.state.fn == "fit"
+    check_resume(module, checkpoint, trainer and trainer.ckpt_path, fitting=fitting)
+    module.learner.skipped_steps = checkpoint.get("skipped_steps", 0)
+    module.init_seed = checkpoint.get("init_seed", module.init_seed)

@@ -41,6 +41,24 @@ LOG_RATIO_CLAMP = 20.0  # |log ratio| bound before exp, as verl (exp(20) ~ 4.9e8
 GSPO_LOG_RATIO_MAX = 10.0  # verl's upper clamp on GSPO's log s_{i,t}
 
 
+# How each loss's statistics combine across micro-batches and ranks (lit_moe_rl.learner.stats): a
+# token fraction is a token mean, GSPO's sequence-level flags and the GSPO/GMPO sequence ratios are
+# sequence means, the ratio extremes are extremes.
+_CLIP = ("clipfrac_low", "clipfrac_high", "clipfrac")
+GRPO_STAT_KINDS = {
+    **dict.fromkeys((*_CLIP, "clipfrac_dual", "ppo_kl", "ratio_mean"), "token_mean"),
+    "ratio_min": "min",
+    "ratio_max": "max",
+}
+GSPO_STAT_KINDS = {
+    **dict.fromkeys((*_CLIP, "ratio_mean"), "seq_mean"),
+    "ppo_kl": "token_mean",
+    "ratio_min": "min",
+    "ratio_max": "max",
+}
+GMPO_STAT_KINDS = {**GRPO_STAT_KINDS, "ratio_mean": "seq_mean"}
+
+
 # ----------------------------------------------------------------------------- masking helpers
 
 

@@ -393,3 +393,44 @@ def set_training_mode(model: nn.Module) -> int:
             setattr(config, key, 0.0)
     model.train()
     return zeroed
+
+
+def prepare_for_rl(model: nn.Module, *, gradient_checkpointing: bool = False) -> int:
+    """Make a loaded policy ready for RL updates: gradient checkpointing when asked, no KV cache, and
+    :func:`set_training_mode` (the one mode of every forward); returns how many dropouts were zeroed."""
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return set_training_mode(model)
+
+
+def build_rl_policy(
+    hp: Any, *, seed: int, router_shift: bool, loader: Any = None
+) -> tuple[nn.Module, Any, int]:
+    """The policy of an RL run from the module's ``model.*`` settings ``hp``: :func:`load_policy`, LoRA
+    when asked, checked (an MoE when ``router_shift`` is tracked; a family with a load-balancing loss when
+    it is weighted) and :func:`prepare_for_rl`. Returns ``(policy, tokenizer, dropouts zeroed)``."""
+    from lit_moe_rl.lora import apply_lora
+    from lit_moe_rl.routing.checks import require_moe
+
+    policy, tokenizer = (loader or load_policy)(
+        hp["pretrained"], hp["config"], dtype=hp["dtype"], tokenizer=hp["tokenizer"], seed=seed
+    )
+    if hp["lora"]:
+        policy = apply_lora(policy, hp["lora"])
+    if router_shift:
+        require_moe(policy, "router_shift")
+    if hp["router_aux_loss_coef"] > 0:
+        load_balancing_loss(policy)  # fails now on a family without one
+    return policy, tokenizer, prepare_for_rl(policy, gradient_checkpointing=hp["gradient_checkpointing"])
+
+
+def save_hf_folder(model: nn.Module, tokenizer: Any, path: str) -> None:
+    """Save ``model`` (a PEFT model with its LoRA merged into a copy) and ``tokenizer`` as a Hugging Face
+    folder that ``from_pretrained`` loads."""
+    if hasattr(model, "merge_and_unload"):
+        import copy
+
+        model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)

@@ -17,12 +17,9 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
-from jsonargparse import lazy_instance
-from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from lit_moe_rl.cli_base import OneLineCLI
 from lit_moe_rl.data.countdown import format_completion
 from lit_moe_rl.policy import load_policy, position_ids_from_mask
 from lit_moe_rl.rewards.countdown import CountdownReward
@@ -218,29 +215,3 @@ def export_path(export_dir: str | None, log_dir: str) -> str | None:
     if export_dir is None:
         return None
     return os.path.join(log_dir, "hf_model") if export_dir == "auto" else export_dir
-
-
-class SFTCLI(OneLineCLI):
-    """``lit-moe-rl sft``: the warm-start recipe, with the prompt template shared by data and model."""
-
-    TRAINER_DEFAULTS = {
-        "logger": lazy_instance(CSVLogger, save_dir="runs"),
-        "enable_checkpointing": False,
-        "log_every_n_steps": 10,
-        "max_steps": 300,
-    }
-
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("data.template", "model.template")
-
-    def _add_subcommands(self, parser: Any, **kwargs: Any) -> None:
-        """``sft`` runs Lightning's ``fit``; its ``--help`` says ``lit-moe-rl sft``, not ``... fit``."""
-        super()._add_subcommands(parser, **kwargs)
-        fit = self._subcommand_parsers["fit"]
-        fit.prog = "lit-moe-rl sft"
-        fit.description = (__doc__ or "").split("\n\n", 1)[0].replace("``", "")
-
-    def _instantiate_trainer(self, config: dict, callbacks: list) -> Any:
-        from lit_moe_rl.cli import rich_progress_bar
-
-        return super()._instantiate_trainer(config, callbacks + rich_progress_bar(config))

@@ -54,3 +54,30 @@ def at_least(setting: str, value: float, low: float, note: str = "") -> None:
     """``value >= low`` and finite, else a one-line :class:`SettingsError` (NaN is refused too)."""
     if not (value >= low and math.isfinite(value)):
         raise SettingsError(f"{setting}: must be >= {low}{note}, got {value}")
+
+
+def check_rl_module_settings(hp: Any) -> None:
+    """The RL module's ``model.*`` settings (``hp``: its hyperparameters), before any model loads: a model
+    source, positive batch sizes, the ranges above, an existing ``pretrained`` folder, a known correction."""
+    if hp["pretrained"] is None and hp["config"] is None:
+        raise ValueError("model: set model.pretrained (a local folder or builtin:<name>) or model.config")
+    for name in ("mini_batches", "micro_batch_size"):
+        if hp[name] < 1:
+            raise ValueError(f"model.{name}: must be >= 1, got {hp[name]}")
+    names = (
+        "lr",
+        "weight_decay",
+        "betas",
+        "warmup_steps",
+        "grad_clip",
+        "logprob_chunk_size",
+        "router_aux_loss_coef",
+    )
+    check_module_settings(**{name: hp[name] for name in names}, lora=hp["lora"])
+    if hp["pretrained"] is not None:
+        from lit_moe_rl.policy import resolve_pretrained
+
+        resolve_pretrained(hp["pretrained"])  # fail before any work on a missing folder
+    from lit_moe_rl.learner.old_pass import check_correction
+
+    check_correction(hp["correction"], hp["correction_args"] or {})

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
-from lit_moe_rl import module as module_lib
 from lit_moe_rl.batch import Rollout
-from lit_moe_rl.batching import micro_plan, pad_columns, scatter_rows, trim_padding
+from lit_moe_rl.learner import learner as learner_lib
+from lit_moe_rl.learner.batching import micro_plan, pad_columns, scatter_rows, trim_padding
+from lit_moe_rl.parallel.distributed import Collectives
 from tests.helpers import run_fit, train_rows
 from tests.test_distributed_e2e import KEYS
 
@@ -40,9 +39,8 @@ def test_trim_drops_only_columns_past_the_longest_response():
 
 
 def test_plan_groups_rows_by_length_and_scatter_restores_the_order():
-    module = SimpleNamespace(hparams=SimpleNamespace(micro_batch_size=2), device=torch.device("cpu"))
     lengths = torch.tensor([3, 1, 4, 1])
-    plan = micro_plan(module, torch.arange(4), lengths=lengths)
+    plan = micro_plan(torch.arange(4), 2, Collectives(), lengths=lengths)
     assert [rows.tolist() for rows, _ in plan] == [[1, 3], [0, 2]]
     parts = [(rows, rows.float().view(-1, 1).expand(-1, 2)) for rows, _ in plan]
     assert scatter_rows(parts, 4, 3).tolist() == [[r, r, 0.0] for r in (0.0, 1.0, 2.0, 3.0)]
@@ -64,7 +62,7 @@ def test_trimmed_and_sorted_micro_batches_give_the_same_training(tmp_path, monke
         widths.append((micro.response_len, trimmed.response_len))
         return trimmed
 
-    monkeypatch.setattr(module_lib, "trim_padding", spy)
+    monkeypatch.setattr(learner_lib, "trim_padding", spy)
     trimmed = train_rows(run_fit(tmp_path / "trim", *args, steps=4))
     plain = train_rows(run_fit(tmp_path / "plain", *args, "--model.trim_padding=false", steps=4))
     assert len(trimmed) == len(plain) >= 2

@@ -101,9 +101,9 @@ def test_dense_model_with_router_shift_is_an_error(capsys, tmp_path):
 
 
 def test_nan_loss_skips_the_update_and_keeps_weights(tmp_path, monkeypatch):
-    from lit_moe_rl import module as module_lib
+    from lit_moe_rl.learner import Learner
 
-    original = module_lib.MoERLModule.micro_batch_loss
+    original = Learner.micro_batch_loss
     seen = {}
 
     def nan_loss(self, micro, capture, **norms):
@@ -112,7 +112,7 @@ def test_nan_loss_skips_the_update_and_keeps_weights(tmp_path, monkeypatch):
         seen["module"] = self
         return loss * float("nan"), stats
 
-    monkeypatch.setattr(module_lib.MoERLModule, "micro_batch_loss", nan_loss)
+    monkeypatch.setattr(Learner, "micro_batch_loss", nan_loss)
     rows = train_rows(run_fit(tmp_path, steps=2))
     assert rows[-1]["policy/skipped_steps"] == 2.0
     after = seen["module"].policy.state_dict()

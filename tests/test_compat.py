@@ -2,8 +2,7 @@
 
 import pytest
 
-from lit_moe_rl import compat
-from lit_moe_rl.cli import main
+from lit_moe_rl.cli import compat, main
 
 
 def test_installed_versions_are_supported():
@@ -19,7 +18,7 @@ def test_an_old_or_missing_package_is_named():
 def test_cli_refuses_an_old_transformers_in_one_line(monkeypatch, capsys):
     monkeypatch.setattr(compat, "MINIMUM", {"transformers": "99.0"})
     monkeypatch.setattr(
-        "lit_moe_rl.cli.unsupported_versions", lambda: compat.unsupported_versions(compat.MINIMUM)
+        "lit_moe_rl.cli.app.unsupported_versions", lambda: compat.unsupported_versions(compat.MINIMUM)
     )
     with pytest.raises(SystemExit) as exc:
         main(["fit", "--help"])

@@ -11,9 +11,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lit_moe_rl import distributed as D
 from lit_moe_rl.data.sampler import ResumableSampler
+from lit_moe_rl.learner.stats import Gathered, Stats, add_named
 from lit_moe_rl.losses import grpo_loss
+from lit_moe_rl.parallel import distributed as D
 from lit_moe_rl.rollout.engine import Generation
 from lit_moe_rl.rollout.per_prompt import concat_generations, prompt_seed
 
@@ -61,9 +62,9 @@ def test_single_process_reductions_are_identities():
     assert D.global_counts(7.0, 2.0, 12.0, cpu) == (7.0, 2.0, 12.0)
     assert D.max_over_ranks(3, cpu) == 3
     assert D.all_finite(True, cpu) and not D.all_finite(False, cpu)
-    logged = D.RankMetrics().reduce(
-        {"policy/loss": float("nan"), "policy/ppo_kl": 0.5}, tokens=3.0, device=cpu
-    )
+    stats = Stats()
+    add_named(stats, {"policy/loss": float("nan"), "policy/ppo_kl": 0.5}, tokens=3.0)
+    logged = stats.reduce(D.Collectives(cpu))
     assert logged["policy/ppo_kl"] == 0.5 and logged["policy/loss"] != logged["policy/loss"]  # NaN kept
 
 
@@ -102,9 +103,15 @@ def _two_rank_worker(rank: int, port: int, queue) -> None:
         }
         if rank == 1:
             values["rspo/gamma_mean"] = 0.9  # a metric one rank lacks cannot hang the others
-        metrics = D.RankMetrics()
-        out["metrics"] = metrics.reduce(values, tokens=[10.0, 30.0][rank], device=cpu)
-        out["again"] = metrics.reduce({"policy/loss": 1.0}, tokens=1.0, device=cpu)  # no state carried
+        collectives = D.Collectives(cpu)
+        stats = Stats()
+        add_named(stats, values, tokens=[10.0, 30.0][rank])
+        stats.gathered("reward/std", Gathered(torch.tensor([[0.0, 1.0], [2.0, 5.0]][rank])))
+        stats.gathered("rspo/gamma_p50", Gathered(torch.arange(3.0) + 3 * rank, "quantile", 0.5))
+        out["metrics"] = stats.reduce(collectives)
+        again = Stats()
+        add_named(again, {"policy/loss": 1.0}, tokens=1.0)
+        out["again"] = again.reduce(collectives)  # no state carried
         queue.put((rank, out))
     finally:
         dist.destroy_process_group()
@@ -134,6 +141,8 @@ def test_two_gloo_ranks_agree_on_counts_skips_and_metrics():
         assert m["reward/mean"] == pytest.approx(0.5)
         assert m["rspo/gamma_mean"] == pytest.approx(0.9)  # rank 0 contributed weight 0
         assert out["again"]["policy/loss"] == pytest.approx(2.0)
+        assert m["reward/std"] == pytest.approx(float(torch.tensor([0.0, 1.0, 2.0, 5.0]).std()))  # pooled
+        assert m["rspo/gamma_p50"] == pytest.approx(2.5)  # median of 0..5, not the mean of 1 and 4
 
 
 # ------------------------------------------------------------------ the sampler

@@ -86,6 +86,21 @@ def test_ddp_two_ranks_equal_one_process(tmp_path):
     assert two[0][0]["policy/grad_norm"] > 0
 
 
+def test_every_logged_metric_of_two_ranks_equals_one_process(tmp_path):
+    """Each statistic reduced by its kind: token and sequence means, extremes, sums, and the quantiles
+    and standard deviation from the gathered values (RSPO's γ quantiles, ``reward/std``). One mini-batch:
+    with several, each rank shuffles its own rows into mini-batches, so the updates themselves differ
+    from one process's (tests/test_distributed.py checks pooled quantiles with hand-worked values)."""
+    extra = ["--model.algorithm=lit_moe_rl.algorithms.RSPO", "--model.algorithm.kl_coef=0.05",
+             "--trainer.callbacks+=lit_moe_rl.callbacks.ReferenceKLCallback"]  # fmt: skip
+    two = fit(tmp_path / "two", "--trainer.strategy=ddp", *extra, devices=2, batch_size=2)
+    one = fit(tmp_path / "one", *extra, devices=1, batch_size=4)
+    keys = [k for k in one[0][0] if not k.startswith("perf/") and k not in ("epoch", "step")]
+    assert {"rspo/gamma_p10", "rspo/shift_p99", "reward/std", "policy/ratio_max", "ref/kl"} <= set(keys)
+    assert set(keys) == {k for k in two[0][0] if not k.startswith("perf/") and k not in ("epoch", "step")}
+    assert_same_run(one, two, keys)
+
+
 def test_fsdp2_two_ranks_with_r3_and_rspo_equal_one_process(tmp_path):
     """FSDP2 (fully_shard per decoder layer) on CPU: generation runs on the full rollout copy (a bf16
     engine), R3 records its routes there and replays them per rank in the sharded forward; RSPO's

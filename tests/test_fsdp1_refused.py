@@ -16,7 +16,7 @@ from helpers import run_fit  # noqa: E402
 
 from lit_moe_rl.errors import SettingsError  # noqa: E402
 from lit_moe_rl.module import MoERLModule  # noqa: E402
-from lit_moe_rl.sharding import refuse_fsdp1  # noqa: E402
+from lit_moe_rl.parallel.sharding import refuse_fsdp1  # noqa: E402
 
 
 @pytest.mark.parametrize(

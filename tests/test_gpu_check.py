@@ -223,14 +223,16 @@ def test_the_watchdog_writes_the_partial_report_and_exits_124(tmp_path, monkeypa
 def test_the_update_is_timed_after_a_device_sync(monkeypatch):
     import torch
 
-    from lit_moe_rl.module import MoERLModule
+    from lit_moe_rl.algorithms import GRPO
+    from lit_moe_rl.learner import Learner, LearnerSettings
+    from lit_moe_rl.parallel.distributed import Collectives
 
-    module = MoERLModule(config={"family": "qwen3_moe"})
-    module._device = torch.device("cuda", 0)
+    cuda = torch.device("cuda", 0)
+    learner = Learner(torch.nn.Linear(1, 1), GRPO(), LearnerSettings(), collectives=Collectives(cuda))
     synced = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
-    module._synced_clock()
-    assert synced == [torch.device("cuda", 0)]
+    learner.synced_clock()
+    assert synced == [cuda]
 
 
 def test_plan_vs_measured_names_max_memory_allocated_on_cuda():

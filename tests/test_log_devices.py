@@ -12,8 +12,9 @@ import numbers
 
 import torch
 
-from lit_moe_rl import distributed
+from lit_moe_rl.learner import Learner, LearnerSettings
 from lit_moe_rl.module import MoERLModule
+from lit_moe_rl.parallel import distributed
 
 META = torch.device("meta")
 
@@ -46,21 +47,19 @@ def test_val_reward_is_logged_on_the_module_device(monkeypatch):
 
 def test_step_metrics_and_their_reductions_use_the_module_device(monkeypatch):
     module, logged = _module_on_meta(monkeypatch)
+    module.learner = Learner(torch.nn.Linear(1, 1), module.algorithm, LearnerSettings())
+    module.learner.collectives = distributed.Collectives(module.device)
+    module.learner.step_tokens = 4.0
     devices: list[torch.device] = []
     monkeypatch.setattr(distributed, "is_distributed", lambda: True)
     monkeypatch.setattr(distributed.dist, "get_world_size", lambda *a: 1)
     monkeypatch.setattr(distributed.dist, "all_gather_object", lambda out, obj: out.__setitem__(0, obj))
 
-    class Recorder(torch.nn.Module):  # stands in for a torchmetrics metric: records its inputs' devices
-        def forward(self, *values):
-            devices.extend(v.device for v in values)
-            return torch.zeros((), dtype=torch.float64)  # a value float() can read
+    def all_reduce(values, op, device):  # every reduction is packed on the module's device
+        devices.append(device)
+        return values
 
-        def reset(self):
-            pass
-
-    monkeypatch.setattr(module.rank_metrics, "_metric", lambda name, device: Recorder())
-    module._step_tokens = 4.0
+    monkeypatch.setattr(distributed, "_all_reduce", all_reduce)
     module.log_reduced({"policy/loss": 0.5, "reward/mean": torch.tensor(0.25), "perf/update_s": 1.0})
     assert devices and all(d == META for d in devices)
     assert len(logged) == 3

@@ -378,8 +378,8 @@ def test_r3_fit_on_multi_turn_rollouts_replays_with_no_disagreement(tmp_path):
 
 def test_trim_padding_keeps_observation_columns_and_dr_grpo_uses_the_trajectory_budget():
     from lit_moe_rl.batch import Rollout
-    from lit_moe_rl.batching import trim_padding
     from lit_moe_rl.callbacks.rollout import RolloutCallback
+    from lit_moe_rl.learner.batching import trim_padding
 
     sampled = torch.tensor(
         [[True, False, False, False, False, False], [True, True, False, True, False, False]]

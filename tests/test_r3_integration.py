@@ -21,6 +21,7 @@ from lit_moe_rl.callbacks.rollout import RolloutCallback
 from lit_moe_rl.callbacks.routing_replay import RoutingReplayCallback
 from lit_moe_rl.data.countdown import format_prompt, generate_countdown
 from lit_moe_rl.module import MoERLModule
+from lit_moe_rl.parallel.distributed import Collectives
 from lit_moe_rl.rollout.engine import HFEngine
 from lit_moe_rl.routing.record import record_routes
 from lit_moe_rl.routing.store import RouteStore
@@ -58,7 +59,7 @@ def make_module(
 def old_pass(module: MoERLModule, callback: RoutingReplayCallback, rollout) -> dict[str, float]:
     """The module's π_old pass through the callback's forward context, plus the callback's step metrics."""
     callback.on_train_batch_start(None, module, {}, 0)
-    metrics = module.compute_old_logprobs(rollout)
+    metrics = module.learner.compute_old_logprobs(rollout).reduce(Collectives())
     return metrics | callback.step_metrics()
 
 
@@ -114,7 +115,7 @@ def test_r2_replays_the_old_pass_routes_in_the_update(bf16_rollout):
     old = callback._old_routes(micro)  # θ_old routes of these rows, in the training layout
     assert old.shape == (3, *rollout.routes.shape[1:])
     with torch.no_grad(), callback.forward_context("update", micro):
-        module.sequence_logprobs(micro)
+        module.learner.sequence_logprobs(micro)
     assert callback.step_metrics()["routing/update_replay_native_router_disagreement"] == 0.0  # θ == θ_old
 
 
@@ -125,7 +126,7 @@ def test_reference_routes_natively_unless_asked(bf16_rollout, replay_reference):
     micro = rollout.select(torch.arange(16))
     routes = micro.routes.rows()
     with torch.no_grad(), callback.forward_context("ref", micro), record_routes(module.policy) as rec:
-        module.sequence_logprobs(micro)
+        module.learner.sequence_logprobs(micro)
     routed = (routes >= 0).all(-1).all(-1) & micro.attention_mask.bool()
     same = (rec.routes.sort(-1).values == routes.sort(-1).values).all(-1).all(-1)[routed]
     assert bool(same.all()) is replay_reference  # bf16 flips some routes: native differs somewhere
@@ -167,7 +168,7 @@ def test_bad_routes_each_surface_their_own_error(bf16_rollout, case, message):
         routes = routes[:, 1:]
     micro.routes = routes
     with pytest.raises(ValueError, match=message), callback.forward_context("old", micro):
-        module.sequence_logprobs(micro)
+        module.learner.sequence_logprobs(micro)
 
 
 def test_callback_arguments_are_checked():

@@ -49,8 +49,8 @@ def _load(path: str) -> dict:
 
     from lit_moe_rl.parallel.measure import current_rss_bytes, peak_rss_bytes, reset_peak_rss
     from lit_moe_rl.parallel.rank0_load import full_state, load_on_rank0, receive_shards, skeleton_policy
+    from lit_moe_rl.parallel.sharding import shard_policy
     from lit_moe_rl.policy import load_policy
-    from lit_moe_rl.sharding import shard_policy
 
     torch.set_num_threads(1)
     mesh = init_device_mesh("cpu", (2,))

@@ -9,6 +9,7 @@ RouterShiftCallback (tracking for any algorithm, heatmap, expert-load entropy, s
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,7 +26,9 @@ from lit_moe_rl.callbacks.rollout import RolloutCallback
 from lit_moe_rl.callbacks.router_shift import HEATMAP_KEY, RouterShiftCallback, layer_shift_column
 from lit_moe_rl.cli import main
 from lit_moe_rl.data.datamodule import PromptDataModule
+from lit_moe_rl.learner import Learner
 from lit_moe_rl.module import MoERLModule
+from lit_moe_rl.parallel.distributed import Collectives
 from lit_moe_rl.rollout.engine import HFEngine
 from tests.helpers import ROOT, latest_metrics, read_metrics
 
@@ -67,18 +70,18 @@ def run_fit(algorithm, *, mini_batches=1, rollouts=1, lr=1e-2, callbacks=(), log
     )
     updates: list[dict[str, float]] = []
     objective_calls: list[dict[str, torch.Tensor | None]] = []
-    step, objective = module.mini_batch_step, algorithm.objective
+    step, objective = Learner.mini_batch_step, algorithm.objective
 
-    def mini_batch_spy(rollout, rows):
-        stats = step(rollout, rows)
-        updates.append(stats)
+    def mini_batch_spy(learner, rollout, rows, **kwargs):
+        stats = step(learner, rollout, rows, **kwargs)
+        updates.append(copy.deepcopy(stats).reduce(Collectives()))
         return stats
 
     def objective_spy(logp, *args, log_weight, **kwargs):
         objective_calls.append({"logp": logp, "log_weight": log_weight})
         return objective(logp, *args, log_weight=log_weight, **kwargs)
 
-    module.mini_batch_step = mini_batch_spy
+    Learner.mini_batch_step = mini_batch_spy  # the learner is built inside fit (configure_model)
     algorithm.objective = objective_spy
     data = PromptDataModule(
         template="compact", num_train=8, num_val=0, batch_size=2, max_numbers=3, max_number=20, max_target=100
@@ -97,7 +100,10 @@ def run_fit(algorithm, *, mini_batches=1, rollouts=1, lr=1e-2, callbacks=(), log
         default_root_dir=root,
         callbacks=[rollout, *callbacks],
     )
-    trainer.fit(module, data)
+    try:
+        trainer.fit(module, data)
+    finally:
+        Learner.mini_batch_step = step
     return SimpleNamespace(module=module, trainer=trainer, updates=updates, objective_calls=objective_calls)
 
 

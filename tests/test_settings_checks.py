@@ -142,7 +142,7 @@ def _algorithm(capsys, *extra: str) -> tuple[dict, str]:
     ("name", "clip"), [("GSPO", (3e-4, 4e-4)), ("GMPO", (0.4, 0.4)), ("RSPO", (0.4, 0.4))]
 )
 def test_switching_algorithm_starts_from_its_defaults(capsys, name, clip):
-    from lit_moe_rl import algorithm_switch
+    from lit_moe_rl.cli import algorithm_switch
 
     algorithm_switch._NOTED.clear()
     algorithm, err = _algorithm(capsys, f"--model.algorithm={name}")
@@ -189,9 +189,9 @@ def test_sft_help_says_sft(capsys, monkeypatch):
 def test_a_skipped_update_is_said_once():
     from types import SimpleNamespace
 
-    from lit_moe_rl.update import note_skipped
+    from lit_moe_rl.learner.update import note_skipped
 
-    module = SimpleNamespace(global_step=7)
+    module = SimpleNamespace(optimizer_step=7, skip_noted=False)
     with pytest.warns(
         UserWarning, match="model: optimizer step 7 skipped: its loss or gradient norm is not finite"
     ):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lit_moe_rl.threads import apply_num_threads, auto_num_threads
+from lit_moe_rl.cli.threads import apply_num_threads, auto_num_threads
 
 
 @pytest.mark.parametrize(("cores", "expected"), [(1, 1), (2, 1), (4, 1), (8, 4), (64, 32)])

@@ -26,7 +26,7 @@ class ModeProbe(L.Callback):
     """Records, around each training step, the mode of every policy forward and the dropout in use."""
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        from lit_moe_rl.sharding import decoder_layers
+        from lit_moe_rl.parallel.sharding import decoder_layers
 
         self._hook = decoder_layers(pl_module.policy)[0].register_forward_pre_hook(
             lambda module, args: (

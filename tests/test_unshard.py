@@ -36,10 +36,10 @@ def _compare(rank: int) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
     from lit_moe_rl.parallel.measure import live_tensor_bytes
+    from lit_moe_rl.parallel.sharding import shard_policy, unsharded_copy
     from lit_moe_rl.parallel.unshard import unsharded
     from lit_moe_rl.policy import load_policy, token_logprobs
     from lit_moe_rl.rollout.engine import HFEngine
-    from lit_moe_rl.sharding import shard_policy, unsharded_copy
 
     torch.set_num_threads(1)
     policy, tok = load_policy("builtin:countdown-tiny-moe")

@@ -10,7 +10,7 @@ It owns the reference model's lifecycle. π_ref is the policy's *initial* weight
   policy was first built with and sharded like it
   (:meth:`~lit_moe_rl.module.MoERLModule.initial_policy`).
 
-The module scores π_ref once per rollout, in the old-log-prob pass, through :meth:`reference_logprobs`;
+The learner scores π_ref once per rollout, in the old-log-prob pass, through :meth:`reference_logprobs`;
 the loss term is ``algorithm.kl_coef · KL_kind(π_θ‖π_ref)`` (DeepSeekMath's per-token k3 form, docs/algorithms.md §2.1). With
 ``kl_coef: 0`` there is no reference forward at all unless ``monitor`` asks for the ``ref/kl`` metric.
 The reference routes natively (it never replays, as slime does) unless the routing-replay callback is
@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
@@ -33,6 +33,9 @@ from typing_extensions import override
 from lit_moe_rl.batch import Rollout
 from lit_moe_rl.parallel.unshard import fsdp_units
 from lit_moe_rl.policy import load_policy, resolve_pretrained, token_logprobs
+
+if TYPE_CHECKING:
+    from lit_moe_rl.learner import Learner
 
 
 class ReferenceKLCallback(Callback):
@@ -72,23 +75,23 @@ class ReferenceKLCallback(Callback):
             self.model = pl_module.initial_policy()
         if self.model is not None:
             self.model.eval().requires_grad_(False)
-        pl_module.reference = self
+        pl_module.learner.reference = self
 
     @torch.no_grad()
-    def reference_logprobs(self, pl_module: Any, micro: Rollout) -> Tensor:
+    def reference_logprobs(self, learner: Learner, micro: Rollout) -> Tensor:
         """π_ref log-probs ``[n, R]`` of ``micro``'s response tokens (phase ``ref`` forward contexts)."""
-        model = pl_module.policy if self._use_disabled_adapter else self.model
+        model = learner.policy if self._use_disabled_adapter else self.model
         adapter_off = (
-            pl_module.policy.disable_adapter() if self._use_disabled_adapter else contextlib.nullcontext()
+            learner.policy.disable_adapter() if self._use_disabled_adapter else contextlib.nullcontext()
         )
-        with adapter_off, pl_module.forward_context("ref", micro):
+        with adapter_off, learner.forward_context("ref", micro):
             logp, _, _ = token_logprobs(
                 model,
                 micro.input_ids,
                 micro.attention_mask,
                 micro.prompt_len,
                 temperature=micro.temperature,
-                chunk_size=pl_module.hparams.logprob_chunk_size,
+                chunk_size=learner.settings.logprob_chunk_size,
             )
         return logp
 

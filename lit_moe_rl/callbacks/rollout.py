@@ -23,7 +23,8 @@ from lit_moe_rl.callbacks.multiturn import (
     marked_transcripts,
     multiturn_metrics,
 )
-from lit_moe_rl.distributed import is_distributed
+from lit_moe_rl.learner.stats import Gathered
+from lit_moe_rl.parallel.distributed import is_distributed
 from lit_moe_rl.parallel.unshard import check_engine
 from lit_moe_rl.rewards import RewardFn, resolve_reward
 from lit_moe_rl.rewards.failures import FailureTracker
@@ -302,12 +303,12 @@ class RolloutCallback(Callback):
             self.multiturn.close()
 
 
-def rollout_metrics(gen: Generation, rewards: torch.Tensor, errors: int) -> dict[str, float]:
-    """``reward/*`` and ``rollout/*`` scalars of one generation."""
+def rollout_metrics(gen: Generation, rewards: torch.Tensor, errors: int) -> dict[str, float | Gathered]:
+    """``reward/*`` and ``rollout/*`` scalars of one generation (per rank: reduced by the learner)."""
     lengths = gen.response_mask.sum(-1).float()
     return {
         "reward/mean": float(rewards.mean()),
-        "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+        "reward/std": Gathered(rewards.detach().float().cpu()),  # the std of every rank's rewards
         "reward/errors": float(errors),
         "rollout/response_length": float(lengths.mean()),
         "rollout/response_length_max": float(lengths.max()),

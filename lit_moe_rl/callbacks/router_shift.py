@@ -78,7 +78,7 @@ class RouterShiftCallback(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if not hasattr(pl_module, "tracks_router_shift"):
+        if not hasattr(pl_module, "add_forward_context"):
             raise ValueError(
                 f"router_shift: RouterShiftCallback needs lit_moe_rl's MoERLModule, got {type(pl_module).__name__}"
             )

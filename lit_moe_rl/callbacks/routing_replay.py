@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import lightning as L
 import torch
@@ -78,6 +78,9 @@ from lit_moe_rl.routing.checks import require_moe, validate_routes
 from lit_moe_rl.routing.record import record_routes
 from lit_moe_rl.routing.replay import RouteReplayer, replay_routes
 from lit_moe_rl.routing.store import RouteStore, as_route_tensor
+
+if TYPE_CHECKING:
+    from lit_moe_rl.learner import Learner
 
 Mode = Literal["off", "R3", "R2"]
 MODES = ("off", "R3", "R2")
@@ -149,7 +152,7 @@ class RoutingReplayCallback(Callback):
         self.replay_reference = replay_reference
         self.log_native_agreement = log_native_agreement
         self._rollout_cb: RolloutCallback | None = None
-        self._module: Any = None
+        self._learner: Learner | None = None  # the learner whose forwards this callback wraps
         self._active = False
         self._layout = (0, 0, 0)  # (MoE layers, top-K, experts) of the policy
         self._routers: dict[int, list] = {}  # id(model) -> its routers, found once
@@ -172,7 +175,7 @@ class RoutingReplayCallback(Callback):
         self._rollout_cb = found[0]
         if not hasattr(pl_module, "add_forward_context"):
             raise ValueError(
-                f"routing_replay: the LightningModule {type(pl_module).__name__} has no add_forward_context; "
+                f"routing_replay: the LightningModule {type(pl_module).__name__} has no learner; "
                 "use lit_moe_rl.module.MoERLModule"
             )
 
@@ -193,9 +196,9 @@ class RoutingReplayCallback(Callback):
             self._rollout_cb.record_routes = True
         self._layout = moe_layout(policy)
         self._routers = {id(policy): find_moe_routers(policy)} if self._active else {}
-        if self._active and self._module is not pl_module:
-            pl_module.add_forward_context(self.forward_context)
-            self._module = pl_module
+        if self._active and self._learner is not pl_module.learner:
+            pl_module.learner.add_forward_context(self.forward_context)
+            self._learner = pl_module.learner
 
     # ------------------------------------------------------------------ step bookkeeping
     @override
@@ -250,7 +253,7 @@ class RoutingReplayCallback(Callback):
         state = self._state
         state.ran = True
         routes = self._rollout_routes(micro, required=self.mode == "R3")
-        model = _decoder(self._module.policy)
+        model = _decoder(self._learner.policy)
         record = self.mode == "R2" or (routes is not None and self.log_native_agreement)
         replayer: RouteReplayer | None = None
         with contextlib.ExitStack() as stack:
@@ -285,7 +288,7 @@ class RoutingReplayCallback(Callback):
         target: nn.Module | None = None,
         count_fallback: bool = False,
     ) -> Iterator[None]:
-        model = _decoder(target if target is not None else self._module.policy)
+        model = _decoder(target if target is not None else self._learner.policy)
         track = phase == "update" and self.log_native_agreement
         with contextlib.ExitStack() as stack:
             replayer = self._enter_replay(stack, model, routes, micro, phase, keep_native=track)
@@ -375,7 +378,7 @@ class RoutingReplayCallback(Callback):
         return state.old_store.rows(rows)
 
     def _reference_model(self) -> nn.Module | None:
-        reference = getattr(self._module, "reference", None)
+        reference = self._learner.reference
         return getattr(reference, "model", None)  # None: the reference is the policy (LoRA adapter off)
 
 

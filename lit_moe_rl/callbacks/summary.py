@@ -25,7 +25,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
 from lit_moe_rl.checkpoint import interrupted_lines, save_last_now
-from lit_moe_rl.distributed import global_sums
+from lit_moe_rl.parallel.distributed import global_sums
 
 HEADLINE = (
     "mismatch/train_infer_kl",
@@ -113,7 +113,7 @@ class RunSummary(Callback):
 
     def run_lines(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[str]:
         """Skipped updates, failed reward calls, routing headline means, and the log folder."""
-        lines = [f"skipped updates: {getattr(pl_module, 'skipped_steps', 0)}"]
+        lines = [f"skipped updates: {getattr(getattr(pl_module, 'learner', None), 'skipped_steps', 0)}"]
         tracker = next(
             (getattr(cb, "failures", None) for cb in trainer.callbacks if hasattr(cb, "scorer")), None
         )

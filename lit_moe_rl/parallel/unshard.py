@@ -9,7 +9,7 @@ all-gather per step that refreshing a resident copy costs. R3 records its routes
 the update then replays them on. PyTorch FSDP2 docs: ``FSDPModule.unshard``, ``reshard``,
 ``set_reshard_after_forward``.
 
-``model.rollout_weights: resident`` keeps today's rank-local full copy (:mod:`lit_moe_rl.sharding`):
+``model.rollout_weights: resident`` keeps today's rank-local full copy (:mod:`lit_moe_rl.parallel.sharding`):
 no all-gather latency in the rollout, one full set of weights more per rank between steps.
 """
 

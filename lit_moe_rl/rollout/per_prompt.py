@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lit_moe_rl.distributed import is_distributed, world_size
+from lit_moe_rl.parallel.distributed import is_distributed, world_size
 from lit_moe_rl.rollout.engine import Generation
 from lit_moe_rl.rollout.waves import concat_generations
 

@@ -18,13 +18,16 @@ import signal
 import sys
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
 ENV = "LIT_MOE_RL_RENDEZVOUS_TIMEOUT"
 DEFAULT_S = 300.0
+
+if TYPE_CHECKING:
+    from lightning.pytorch import LightningModule, Trainer
 
 
 def timeout_s() -> float:
@@ -97,10 +100,10 @@ class RendezvousWatchdog(Callback):
             os.close(self._write_fd)
             self._write_fd = None
 
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.disarm()  # the strategy's environment (and process group) is set up by now
 
-    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self.disarm()
 
     def _watch(self, read_fd: int) -> None:

@@ -12,26 +12,29 @@ mini-batch's counts, so neither changes the objective: only float rounding diffe
 from __future__ import annotations
 
 from dataclasses import fields, replace
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from lit_moe_rl.batch import Rollout
-from lit_moe_rl.distributed import max_over_ranks
+from lit_moe_rl.parallel.distributed import Collectives
 
 
 def micro_plan(
-    module: Any, rows: Tensor, *, fallback: Tensor | None = None, lengths: Tensor | None = None
+    rows: Tensor,
+    micro_batch_size: int,
+    collectives: Collectives,
+    *,
+    fallback: Tensor | None = None,
+    lengths: Tensor | None = None,
 ) -> list[tuple[Tensor, bool]]:
     """``[(micro_rows, real)]``: ``rows`` in chunks of ``micro_batch_size`` (sorted by ``lengths`` when
     given), padded to the largest chunk count over ranks. ``fallback`` rows stand in when ``rows`` is
     empty on this rank."""
     if lengths is not None and len(rows):
         rows = rows[torch.argsort(lengths[rows.to(lengths.device)].cpu(), stable=True)]
-    chunks = list(rows.split(module.hparams.micro_batch_size)) if len(rows) else []
-    device = module.device if isinstance(module.device, torch.device) else torch.device("cpu")
-    count = max_over_ranks(len(chunks), device)
+    chunks = list(rows.split(micro_batch_size)) if len(rows) else []
+    count = collectives.max(len(chunks))
     if len(chunks) == count:
         return [(chunk, True) for chunk in chunks]
     pad = chunks[0] if chunks else (fallback if fallback is not None else rows)[:1]

@@ -3,28 +3,33 @@
 Also the reference model's log-probs (when a reference is attached), RSPO's old top-K expert ids and
 their router log-probs (router-shift tracking), the train-inference ``mismatch/*`` metrics and the
 off-policy correction weights on ``ρ = π_old / μ``. Every rank runs the same number of forwards
-(:func:`lit_moe_rl.batching.micro_plan`): under FSDP each forward is a collective.
+(:func:`lit_moe_rl.learner.batching.micro_plan`): under FSDP each forward is a collective. Statistics go into a
+:class:`~lit_moe_rl.learner.stats.Stats`, each declared with its kind.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from lit_moe_rl.batch import Rollout
-from lit_moe_rl.batching import micro_plan, scatter_rows
 from lit_moe_rl.corrections import CORRECTIONS, apply_correction
+from lit_moe_rl.learner.batching import scatter_rows
+from lit_moe_rl.learner.stats import Stats
 from lit_moe_rl.losses import kl_estimate, masked_mean
 from lit_moe_rl.metrics import extreme_token_fraction, logp_diff_stats, train_infer_kl
 from lit_moe_rl.routing.record import gather_router_logp
+
+if TYPE_CHECKING:
+    from lit_moe_rl.learner.learner import Learner
 
 TAUS = (1.5, 2.0, 5.0, 10.0)
 
 
 @torch.no_grad()
-def compute_old_logprobs(module: Any, rollout: Rollout) -> dict[str, float]:
+def compute_old_logprobs(learner: Learner, rollout: Rollout, stats: Stats | None = None) -> Stats:
     """π_old log-probs (and entropies) of every response token, once per rollout, into ``rollout``.
 
     The policy stays in the training mode :func:`~lit_moe_rl.policy.set_training_mode` set (dropout
@@ -40,14 +45,13 @@ def compute_old_logprobs(module: Any, rollout: Rollout) -> dict[str, float]:
         "router": [],
         "ref": [],
     }
-    rows_all = torch.arange(rollout.num_sequences)
-    for rows, real in micro_plan(module, rows_all, lengths=module.micro_lengths(rollout)):
-        micro = module.micro_batch(rollout, rows)
-        with module.forward_context("old", micro), module.router_capture(micro) as cap:
-            logp, entropy, _ = module.sequence_logprobs(micro, with_entropy=True)
-        ref_logp = (
-            module.reference.reference_logprobs(module, micro) if module.reference is not None else None
-        )
+    stats = stats if stats is not None else Stats()
+    for rows, real in learner.micro_plan(rollout, torch.arange(rollout.num_sequences)):
+        micro = learner.micro_batch(rollout, rows)
+        with learner.forward_context("old", micro), learner.router_capture(micro) as cap:
+            logp, entropy, _ = learner.sequence_logprobs(micro, with_entropy=True)
+        reference = learner.reference
+        ref_logp = reference.reference_logprobs(learner, micro) if reference is not None else None
         if not real:  # a padding forward that keeps ranks in step: its outputs are duplicates
             continue
         parts["old"].append((rows, logp))
@@ -64,15 +68,16 @@ def compute_old_logprobs(module: Any, rollout: Rollout) -> dict[str, float]:
         rollout.old_router_logp = scatter_rows(parts["router"], n, width)
     if parts["ref"]:
         rollout.ref_logp = scatter_rows(parts["ref"], n, width)
-    metrics = old_pass_metrics(rollout, scatter_rows(parts["ent"], n, width))
+    old_pass_metrics(rollout, scatter_rows(parts["ent"], n, width), stats)
     if rollout.infer_logp is not None:
-        metrics.update(correction_weights(module.hparams, rollout))
-    return metrics
+        s = learner.settings
+        correction_weights(s.correction, s.correction_args, rollout, stats)
+    return stats
 
 
 def collect_fused_old_logprobs(
-    fused: list[tuple[Tensor, Tensor, Tensor]], rollout: Rollout
-) -> dict[str, float]:
+    fused: list[tuple[Tensor, Tensor, Tensor]], rollout: Rollout, stats: Stats
+) -> Stats:
     """π_old from the update forward (detached, taken before the step) into ``rollout``, and its metrics.
 
     ``fused``: ``(rows, logp, entropy)`` of each update micro-batch (padding ones repeat rows: harmless).
@@ -82,43 +87,49 @@ def collect_fused_old_logprobs(
     entropy = scatter_rows([(rows, ent.float()) for rows, _, ent in fused], n, width)
     fused.clear()
     rollout.old_logp = old
-    return old_pass_metrics(rollout, entropy)
+    return old_pass_metrics(rollout, entropy, stats)
 
 
-def old_pass_metrics(rollout: Rollout, entropy: Tensor) -> dict[str, float]:
-    """``policy/entropy`` of π_old, ``ref/kl`` and the train-inference ``mismatch/*`` metrics."""
-    mask = rollout.response_mask
-    metrics = {"policy/entropy": float(masked_mean(entropy, mask))}
+def _tokens(rollout: Rollout) -> float:
+    """The token weight of this rank's rollout statistics (0 for a placeholder that trains nothing)."""
+    return 0.0 if rollout.placeholder else float(rollout.response_mask.sum())
+
+
+def old_pass_metrics(rollout: Rollout, entropy: Tensor, stats: Stats) -> Stats:
+    """``policy/entropy`` of π_old, ``ref/kl`` and the train-inference ``mismatch/*`` metrics (token means)."""
+    mask, tokens = rollout.response_mask, _tokens(rollout)
+    stats.mean("policy/entropy", masked_mean(entropy, mask), tokens, "token_mean")
     if rollout.ref_logp is not None:
         kl = kl_estimate(rollout.old_logp, rollout.ref_logp, "k3", mask=mask)
-        metrics["ref/kl"] = float(masked_mean(kl, mask))
+        stats.mean("ref/kl", masked_mean(kl, mask), tokens, "token_mean")
     if rollout.infer_logp is not None:
-        metrics.update(mismatch_metrics(rollout.old_logp, rollout.infer_logp, mask))
-    return metrics
+        mismatch_metrics(rollout.old_logp, rollout.infer_logp, mask, stats, tokens)
+    return stats
 
 
-def correction_weights(hparams: Any, rollout: Rollout) -> dict[str, float]:
-    """Off-policy correction weights on ρ = π_old/μ into ``rollout.token_weight``."""
-    kind = hparams.correction
+def correction_weights(kind: str, args: dict[str, float], rollout: Rollout, stats: Stats) -> None:
+    """Off-policy correction weights on ρ = π_old/μ into ``rollout.token_weight``; their token means."""
     if kind == "none":
-        return {}
-    weight, stats = apply_correction(
-        kind, rollout.old_logp, rollout.infer_logp, rollout.response_mask, **(hparams.correction_args or {})
+        return
+    weight, values = apply_correction(
+        kind, rollout.old_logp, rollout.infer_logp, rollout.response_mask, **args
     )
     rollout.token_weight = weight
-    return {f"mismatch/{key}": float(value) for key, value in stats.items()}
+    for key, value in values.items():
+        stats.mean(f"mismatch/{key}", value, _tokens(rollout), "token_mean")
 
 
-def mismatch_metrics(train_logp: Tensor, infer_logp: Tensor, mask: Tensor) -> dict[str, float]:
+def mismatch_metrics(
+    train_logp: Tensor, infer_logp: Tensor, mask: Tensor, stats: Stats, tokens: float
+) -> None:
     """``mismatch/*``: train-inference KL (R3 Eq. 2), extreme-token fractions (Eq. 3), |Δ log p|."""
-    metrics = {"mismatch/train_infer_kl": float(train_infer_kl(train_logp, infer_logp, mask))}
+    stats.mean("mismatch/train_infer_kl", train_infer_kl(train_logp, infer_logp, mask), tokens, "token_mean")
     for tau in TAUS:
-        metrics[f"mismatch/extreme_frac_tau{tau:g}"] = float(
-            extreme_token_fraction(train_logp, infer_logp, mask, tau)
-        )
-    for key, value in logp_diff_stats(train_logp, infer_logp, mask).items():
-        metrics[f"mismatch/{key}"] = float(value)
-    return metrics
+        value = extreme_token_fraction(train_logp, infer_logp, mask, tau)
+        stats.mean(f"mismatch/extreme_frac_tau{tau:g}", value, tokens, "token_mean")
+    diff = logp_diff_stats(train_logp, infer_logp, mask)
+    stats.mean("mismatch/logp_absdiff_mean", diff["logp_absdiff_mean"], tokens, "token_mean")
+    stats.extreme("mismatch/logp_absdiff_max", diff["logp_absdiff_max"], "max", tokens)
 
 
 def check_correction(kind: str, args: dict[str, float]) -> None:

@@ -18,8 +18,8 @@ A rank never decides alone: the non-finite skip (:func:`all_finite`) and the num
 pass (:func:`max_over_ranks`) are agreed, because every backward (DDP, FSDP) and every forward (FSDP)
 is a collective that all ranks must enter the same number of times.
 
-Logged metrics go through torchmetrics (:class:`RankMetrics`), which all-gathers their states when
-run under ``torch.distributed``. Each name declares its reduction by :func:`reduction_of`.
+Logged metrics are reduced by their kind (:mod:`lit_moe_rl.learner.stats`, through :class:`Collectives`);
+a metric known only by its name (callbacks' scalars) takes the kind :func:`reduction_of` gives it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torchmetrics import MaxMetric, MeanMetric, Metric, MinMetric, SumMetric
 
 Reduction = Literal["sum", "max", "min", "token_mean", "mean"]
 
@@ -86,24 +85,94 @@ def all_finite(finite: bool, device: torch.device) -> bool:
     return _all_reduce([0.0 if finite else 1.0], dist.ReduceOp.MAX, device)[0] == 0.0
 
 
+class Collectives:
+    """The cross-rank operations of a training step, bound to the device its tensors travel on.
+
+    Under an initialised ``torch.distributed`` default group of W > 1 ranks every method is a
+    collective that all ranks must call in the same order; otherwise (one process) each is the
+    identity. The learner takes one of these, so that a plain loop, Fabric or Lightning can drive it.
+    """
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device if device is not None else torch.device("cpu")
+
+    @property
+    def world_size(self) -> int:
+        return world_size()
+
+    def loss_scale(self) -> float:
+        """W: see this module's docstring."""
+        return loss_scale()
+
+    def global_counts(
+        self, num_tokens: float, num_seqs: float, norm_const: float
+    ) -> tuple[float, float, float]:
+        return global_counts(num_tokens, num_seqs, norm_const, self.device)
+
+    def sum(self, value: float) -> float:
+        return global_sum(value, self.device)
+
+    def max(self, value: int) -> int:
+        return max_over_ranks(value, self.device)
+
+    def all_finite(self, finite: bool) -> bool:
+        return all_finite(finite, self.device)
+
+    def all_reduce(self, values: list[float], op: Literal["sum", "max", "min"]) -> list[float]:
+        """``values`` reduced element-wise over ranks (float64; an empty list costs nothing)."""
+        if not values:
+            return []
+        return _all_reduce(values, _OPS[op], self.device)
+
+    def gather(self, values: Tensor) -> Tensor:
+        """Every rank's 1-D ``values`` (lengths may differ), concatenated in rank order, on the CPU."""
+        if not is_distributed():
+            return values.cpu()
+        dtype = torch.float64 if self.device.type != "mps" else torch.float32
+        local = values.to(self.device, dtype)
+        lengths = [int(n) for n in self.all_reduce_lengths(len(local))]
+        padded = torch.zeros(max(lengths), dtype=dtype, device=self.device)
+        padded[: len(local)] = local
+        parts = [torch.empty_like(padded) for _ in lengths]
+        dist.all_gather(parts, padded)
+        return torch.cat([part[:n] for part, n in zip(parts, lengths, strict=True)]).cpu()
+
+    def all_reduce_lengths(self, length: int) -> list[float]:
+        """Each rank's ``length``, in rank order."""
+        counts = [0.0] * world_size()
+        counts[dist.get_rank()] = float(length)
+        return self.all_reduce(counts, "sum")
+
+    def gather_object(self, obj: object) -> list[object]:
+        """Every rank's picklable ``obj``, in rank order (``[obj]`` in one process)."""
+        if not is_distributed():
+            return [obj]
+        out: list[object] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+
+
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
 # ------------------------------------------------------------------ metrics
 _SUMMED = ("reward/errors", "policy/loss", "policy/kl_loss", "perf/tokens_per_s")
 _SAME = ("policy/skipped_steps", "policy/lr", "policy/grad_norm")
 
 
 def reduction_of(name: str) -> Reduction:
-    """How metric ``name`` combines across ranks.
+    """How a per-rank scalar known only by its name (callbacks' metrics, the rollout's ``extras``)
+    combines across ranks; the learner's own statistics declare their kind where they are produced.
 
-    - ``sum``: counts (``*errors``, ``*_tokens``), throughput, and the loss (each rank's share is already normalised by the
-      global count, so the shares add up to the global loss);
+    - ``sum``: counts (``*errors``, ``*_tokens``), throughput, and the loss (each rank's share is already
+      normalised by the global count, so the shares add up to the global loss);
     - ``max`` / ``min``: names ending in ``max`` / ``min`` (``ratio_max``, ``response_length_max``);
     - ``token_mean``: per-token averages (``policy/*``, ``mismatch/*``, ``ref/*``, ``rspo/*``,
-      ``routing/*``), weighted
-      by each rank's response-token count: exact for token means, a token-weighted average of the
-      per-rank values for quantiles (``rspo/gamma_p10``) and sequence-level fractions;
+      ``routing/*``), weighted by each rank's response-token count;
     - ``mean``: everything else: values every rank shares (learning rate, gradient norm, skip count),
-      timings, per-rank sizes (``routing/*bytes``), and ``reward/*``, ``rollout/*`` (every rank samples the same number of completions, so
-      the plain mean of rank means is the global mean; ``reward/std`` is the mean of per-rank stds).
+      timings, per-rank sizes (``routing/*bytes``), and ``reward/*``, ``rollout/*`` (every rank samples
+      the same number of completions, so the plain mean of rank means is the global mean; ``reward/std``
+      is computed from the gathered rewards, :class:`lit_moe_rl.learner.stats.Gathered`).
     """
     if name in _SUMMED or name.endswith(("errors", "_tokens")):
         return "sum"
@@ -117,59 +186,6 @@ def reduction_of(name: str) -> Reduction:
     if name.split("/", 1)[0] in ("policy", "mismatch", "ref", "rspo", "routing"):
         return "token_mean"
     return "mean"
-
-
-_METRIC = {"sum": SumMetric, "max": MaxMetric, "min": MinMetric}
-
-
-class RankMetrics:
-    """One torchmetrics object per logged name; :meth:`reduce` returns each step's values, synced.
-
-    Metrics are built with ``dist_sync_on_step=True``: their ``forward`` returns the batch value
-    gathered over all ranks; a single process logs its values as they are. Every rank must reduce the
-    same names in the same order; :meth:`reduce` first agrees on the union of names, so a metric one
-    rank lacks (weight 0 there) cannot desynchronise the collectives.
-    """
-
-    def __init__(self) -> None:
-        self.metrics: dict[str, Metric] = {}
-
-    def _metric(self, name: str, device: torch.device) -> Metric:
-        if name not in self.metrics:
-            kind = reduction_of(name)
-            # NaN stays visible (a NaN loss is logged as NaN). MeanMetric gets the float form of that
-            # strategy: with "disable", torchmetrics 1.9 ignores the weights.
-            cls, nan = (_METRIC[kind], "disable") if kind in _METRIC else (MeanMetric, float("nan"))
-            self.metrics[name] = cls(dist_sync_on_step=True, nan_strategy=nan).to(device)
-        return self.metrics[name]
-
-    def reduce(self, values: dict[str, float], *, tokens: float, device: torch.device) -> dict[str, float]:
-        """The cross-rank value of each metric of this step (``tokens``: this rank's token weight)."""
-        if not is_distributed():  # one rank: every reduction is the identity (and torchmetrics costs ~7 ms)
-            return dict(values)
-        names = sorted(values)
-        gathered: list[list[str] | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, names)
-        names = sorted({name for rank_names in gathered for name in rank_names or []})
-        out = {}
-        for name in names:
-            metric = self._metric(name, device)
-            kind = reduction_of(name)
-            present = name in values
-            value = torch.tensor(values.get(name, 0.0), dtype=torch.float64, device=device)
-            if kind in ("sum", "max", "min"):
-                if not present:
-                    value = torch.tensor(_NEUTRAL[kind], dtype=torch.float64, device=device)
-                result = metric(value)
-            else:
-                weight = (tokens if kind == "token_mean" else 1.0) if present else 0.0
-                result = metric(value, torch.tensor(weight, dtype=torch.float64, device=device))
-            metric.reset()  # one value per step: no state carried between steps (flat memory)
-            out[name] = float(result)
-        return out
-
-
-_NEUTRAL = {"sum": 0.0, "max": float("-inf"), "min": float("inf")}
 
 
 def full_tensor(tensor: Tensor) -> Tensor:

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import signal
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from lit_moe_rl.distributed import max_over_ranks
+from lit_moe_rl.parallel.distributed import max_over_ranks
+
+if TYPE_CHECKING:
+    from lightning.pytorch import LightningModule, Trainer
 
 
 class SigtermStop(Callback):
@@ -38,14 +41,14 @@ class SigtermStop(Callback):
             rank_zero_info("SIGTERM received: stopping after the current step (it is saved as last.ckpt)")
         self.received = True
 
-    def on_sanity_check_start(self, trainer: Any, pl_module: Any) -> None:
+    def on_sanity_check_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._install()
 
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._install()
 
     def on_train_batch_end(
-        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if max_over_ranks(int(self.received), pl_module.device) > 0:
             trainer._signal_connector.received_sigterm = True  # Lightning stops after logging this step

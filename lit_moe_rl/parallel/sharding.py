@@ -18,12 +18,15 @@ generates with the policy itself instead, all-gathered for the rollout only
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from lit_moe_rl.distributed import full_tensor
+from lit_moe_rl.parallel.distributed import full_tensor
+
+if TYPE_CHECKING:
+    from lightning.pytorch import LightningModule
 
 
 def decoder_layers(policy: nn.Module) -> list[nn.Module]:
@@ -37,7 +40,7 @@ def decoder_layers(policy: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
-def data_parallel_mesh(module: Any) -> Any:
+def data_parallel_mesh(module: LightningModule) -> Any:
     """The strategy's data-parallel device mesh, or None when the strategy does not shard."""
     mesh = getattr(module, "_device_mesh", None)
     if mesh is None:
@@ -149,3 +152,27 @@ def _import_class(path: str) -> Any:
         return getattr(importlib.import_module(module), name, None) if module else None
     except ImportError:
         return None
+
+
+class RolloutCopy:
+    """A sharded (FSDP2) policy's full copy that the rollout engine generates with.
+
+    Held outside the module tree (not a submodule, never checkpointed). :meth:`get` first gives it the
+    policy's dtypes, buffers and device (:func:`place_full_copy`): Lightning casts and moves the policy
+    after ``configure_model`` took the copy, and an engine binding to it copies what it finds."""
+
+    def __init__(self, policy: torch.nn.Module) -> None:
+        self.model = unsharded_copy(policy)
+        self.placement: tuple | None = None  # (device, dtype) place_full_copy matched
+
+    def get(self, policy: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        placement = (device, next(policy.parameters()).dtype)
+        if self.placement != placement:
+            place_full_copy(self.model, policy, device)
+            self.placement = placement
+        return self.model
+
+    def sync(self, policy: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        """Refresh the copy from the sharded ``policy`` (a collective: every rank calls it)."""
+        sync_full_copy(self.get(policy, device), policy)
+        return self.model

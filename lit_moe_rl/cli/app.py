@@ -17,22 +17,23 @@ from typing import Any
 from jsonargparse import ArgumentParser, lazy_instance
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lit_moe_rl import algorithm_switch, cli_checks
 from lit_moe_rl.callbacks.rollout import RolloutCallback
 from lit_moe_rl.callbacks.summary import RunSummary
 from lit_moe_rl.checkpoint import CheckpointError, LastCheckpoint
-from lit_moe_rl.cli_base import OneLineCLI
-from lit_moe_rl.compat import unsupported_versions
+from lit_moe_rl.cli import algorithm_switch
+from lit_moe_rl.cli import checks as cli_checks
+from lit_moe_rl.cli.base import OneLineCLI, callbacks_of, rich_progress_bar
+from lit_moe_rl.cli.compat import unsupported_versions
+from lit_moe_rl.cli.interrupt import SigtermStop
 from lit_moe_rl.data.datamodule import PromptDataModule
-from lit_moe_rl.distributed import close_process_group
 from lit_moe_rl.errors import SettingsError, first_line
-from lit_moe_rl.interrupt import SigtermStop
 from lit_moe_rl.module import MoERLModule
-from lit_moe_rl.rendezvous import RendezvousWatchdog, disarm_all
+from lit_moe_rl.parallel.distributed import close_process_group
+from lit_moe_rl.parallel.rendezvous import RendezvousWatchdog, disarm_all
 
 TRAINER_DEFAULTS = {
     "logger": lazy_instance(CSVLogger, save_dir="runs"),
@@ -92,7 +93,7 @@ class MoERLCLI(OneLineCLI):
         drop_default_checkpoint(config.get("trainer"))
 
     def before_fit(self) -> None:
-        self.watchdog.arm()  # nothing waits forever for a process that never starts (rendezvous.py)
+        self.watchdog.arm()  # nothing waits forever for a process that never starts (parallel/rendezvous.py)
 
     def before_validate(self) -> None:
         self.watchdog.arm()
@@ -116,12 +117,6 @@ def _is_default_checkpoint(callback: Any) -> bool:
     return all(init_args.get(k) == v for k, v in default["init_args"].items())
 
 
-def callbacks_of(config: dict) -> list:
-    """``trainer.callbacks`` as a list: a single mapping in YAML gives one callback, not a list."""
-    chosen = config.get("callbacks")
-    return [] if chosen is None else chosen if isinstance(chosen, list) else [chosen]
-
-
 def check_duplicate_checkpoints(config: dict) -> None:
     """Two checkpoint callbacks with the same settings (the snippet added to the CLI's default) would
     write the same files; Lightning refuses them with a traceback about ``state_key``."""
@@ -142,11 +137,6 @@ def last_checkpoint(config: dict) -> list[LastCheckpoint]:
     """A crash-safe ``last.ckpt`` at the end of every run, unless the config has one or disables checkpoints."""
     chosen = [c for c in callbacks_of(config) if isinstance(c, ModelCheckpoint) and c.save_last]
     return [] if chosen or config.get("enable_checkpointing") is False else [LastCheckpoint()]
-
-
-def rich_progress_bar(config: dict) -> list[ProgressBar]:
-    chosen = [c for c in callbacks_of(config) if isinstance(c, ProgressBar)]
-    return [] if chosen or config.get("enable_progress_bar") is False else [RichProgressBar()]
 
 
 # Lightning warnings that describe this trainer's design, not a user's mistake: the policy trains with
@@ -177,7 +167,8 @@ def _run(args: list[str] | None) -> None:
         plan_main(argv[1:])
         return
     if argv and argv[0] == "sft":
-        from lit_moe_rl.sft import SFTCLI, SFTModule
+        from lit_moe_rl.cli.sft import SFTCLI
+        from lit_moe_rl.sft import SFTModule
 
         # `sft` is `fit` with the SFT module: the argv rewrite below is ours, not the user's mistake
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
@@ -221,7 +212,3 @@ def one_line_of(err: BaseException) -> str:
     from lit_moe_rl.errors import one_line
 
     return one_line(str(err)) or first_line(repr(err))
-
-
-if __name__ == "__main__":
-    main()

@@ -10,18 +10,21 @@ differs is kept as ``config.1.yaml`` (``.2``, ...), with one line saying so; an 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
+
+if TYPE_CHECKING:
+    from lightning.pytorch import LightningModule, Trainer
 
 
 class VersionedConfig(SaveConfigCallback):
     """``SaveConfigCallback`` that never fails on an existing ``config.yaml``: it keeps it under a new name."""
 
     @override
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if not self.already_saved and self.save_to_log_dir:
             log_dir = trainer.log_dir  # a broadcast: every rank calls it
             if trainer.is_global_zero and log_dir is not None:

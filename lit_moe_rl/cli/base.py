@@ -2,7 +2,7 @@
 
 The parser is built with ``exit_on_error=False``, so jsonargparse raises instead of printing its usage;
 :meth:`OneLineCLI.parse_arguments` rewrites the error as one line (:mod:`lit_moe_rl.errors`), and the
-checks of :mod:`lit_moe_rl.cli_checks` run before any class is instantiated.
+checks of :mod:`lit_moe_rl.cli.checks` run before any class is instantiated.
 """
 
 from __future__ import annotations
@@ -14,14 +14,15 @@ from typing import Any
 
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
-from lit_moe_rl import cli_checks
 from lit_moe_rl.checkpoint import recover
+from lit_moe_rl.cli import checks as cli_checks
+from lit_moe_rl.cli.run_config import VersionedConfig
+from lit_moe_rl.cli.threads import apply_num_threads
 from lit_moe_rl.errors import SettingsError, first_line, parse_error
-from lit_moe_rl.run_config import VersionedConfig
-from lit_moe_rl.sharding import refuse_fsdp1
-from lit_moe_rl.threads import apply_num_threads
+from lit_moe_rl.parallel.sharding import refuse_fsdp1
 
 
 class OneLineCLI(LightningCLI):
@@ -146,3 +147,15 @@ def subclass_paths(parser: Any) -> dict[str, list[str]]:
         if paths:
             out[action.dest] = paths
     return out
+
+
+def callbacks_of(config: dict) -> list:
+    """``trainer.callbacks`` as a list: a single mapping in YAML gives one callback, not a list."""
+    chosen = config.get("callbacks")
+    return [] if chosen is None else chosen if isinstance(chosen, list) else [chosen]
+
+
+def rich_progress_bar(config: dict) -> list[ProgressBar]:
+    """Lightning's rich progress bar unless the user chose a bar or turned it off."""
+    chosen = [c for c in callbacks_of(config) if isinstance(c, ProgressBar)]
+    return [] if chosen or config.get("enable_progress_bar") is False else [RichProgressBar()]
