@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import lightning as L
 
 from lit_moe_rl.rollout.env import env_factory, import_path
 from lit_moe_rl.rollout.env_workers import EnvPool
@@ -114,7 +117,7 @@ class ValMultiturn:
         total[0] += float(value)
         total[1] += 1.0
 
-    def flush(self, trainer: Any, pl_module: Any) -> None:
+    def flush(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         means = {name: total / count for name, (total, count) in self.sums.items() if count}
         self.sums = {}
         if trainer.sanity_checking:

@@ -204,7 +204,7 @@ class RolloutCallback(Callback):
         self.val_multiturn.flush(trainer, pl_module)
 
     def make_rollout(
-        self, pl_module: Any, prompts: list[Prompt], samples: list[dict], *, step: int
+        self, pl_module: L.LightningModule, prompts: list[Prompt], samples: list[dict], *, step: int
     ) -> Rollout:
         """Generate, score and compute advantages for one step's prompts."""
         t0 = time.perf_counter()
@@ -326,19 +326,19 @@ def keep_rows(rollout: Rollout, keep: torch.Tensor) -> Rollout:
     return placeholder
 
 
-def _rollout_policy(pl_module: Any, *, sync: bool = False) -> Any:
+def _rollout_policy(pl_module: L.LightningModule, *, sync: bool = False) -> Any:
     """What the engine generates with: the policy, or (FSDP) its full copy, refreshed when ``sync``."""
     if sync and hasattr(pl_module, "sync_rollout_policy"):
         return pl_module.sync_rollout_policy()
     return pl_module.rollout_policy() if hasattr(pl_module, "rollout_policy") else pl_module.policy
 
 
-def _generation_weights(pl_module: Any) -> Any:
+def _generation_weights(pl_module: L.LightningModule) -> Any:
     """The module's context around generation (FSDP2 unshard, optimizer offload), or nothing."""
     enter = getattr(pl_module, "generation_weights", None)
     return enter() if enter is not None else contextlib.nullcontext()
 
 
-def _devices(pl_module: Any) -> list[int]:
+def _devices(pl_module: L.LightningModule) -> list[int]:
     device = pl_module.device
     return [device.index or 0] if device.type == "cuda" else []

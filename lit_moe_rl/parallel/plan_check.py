@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import lightning as L
 
 from lit_moe_rl.parallel.plan import GiB, Plan, format_plan, make_plan, suggest_fixes
 from lit_moe_rl.parallel.plan_config import settings_from_config
@@ -29,7 +32,7 @@ def gpu_capacity(trainer: Any) -> int | None:
     return torch.cuda.get_device_properties(device).total_memory
 
 
-def run_config(module: Any, trainer: Any) -> dict:
+def run_config(module: L.LightningModule, trainer: L.Trainer) -> dict:
     """The live run's settings in the shape of a ``fit`` config file."""
     from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -60,7 +63,7 @@ def run_config(module: Any, trainer: Any) -> dict:
     }  # fmt: skip
 
 
-def run_plan(module: Any, trainer: Any, capacity: int | None, prompt_tokens: int | None = None) -> Plan:
+def run_plan(module: L.LightningModule, trainer: L.Trainer, capacity: int | None, prompt_tokens: int | None = None) -> Plan:
     """The plan of the live run (``prompt_tokens``: the prompts' padded length, when known)."""
     config = run_config(module, trainer)
     settings = settings_from_config(config, prompt_tokens=prompt_tokens)
@@ -69,7 +72,7 @@ def run_plan(module: Any, trainer: Any, capacity: int | None, prompt_tokens: int
     return make_plan(shape, settings, capacity)
 
 
-def refuse_if_not_fitting(module: Any, trainer: Any) -> None:
+def refuse_if_not_fitting(module: L.LightningModule, trainer: L.Trainer) -> None:
     """Print the plan and raise a one-line :class:`SettingsError` when it says the run cannot fit."""
     from lit_moe_rl.errors import SettingsError
 
