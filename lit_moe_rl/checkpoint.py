@@ -63,6 +63,7 @@ class LastCheckpoint(ModelCheckpoint):
             save_top_k=save_top_k,
             **kwargs,
         )
+        self._validated_since_save = False
 
     @override
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
@@ -82,6 +83,7 @@ class LastCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero:
             replace(tmp, target)
         trainer.strategy.barrier("LastCheckpoint.replace")
+        self._validated_since_save = False
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
         if trainer.is_global_zero:
@@ -89,12 +91,21 @@ class LastCheckpoint(ModelCheckpoint):
                 logger.after_save_checkpoint(self)
 
     @override
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not trainer.sanity_checking and self._last_global_step_saved == trainer.global_step:
+            self._validated_since_save = True  # the step's save came first: it lacks this validation
+
+    @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.save_last_now(trainer)
 
     def save_last_now(self, trainer: L.Trainer) -> None:
-        """Save ``last.ckpt`` at the current step unless it was saved there already."""
-        if self.save_last and self._last_global_step_saved != trainer.global_step:
+        """Save ``last.ckpt`` at the current step unless it was saved there already, after the step's
+        validation (a step's save runs before its validation: resaved, the run summary's history and
+        the loops' state in ``last.ckpt`` include it)."""
+        stale = self._validated_since_save
+        if self.save_last and (self._last_global_step_saved != trainer.global_step or stale):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     @override

@@ -86,3 +86,15 @@ def test_two_process_summary_is_the_whole_runs_not_rank_0s(tmp_path):
     assert f"val/reward best:  {whole} (step 0)" in out
     # per rank: 3 validations x 4 prompts + 2 steps x 1 prompt x 4 completions = 20; both ranks: 40
     assert re.search(r"failed reward calls: 0 of 40 \(scored 0\)", out), out[-2000:]
+
+
+def test_last_checkpoint_holds_the_final_steps_validation(tmp_path):
+    """A step's save runs before that step's validation: last.ckpt is saved again at the end of the run,
+    so a resumed run's summary (and any reader of the checkpoint) has the final validation too."""
+    import torch
+
+    every_2 = '[{"class_path": "lit_moe_rl.checkpoint.LastCheckpoint", "init_args": {"every_n_train_steps": 2}}]'
+    metrics = run_fit(tmp_path, "--trainer.val_check_interval=2", f"--trainer.callbacks={every_2}", steps=4)
+    ckpt = torch.load(metrics.parent / "checkpoints" / "last.ckpt", weights_only=False)
+    (state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("RunSummary")]
+    assert [step for step, _ in state["history"]] == [0, 2, 4]
