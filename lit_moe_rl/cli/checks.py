@@ -223,6 +223,9 @@ def check_trainer_values(trainer: Any) -> None:
             f"trainer.val_check_interval: must be > 0 (an int counts training steps, a float in (0, 1] is a "
             f"fraction of an epoch), got {interval!r}"
         )
+    steps = _get(trainer, "max_steps")
+    if isinstance(steps, int) and steps < -1:
+        raise SettingsError(f"trainer.max_steps: must be >= 0 optimizer steps, or -1 for no limit, got {steps}")
     precision = str(_get(trainer, "precision"))
     if precision in ("64", "64-true", "double"):
         raise SettingsError(
@@ -250,6 +253,9 @@ def check_mini_batches(config: Any) -> None:
     group = _get(_get(config, "rollout"), "group_size")
     if not all(isinstance(v, int) for v in (mini, prompts, group)):
         return
+    for name, value in (("data.batch_size", prompts), ("rollout.group_size", group)):
+        if value < 1:
+            raise SettingsError(f"{name}: must be >= 1, got {value}")
     if mini > prompts * group:
         raise SettingsError(
             f"model.mini_batches: {mini} updates per rollout, but a rollout has {prompts * group} sequences per "
