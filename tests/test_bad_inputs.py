@@ -67,7 +67,10 @@ SETTINGS_CASES = [
     (["--model.logprob_chunk_size=0"], "model.logprob_chunk_size: must be >= 1"),
     (["--data.batch_size=0"], "data.batch_size: must be >= 1, got 0"),
     (["--rollout.group_size=0"], "rollout.group_size: must be >= 1, got 0"),
-    (["--trainer.max_steps=-5"], "trainer.max_steps: must be >= 0 optimizer steps, or -1 for no limit, got -5"),
+    (
+        ["--trainer.max_steps=-5"],
+        "trainer.max_steps: must be >= 0 optimizer steps, or -1 for no limit, got -5",
+    ),
     (["--model.betas=[0.9, 1.5]"], "model.betas: must be two numbers in [0, 1)"),
     (['--model.lora={"rr": 8}'], "model.lora: unknown setting 'rr'"),
     (['--model.lora={"rank": 0}'], "model.lora.rank: must be an integer >= 1"),

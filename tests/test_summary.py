@@ -93,7 +93,9 @@ def test_last_checkpoint_holds_the_final_steps_validation(tmp_path):
     so a resumed run's summary (and any reader of the checkpoint) has the final validation too."""
     import torch
 
-    every_2 = '[{"class_path": "lit_moe_rl.checkpoint.LastCheckpoint", "init_args": {"every_n_train_steps": 2}}]'
+    every_2 = (
+        '[{"class_path": "lit_moe_rl.checkpoint.LastCheckpoint", "init_args": {"every_n_train_steps": 2}}]'
+    )
     metrics = run_fit(tmp_path, "--trainer.val_check_interval=2", f"--trainer.callbacks={every_2}", steps=4)
     ckpt = torch.load(metrics.parent / "checkpoints" / "last.ckpt", weights_only=False)
     (state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("RunSummary")]

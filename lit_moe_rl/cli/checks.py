@@ -225,7 +225,9 @@ def check_trainer_values(trainer: Any) -> None:
         )
     steps = _get(trainer, "max_steps")
     if isinstance(steps, int) and steps < -1:
-        raise SettingsError(f"trainer.max_steps: must be >= 0 optimizer steps, or -1 for no limit, got {steps}")
+        raise SettingsError(
+            f"trainer.max_steps: must be >= 0 optimizer steps, or -1 for no limit, got {steps}"
+        )
     precision = str(_get(trainer, "precision"))
     if precision in ("64", "64-true", "double"):
         raise SettingsError(

@@ -63,7 +63,9 @@ def run_config(module: L.LightningModule, trainer: L.Trainer) -> dict:
     }  # fmt: skip
 
 
-def run_plan(module: L.LightningModule, trainer: L.Trainer, capacity: int | None, prompt_tokens: int | None = None) -> Plan:
+def run_plan(
+    module: L.LightningModule, trainer: L.Trainer, capacity: int | None, prompt_tokens: int | None = None
+) -> Plan:
     """The plan of the live run (``prompt_tokens``: the prompts' padded length, when known)."""
     config = run_config(module, trainer)
     settings = settings_from_config(config, prompt_tokens=prompt_tokens)
