@@ -199,8 +199,12 @@ def full_tensor(tensor: Tensor) -> Tensor:
     return gather() if callable(gather) else tensor
 
 
-def close_process_group() -> None:
-    """Destroy the default process group once a run is over. Left to interpreter exit, gloo's worker
-    threads can abort a finished process ("terminate called without an active exception", exit -6)."""
+def close_process_group() -> int:
+    """Destroy the default process group once a run is over; returns the world size it had (1: none).
+    Left to interpreter exit, gloo's worker threads can abort a finished process ("terminate called
+    without an active exception", exit -6)."""
     if dist.is_available() and dist.is_initialized():
+        world = dist.get_world_size()
         dist.destroy_process_group()
+        return world
+    return 1
