@@ -38,3 +38,13 @@ def no_runs_in_the_checkout(request):
     after = set(runs.glob("*/*")) if runs.is_dir() else set()
     new = sorted(str(p) for p in after - before) or ([str(runs)] if created and runs.exists() else [])
     assert not new, f"{request.node.nodeid} wrote into the checkout's runs/: {new[:3]} (use tmp_path)"
+
+
+@pytest.fixture
+def restored_environ():
+    """Lightning's ModelParallelStrategy sets MASTER_PORT & co. in os.environ: a later test's subprocess
+    launching its own process group would inherit a port this process still listens on."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

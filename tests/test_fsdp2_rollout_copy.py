@@ -8,12 +8,10 @@ copied the copy at ``on_fit_start`` while it was still on the CPU (it was moved 
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import lightning as L
-import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -52,16 +50,6 @@ class CopyProbe(L.Callback):
             (name, buf.dtype, mine[name].dtype, torch.equal(buf, mine[name]))
             for name, buf in policy.named_buffers()
         ]
-
-
-@pytest.fixture
-def restored_environ():
-    """Lightning's ModelParallelStrategy sets MASTER_PORT & co. in os.environ: a later test's subprocess
-    launching its own process group would inherit a port this process still listens on."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def test_the_rollout_copy_has_the_cast_policys_dtypes_and_buffers_before_the_engine_binds(

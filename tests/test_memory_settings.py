@@ -3,8 +3,6 @@ exit status 2, before the first rollout."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from lit_moe_rl.cli import main
@@ -19,12 +17,7 @@ FSDP2_ONE = [
 QUIET = ["--data.num_val=0", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0"]
 
 
-@pytest.fixture(autouse=True)
-def restored_environ():
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+pytestmark = pytest.mark.usefixtures("restored_environ")  # tests/conftest.py
 
 
 CASES = [

@@ -7,7 +7,6 @@ compute (``model.compute_dtype: bfloat16``) nearly every trained weight moves.
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -54,14 +53,6 @@ class WeightProbe(L.Callback):
     def on_train_end(self, trainer, pl_module):
         WEIGHTS["after"] = _full(pl_module.policy)
         WEIGHTS["dtypes"] = {p.dtype for p in pl_module.policy.parameters()}
-
-
-@pytest.fixture
-def restored_environ():
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def _train(tmp_path, *extra):

@@ -107,14 +107,6 @@ def test_plan_command_says_what_does_not_fit_and_what_would(capsys):
     assert "would fit with: model.rollout_weights: unshard; model.gradient_checkpointing: true" in out
 
 
-@pytest.fixture
-def restored_environ():
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
-
 def test_fit_refuses_at_start_what_the_plan_says_cannot_fit(tmp_path, capsys, restored_environ):
     os.environ["LIT_MOE_RL_GPU_MEMORY_GIB"] = "0.02"
     with pytest.raises(SystemExit) as exc:
