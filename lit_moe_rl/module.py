@@ -13,7 +13,7 @@ import torch
 from lit_moe_rl import ckpt_match
 from lit_moe_rl.algorithms import GRPO, Algorithm
 from lit_moe_rl.learner import ForwardContext, Learner, LearnerSettings, Stats, add_named
-from lit_moe_rl.learner.optim import adamw_with_warmup
+from lit_moe_rl.learner.optim import adamw_with_warmup, param_groups
 from lit_moe_rl.learner.settings import CorrectionKind
 from lit_moe_rl.parallel import hooks
 from lit_moe_rl.parallel.distributed import Collectives
@@ -35,6 +35,7 @@ class MoERLModule(L.LightningModule):
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         algorithm: Algorithm | None = None,
         lr: float = 1e-6,
+        router_lr_scale: float = 1.0,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 0,
@@ -63,6 +64,7 @@ class MoERLModule(L.LightningModule):
             dtype: Training weights' dtype.
             algorithm: GRPO-family algorithm (``class_path`` in YAML); default GRPO().
             lr: AdamW learning rate.
+            router_lr_scale: The MoE routers' learning rate as a multiple of ``lr`` (their own AdamW group).
             weight_decay: AdamW weight decay.
             betas: AdamW betas.
             warmup_steps: Linear learning-rate warm-up, in optimizer steps.
@@ -131,9 +133,9 @@ class MoERLModule(L.LightningModule):
         return hooks.generation_weights(self)
 
     def configure_optimizers(self) -> Any:
-        opt, sched = adamw_with_warmup(
-            self.policy.parameters(), **{k: self.hparams[k] for k in ADAMW_SETTINGS}
-        )
+        hp = self.hparams
+        groups = param_groups(self.policy, lr=hp.lr, router_lr_scale=hp.get("router_lr_scale", 1.0))
+        opt, sched = adamw_with_warmup(groups, **{k: hp[k] for k in ADAMW_SETTINGS})
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_fit_start(self) -> None:

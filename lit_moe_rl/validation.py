@@ -3,6 +3,7 @@
 | setting | allowed | why |
 |---|---|---|
 | ``model.lr`` | > 0, finite | AdamW's step size |
+| ``model.router_lr_scale`` | > 0, finite | the routers' learning rate over ``lr`` |
 | ``model.weight_decay`` | >= 0 | AdamW's decoupled decay |
 | ``model.betas`` | each in [0, 1) | AdamW's moment decay rates |
 | ``model.warmup_steps`` | >= 0 | linear warm-up length in optimizer steps |
@@ -64,6 +65,8 @@ def check_rl_module_settings(hp: Any) -> None:
     for name in ("mini_batches", "micro_batch_size"):
         if hp[name] < 1:
             raise ValueError(f"model.{name}: must be >= 1, got {hp[name]}")
+    if not ((scale := hp.get("router_lr_scale", 1.0)) > 0 and math.isfinite(scale)):
+        raise SettingsError(f"model.router_lr_scale: must be a finite number > 0, got {scale}")
     names = (
         "lr",
         "weight_decay",

@@ -43,7 +43,14 @@ def policy_update(learner: Learner, rollout: Rollout, stats: Stats, optimizer_st
     for rows in running:
         stats.merge(learner.mini_batch_step(rollout, rows, updates=len(running)))
     stats.mean("policy/skipped_steps", float(learner.skipped_steps), 1.0)
-    stats.mean("policy/lr", learner.optimizer.param_groups[0]["lr"], 1.0)
+    for (
+        group
+    ) in learner.optimizer.param_groups:  # policy/lr, and policy/lr_router under model.router_lr_scale
+        stats.mean(
+            "policy/lr" + ("" if group.get("name", "policy") == "policy" else f"_{group['name']}"),
+            group["lr"],
+            1.0,
+        )
     return stats
 
 
