@@ -8,6 +8,8 @@ Each run is a subprocess of the real CLI (one torch thread each, ``--jobs`` at a
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import math
 import os
 import platform
@@ -47,7 +49,37 @@ def run_grid(runs: Sequence[Run], out: Path, *, jobs: int = 2, timeout_s: float 
 
 
 def _fit(run: Run, out: Path, timeout_s: float) -> Rows:
-    cmd = [
+    """Run ``run`` once: a finished run whose ``done.json`` records the same command is read, not rerun
+    (a study can be extended or its page rewritten without redoing its runs)."""
+    metrics, done = out / run.name / "version_0" / "metrics.csv", out / run.name / "done.json"
+    cmd = _command(run, out)
+    record = {"cmd": cmd[1:], "configs": _config_digests(run.args)}
+    if done.is_file() and metrics.is_file() and _same_run(json.loads(done.read_text()), record):
+        return read_metrics(metrics)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"{run.name}: lit-moe-rl fit exited {proc.returncode}: {tail[0]}")
+    seconds = time.perf_counter() - t0
+    print(f"  {run.name}: {seconds:.0f} s", flush=True)
+    done.write_text(json.dumps({**record, "seconds": round(seconds, 1)}))
+    return read_metrics(metrics)
+
+
+def _same_run(done: dict, record: dict) -> bool:
+    return all(done.get(key) == value for key, value in record.items())
+
+
+def _config_digests(args: Sequence[str]) -> dict[str, str]:
+    """sha256 of every ``--config=`` file: an edited config reruns the runs that read it."""
+    files = [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    return {f: hashlib.sha256((ROOT / f).read_bytes()).hexdigest()[:16] for f in files}
+
+
+def _command(run: Run, out: Path) -> list[str]:
+    return [
         sys.executable, "-m", "lit_moe_rl.cli", "fit", *run.args,
         f"--seed_everything={run.seed}",
         f"--rollout.seed={run.seed}",
@@ -56,14 +88,6 @@ def _fit(run: Run, out: Path, timeout_s: float) -> Rows:
         f"--trainer.logger.init_args.name={run.name}",
         "--trainer.logger.init_args.version=0",
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, cwd=ROOT)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise RuntimeError(f"{run.name}: lit-moe-rl fit exited {proc.returncode}: {tail[0]}")
-    print(f"  {run.name}: {time.perf_counter() - t0:.0f} s", flush=True)
-    return read_metrics(out / run.name / "version_0" / "metrics.csv")
 
 
 def read_metrics(path: Path) -> Rows:

@@ -69,29 +69,74 @@ def test_collapse_means_the_last_three_evaluations_below_half_the_best():
     assert not collapsed(_val_rows(0.5, 0.1, 0.1))  # too few evaluations to tell
 
 
+def _table(page: str, header_start: str) -> dict[str, list[str]]:
+    """The rows (split on ``|``) of the Markdown table whose header begins ``| <header_start> |``, by arm."""
+    lines = page.splitlines()
+    top = next(i for i, line in enumerate(lines) if line.startswith(f"| {header_start} |"))
+    rows = {}
+    for line in lines[top + 2 :]:
+        if not line.startswith("| "):
+            break
+        rows[line.split("|")[1].strip()] = [cell.strip() for cell in line.split("|")]
+    return rows
+
+
 def test_rspo_study_quick_mode(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, str(ROOT / "studies" / "rspo.py"), "--quick", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     page = (tmp_path / "results.md").read_text()
-    rows = {
-        line.split("|")[1].strip(): line.split("|") for line in page.splitlines() if line.startswith("| ")
-    }
-    arms = {"GRPO", "GSPO", "GMPO", "RSPO", "GRPO+RS", "GRPO+R3"}
-    assert arms <= set(rows)
-    starts = {float(rows[arm][3]) for arm in arms}
-    assert len(starts) == 1  # every arm starts from the same warm start, evaluated before training
-    for arm in arms:  # γ̃ is logged exactly by the arms that weight by the router shift
-        gamma = float(rows[arm][10])
-        assert (0.8 <= gamma <= 1.0) if arm in ("RSPO", "GRPO+RS") else gamma != gamma
+    results, settings = _table(page, "arm | collapsed"), _table(page, "arm | class")
+    arms = {"GRPO", "GSPO", "GMPO", "RSPO", "GRPO+RS", "GRPO+R3", "RSPO+R3", "RSPO-sum"}
+    assert set(results) == set(settings) == arms
+    assert len({float(results[arm][3]) for arm in arms}) == 1  # one warm start, evaluated before training
+    for arm in arms:  # every arm logs the router shift; γ̃ is floored at 0.8
+        gamma, changed = float(results[arm][8]), float(results[arm][10])
+        assert 0.8 <= gamma <= 1.0
+        assert changed == 0.0 if arm.endswith("R3") else changed > 0  # R3 replays the rollout's top-K
+    # what ran, read back from each arm's saved config: the algorithm's own clip, not the overlay's GRPO one
+    assert settings["GSPO"][2:5] == ["GSPO", "0.0003", "0.0004"]
+    assert settings["RSPO"][2:6] == ["RSPO", "0.4", "0.4", "True"]
+    assert settings["GRPO+RS"][2:6] == ["GRPO", "0.2", "0.2", "True"]
+    assert settings["RSPO-sum"][7] == "sum" and settings["RSPO+R3"][-2] == "R3"
     assert (tmp_path / "img" / "rspo.png").stat().st_size > 10_000
 
 
-@pytest.mark.parametrize("arm", ["GSPO", "GMPO", "RSPO"])
+def test_a_finished_study_run_is_read_back_not_rerun(tmp_path, monkeypatch):
+    """``runner._fit`` reruns only when the command or a --config file changed (``done.json``)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("runner", ROOT / "studies" / "runner.py")
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("model: {lr: 1.0e-4}\n")
+    calls = []
+
+    def fake_fit(cmd, **kwargs):
+        calls.append(cmd)
+        log = tmp_path / "runs" / "arm-seed0" / "version_0"
+        log.mkdir(parents=True, exist_ok=True)
+        (log / "metrics.csv").write_text(f"step,val/reward\n0,{0.1 * len(calls)}\n")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(runner.subprocess, "run", fake_fit)
+    run = runner.Run("arm", 0, (f"--config={overlay}",))
+    first = runner._fit(run, tmp_path / "runs", 60)
+    again = runner._fit(run, tmp_path / "runs", 60)
+    assert len(calls) == 1 and again == first  # read back
+    overlay.write_text("model: {lr: 2.0e-4}\n")
+    edited = runner._fit(run, tmp_path / "runs", 60)
+    assert len(calls) == 2 and edited[0]["val/reward"] == pytest.approx(0.2)  # an edited config reruns
+    other = runner._fit(runner.Run("arm", 0, (f"--config={overlay}", "--model.lr=1")), tmp_path / "runs", 60)
+    assert len(calls) == 3 and other[0]["val/reward"] == pytest.approx(0.3)  # so does another command
+
+
+@pytest.mark.parametrize("arm", ["GRPO", "GSPO", "GMPO", "RSPO", "RSPO+R3"])
 def test_rspo_study_arms_run_their_algorithms_own_settings(arm, capsys):
-    """The arms switch model.algorithm over the quickstart's GRPO (clip 0.2 / 0.28): each must get its
-    own class's defaults, not GRPO's carried-over clip (what the study's table claims)."""
+    """Each arm runs its own class's defaults (what the study's table claims): the switched classes do not
+    carry GRPO's clip over, and GRPO itself runs 0.2 / 0.2, not the quickstart's clip_high 0.28."""
     import inspect
 
     from lit_moe_rl import algorithms
@@ -101,7 +146,7 @@ def test_rspo_study_arms_run_their_algorithms_own_settings(arm, capsys):
         main(["fit", *(a.replace("--config=", f"--config={ROOT}/") for a in study.BASE), *study.ARMS[arm],
               "--print_config"])  # fmt: skip
     resolved = yaml.safe_load(capsys.readouterr().out)["model"]["algorithm"]["init_args"]
-    defaults = inspect.signature(getattr(algorithms, arm).__init__).parameters
+    defaults = inspect.signature(getattr(algorithms, arm.split("+")[0]).__init__).parameters
     assert {k: resolved[k] for k in ("clip_low", "clip_high")} == {
         k: defaults[k].default for k in ("clip_low", "clip_high")
     }
