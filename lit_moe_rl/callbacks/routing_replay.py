@@ -22,7 +22,15 @@ How it plugs in:
   ``update``            replay the rollout routes          replay the θ_old routes of these rows
   ``ref``               native (replay if                  native (replay θ_old routes if
                         ``replay_reference``)              ``replay_reference``)
+  ``fused``             replay the rollout routes          (never: R2 keeps the separate π_old pass)
   ====================  =================================  ==========================================
+
+  ``fused`` is the one update forward of a step with one mini-batch, from which the learner also reads
+  π_old (:attr:`Learner.fuses_old_pass <lit_moe_rl.learner.Learner.fuses_old_pass>`): under R3 the π_old
+  pass and the update replay the same routes with gates from the same router at the same weights, so the
+  separate pass would compute exactly the update forward's log-probs again. The callback does there
+  what it does in both ``old`` and ``update`` (checks, fallbacks, every agreement metric). Micro-batches
+  trimmed of their padding columns (``model.trim_padding``) carry their routes trimmed the same way.
 
   Validation and generation never replay: they never enter the module's forward context.
 * The rollout routes are a :class:`~lit_moe_rl.routing.store.RouteStore` on CPU (prompt routes once
@@ -35,8 +43,10 @@ Logged every step (``routing/``):
 
 * ``route_bytes``: bytes of one token's routes, ``L · K · itemsize``; ``store_bytes`` and
   ``store_saved_frac`` (versus a dense ``[N, P + R, L, K]`` tensor).
-* ``fallback_tokens``: positions that routed natively because their route is -1 (padding, the last
-  sampled token), once per row; ``fallback_real_tokens``: those among them that are real tokens whose
+* ``fallback_tokens``: positions forwarded that routed natively because their route is -1 (padding,
+  the last sampled token), once per row (a micro-batch trimmed of its padding columns forwards none
+  past its longest response; under R2 a column an update forwards past the width its π_old
+  micro-batch kept has no θ_old route); ``fallback_real_tokens``: those among them that are real tokens whose
   output the loss uses (the last position predicts nothing, so it is left out): 0 unless the engine
   failed to return routes for some tokens.
 * ``rollout_train_*`` (old pass, whenever routes are recorded): the rollout routes against the
@@ -197,7 +207,8 @@ class RoutingReplayCallback(Callback):
         self._layout = moe_layout(policy)
         self._routers = {id(policy): find_moe_routers(policy)} if self._active else {}
         if self._active and self._learner is not pl_module.learner:
-            pl_module.learner.add_forward_context(self.forward_context)
+            # R3 replays the same routes in the π_old pass and the update: one forward can be both
+            pl_module.learner.add_forward_context(self.forward_context, fusable=self.mode == "R3")
             self._learner = pl_module.learner
 
     # ------------------------------------------------------------------ step bookkeeping
@@ -238,6 +249,8 @@ class RoutingReplayCallback(Callback):
         """Registered with the module: the context entered around one micro-batch's forward (+ backward)."""
         if phase == "old":
             return self._old_pass(micro)
+        if phase == "fused":  # registered fusable under R3 only: the update forward is also π_old
+            return self._old_pass(micro, fused=True)
         if phase == "update" and self.mode != "off":
             return self._replay_pass(
                 micro, self._update_routes(micro), phase, count_fallback=self.mode == "R2"
@@ -249,7 +262,8 @@ class RoutingReplayCallback(Callback):
         return contextlib.nullcontext()
 
     @contextlib.contextmanager
-    def _old_pass(self, micro: Rollout) -> Iterator[None]:
+    def _old_pass(self, micro: Rollout, *, fused: bool = False) -> Iterator[None]:
+        """The π_old pass (``fused``: the update forward that is also the π_old pass, R3 only)."""
         state = self._state
         state.ran = True
         routes = self._rollout_routes(micro, required=self.mode == "R3")
@@ -258,7 +272,7 @@ class RoutingReplayCallback(Callback):
         replayer: RouteReplayer | None = None
         with contextlib.ExitStack() as stack:
             if self.mode == "R3":
-                replayer = self._enter_replay(stack, model, routes, micro, "old")
+                replayer = self._enter_replay(stack, model, routes, micro, "fused" if fused else "old")
             elif routes is not None:
                 _validate(routes, self._layout, micro, "old")
             recorder = stack.enter_context(record_routes(model)) if record else None
@@ -270,6 +284,8 @@ class RoutingReplayCallback(Callback):
             self._count_fallback(replayer, routes, valid)
             if self.log_native_agreement:
                 state.replay_native.add(routes, replayer.native_routes, valid)
+                if fused:  # this forward is the update's too (at θ_old: the same figure)
+                    state.update_native.add(routes, replayer.native_routes, valid)
         if recorder is not None:
             consumed = recorder.routes  # [n, S, L, K]: the experts the forward used (replayed under R3)
             if routes is not None and self.log_native_agreement:
@@ -321,7 +337,8 @@ class RoutingReplayCallback(Callback):
                 )
             )
         except ValueError as err:
-            raise ValueError(f"routing_replay ({self.mode}, {phase} pass): {err}") from None
+            where = "update pass, also the π_old pass" if phase == "fused" else f"{phase} pass"
+            raise ValueError(f"routing_replay ({self.mode}, {where}): {err}") from None
 
     def _count_fallback(self, replayer: RouteReplayer, routes: Tensor, valid: Tensor) -> None:
         self._state.fallback += replayer.fallback_tokens
@@ -375,7 +392,7 @@ class RoutingReplayCallback(Callback):
         rows = _row_ids(micro)
         if int(rows.max()) >= state.old_store.num_rows:
             raise RuntimeError(f"routing_replay (R2): row {int(rows.max())} has no θ_old routes")
-        return state.old_store.rows(rows)
+        return _fit_positions(state.old_store.rows(rows), micro.input_ids.shape[1])
 
     def _reference_model(self) -> nn.Module | None:
         reference = self._learner.reference
@@ -413,10 +430,23 @@ def _validate(routes: Tensor, layout: tuple[int, int, int], micro: Rollout, phas
         raise ValueError(f"routing_replay (off, {phase} pass): {err}") from None
 
 
+def _fit_positions(routes: Tensor, positions: int) -> Tensor:
+    """``routes [n, S, L, K]`` cut or right-padded with -1 (native routing) to ``positions`` columns.
+
+    R2 under ``model.trim_padding``: each π_old micro-batch recorded only the columns it kept; a column
+    past them is right padding for that row (attended by no real token), so it has no θ_old route."""
+    if routes.shape[1] >= positions:
+        return routes[:, :positions]
+    pad = routes.new_full((routes.shape[0], positions - routes.shape[1], *routes.shape[2:]), -1)
+    return torch.cat([routes, pad], dim=1)
+
+
 def _pack_old_routes(parts: list[tuple[Tensor, Tensor]], micro: Rollout) -> RouteStore:
-    """R2: the old pass's per-micro-batch routes, put back in row order and packed per GRPO group."""
+    """R2: the old pass's per-micro-batch routes, put back in row order and packed per GRPO group
+    (micro-batches trimmed to different widths padded to the widest with -1)."""
     rows = torch.cat([r for r, _ in parts])
-    routes = torch.cat([t for _, t in parts])
+    width = max(t.shape[1] for _, t in parts)
+    routes = torch.cat([_fit_positions(t, width) for _, t in parts])
     if not torch.equal(rows.sort().values, torch.arange(len(rows))):
         raise RuntimeError("routing_replay (R2): the π_old pass did not cover every row of the rollout once")
     full = torch.empty_like(routes)

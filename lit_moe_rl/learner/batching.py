@@ -5,8 +5,9 @@ backward one under DDP), so a rank with fewer rows repeats its first micro-batch
 forward runs, its outputs are discarded and its loss is multiplied by 0.
 
 Speed (``model.trim_padding``): rows are grouped by response length (sorted) before they are cut, and
-each micro-batch drops the response columns past its longest response. The loss normalisers are the
-mini-batch's counts, so neither changes the objective: only float rounding differs.
+each micro-batch drops the response columns past its longest response (and the routes replayed at
+them: :func:`trim_padding`). The loss normalisers are the mini-batch's counts, so neither changes the
+objective: only float rounding differs.
 """
 
 from __future__ import annotations
@@ -46,8 +47,11 @@ def trim_padding(micro: Rollout) -> Rollout:
     observation is attended, so it is never cut even where no token is sampled): every
     ``[n, P + R, ...]`` tensor is cut to ``P + r`` columns and every ``[n, R, ...]`` one to ``r``.
 
-    Not for routes held in a :class:`~lit_moe_rl.routing.store.RouteStore` (a full-width view): the
-    module trims only when no forward context (routing replay) reads them.
+    Routes (R3, arXiv 2510.11370 §4.1) are cut with the tokens: a dense ``[n, P + R, L, K]`` tensor like
+    any other, a :class:`~lit_moe_rl.routing.store.RouteStore` view by
+    :meth:`~lit_moe_rl.routing.store.RouteStore.keep_response`. Rows were already put in the micro-batch's
+    order by :meth:`Rollout.select <lit_moe_rl.batch.Rollout.select>`, so every kept token replays the
+    experts it was sampled with.
     """
     used = (
         micro.attention_mask[:, micro.prompt_len :].bool().any(0).nonzero()
@@ -65,6 +69,8 @@ def trim_padding(micro: Rollout) -> Rollout:
                 updates[f.name] = value[:, : micro.prompt_len + width]
             elif value.shape[1] == full:
                 updates[f.name] = value[:, :width]
+        elif hasattr(value, "keep_response"):  # a RouteStore view: trimmed without copying
+            updates[f.name] = value.keep_response(width)
     return replace(micro, **updates)
 
 

@@ -34,7 +34,9 @@ from lit_moe_rl.parallel.distributed import Collectives
 from lit_moe_rl.policy import load_balancing_loss, token_logprobs
 from lit_moe_rl.routing.record import RouterLogitsCapture, capture_router_logits
 
-Phase = Literal["old", "update", "ref"]
+Phase = Literal["old", "update", "ref", "fused"]
+"""Which forward a context wraps: the π_old pass, an update, the reference, or ``fused``: the single update
+forward of a one-mini-batch step that is also the π_old pass (:attr:`Learner.fuses_old_pass`)."""
 ForwardContext = Callable[[Phase, Rollout], contextlib.AbstractContextManager]
 
 
@@ -95,6 +97,7 @@ class Learner:
         self.optimizer_step = 0  # optimizer steps so far (Lightning's global_step): named in warnings
         self.step_tokens = 0.0  # this rank's trained response tokens in the last step (token-mean weight)
         self.fused_old: list[tuple[Tensor, Tensor, Tensor]] = []  # (rows, logp, entropy) of a fused pass
+        self.fusable_contexts: list[ForwardContext] = []  # registered with fusable=True: they take "fused"
 
     def bind(
         self,
@@ -114,9 +117,16 @@ class Learner:
         return self.collectives.device
 
     # ------------------------------------------------------------------ forwards
-    def add_forward_context(self, factory: ForwardContext) -> None:
-        """Register ``factory(phase, micro_rollout)``, entered around every policy forward (and its backward)."""
+    def add_forward_context(self, factory: ForwardContext, *, fusable: bool = False) -> None:
+        """Register ``factory(phase, micro_rollout)``, entered around every policy forward (and its backward).
+
+        ``fusable``: the factory also takes phase ``fused`` (one forward that is both the π_old pass and
+        the update) and does there what it does in ``old`` and ``update``, so the learner may still read
+        π_old off the update forward (:attr:`fuses_old_pass`). Without it, a registered context keeps the
+        separate π_old pass: it may do something in ``old`` that the update forward does not."""
         self.forward_contexts.append(factory)
+        if fusable:
+            self.fusable_contexts.append(factory)
 
     @contextlib.contextmanager
     def forward_context(self, phase: Phase, micro: Rollout) -> Iterator[None]:
@@ -154,12 +164,21 @@ class Learner:
 
     @property
     def fuses_old_pass(self) -> bool:
-        """True when π_old can be read off the (single) update forward instead of a separate pass."""
+        """True when π_old can be read off the (single) update forward instead of a separate pass.
+
+        Exact (the same function of the same weights on the same tokens) only with one mini-batch (later
+        mini-batches run after an optimizer step), no reference or correction that needs π_old before the
+        update, no RSPO capture of the old routers, and forward contexts that all declared themselves
+        ``fusable``. Routing replay R3 does (:class:`~lit_moe_rl.callbacks.routing_replay.RoutingReplayCallback`): its π_old
+        pass and its update replay the same rollout routes with gates from the same router, so the update
+        forward's detached log-probs are the replayed π_old (arXiv 2510.11370 §4.1). R2 does not: its updates
+        replay routes that its π_old pass records.
+        """
         s = self.settings
         return (
             s.old_logp_pass == "auto"
             and s.mini_batches == 1
-            and not self.forward_contexts
+            and all(factory in self.fusable_contexts for factory in self.forward_contexts)
             and not self.tracks_router_shift
             and self.reference is None
             and s.correction == "none"
@@ -168,8 +187,8 @@ class Learner:
     # ------------------------------------------------------------------ micro-batches
     @property
     def trims_padding(self) -> bool:
-        """Trim micro-batches (not under routing replay, whose route views keep the rollout's width)."""
-        return self.settings.trim_padding and not self.forward_contexts
+        """Sort micro-batches by length and trim their padding columns (routes are trimmed with the tokens)."""
+        return self.settings.trim_padding
 
     def micro_lengths(self, rollout: Rollout) -> Tensor | None:
         """Response lengths ``[N]`` to group micro-batches by, or None to keep the given order."""

@@ -72,7 +72,8 @@ def mini_batch_step(learner: Learner, rollout: Rollout, rows: Tensor, *, updates
     for index, (micro_rows, real) in enumerate(plan):
         micro = learner.micro_batch(rollout, micro_rows)
         weight = 0.0 if rollout.placeholder or not real else 1.0
-        with learner.forward_context("update", micro), learner.router_capture(micro) as cap:
+        phase = "fused" if learner.fuses_old_pass else "update"  # the one forward is also π_old
+        with learner.forward_context(phase, micro), learner.router_capture(micro) as cap:
             loss, micro_stats = learner.micro_batch_loss(micro, cap, **norms)
             loss = loss * weight if weight else torch.nan_to_num(loss) * 0.0
             finite = collectives.all_finite(finite and bool(torch.isfinite(loss)))

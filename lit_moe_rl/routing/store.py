@@ -18,6 +18,9 @@ Choices made here:
   micro-batch at a time.
 * :meth:`select_rows` (called by :meth:`lit_moe_rl.batch.Rollout.select`) returns a view that shares
   the tensors and only keeps a row index, so slicing a rollout copies no routes.
+* :meth:`keep_response` (called by :func:`lit_moe_rl.learner.batching.trim_padding`) returns a view
+  that materialises only the first ``r`` response positions, so a micro-batch trimmed of its padding
+  columns replays the same experts at every position it keeps.
 """
 
 from __future__ import annotations
@@ -32,11 +35,17 @@ class RouteStore:
     """Routes of a rollout: prompt blocks ``[U, P, L, K]`` shared within groups, response ``[N, R, L, K]``.
 
     ``prompt_index [N]`` maps each row to its prompt block (``U = B`` when every group's copies agree).
-    A view (from :meth:`select_rows`) also holds ``index [n]``: its rows in the underlying store.
+    A view (from :meth:`select_rows`) also holds ``index [n]``: its rows in the underlying store; one
+    from :meth:`keep_response` holds ``response_width``: the response positions it materialises.
     """
 
     def __init__(
-        self, prompt: Tensor, prompt_index: Tensor, response: Tensor, index: Tensor | None = None
+        self,
+        prompt: Tensor,
+        prompt_index: Tensor,
+        response: Tensor,
+        index: Tensor | None = None,
+        response_width: int | None = None,
     ) -> None:
         if prompt.dim() != 4 or response.dim() != 4 or prompt.shape[2:] != response.shape[2:]:
             raise ValueError(
@@ -53,6 +62,11 @@ class RouteStore:
         self.prompt_index = prompt_index
         self.response = response
         self.index = index
+        self.response_width = response.shape[1] if response_width is None else response_width
+        if not 0 <= self.response_width <= response.shape[1]:
+            raise ValueError(
+                f"RouteStore: response_width {self.response_width} outside [0, {response.shape[1]}]"
+            )
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -98,9 +112,9 @@ class RouteStore:
 
     @property
     def shape(self) -> torch.Size:
-        """The shape :meth:`rows` would give for all rows: ``[n, P + R, L, K]``."""
-        p, (r, layers, k) = self.prompt.shape[1], self.response.shape[1:]
-        return torch.Size((self.num_rows, p + r, layers, k))
+        """The shape :meth:`rows` would give for all rows: ``[n, P + R, L, K]`` (``R``: the kept width)."""
+        layers, k = self.response.shape[2:]
+        return torch.Size((self.num_rows, self.prompt_len + self.response_width, layers, k))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -137,12 +151,23 @@ class RouteStore:
 
     def select_rows(self, index: Tensor) -> RouteStore:
         """A view of rows ``index`` (of this view); no route is copied."""
-        return RouteStore(self.prompt, self.prompt_index, self.response, self._base_rows(index))
+        base = self._base_rows(index)
+        return RouteStore(self.prompt, self.prompt_index, self.response, base, self.response_width)
+
+    def keep_response(self, width: int) -> RouteStore:
+        """A view of the first ``width`` response positions (``[n, P + width, L, K]``); no route is copied.
+
+        What :func:`~lit_moe_rl.learner.batching.trim_padding` does to a micro-batch's ``input_ids``, so
+        every position the trimmed forward keeps replays the route it had in the full layout."""
+        if not 0 <= width <= self.response_width:
+            raise ValueError(f"RouteStore.keep_response: width {width} outside [0, {self.response_width}]")
+        return RouteStore(self.prompt, self.prompt_index, self.response, self.index, width)
 
     def rows(self, index: Tensor | None = None) -> Tensor:
         """Rows ``index`` (default: all rows of this view) as ``[n, P + R, L, K]``, on CPU."""
         base = self._base_rows(index)
-        return torch.cat([self.prompt[self.prompt_index[base]], self.response[base]], dim=1)
+        response = self.response[base, : self.response_width]
+        return torch.cat([self.prompt[self.prompt_index[base]], response], dim=1)
 
     def full(self) -> Tensor:
         """Every row of this view, ``[n, P + R, L, K]``."""
