@@ -78,7 +78,7 @@ class MoERLModule(L.LightningModule):
             correction: Off-policy correction on rho = pi_old / mu (docs/algorithms.md §2.7-2.8).
             correction_args: Its parameters, e.g. ``{cap: 2.0}`` (TIS), ``{alpha: 0.5, beta: 5.0}`` (IcePop).
             old_logp_pass: ``auto``: π_old read off the update forward when exact (``Learner.fuses_old_pass``).
-            trim_padding: Sort micro-batches by length and drop all-padding columns (off under routing replay).
+            trim_padding: Sort micro-batches by length and drop all-padding columns (replayed routes with them).
             track_router_shift: Log RSPO's router shift (``rspo/*``) for any algorithm (RouterShiftCallback).
             compute_dtype: FSDP2 mixed precision: fp32 sharded weights and AdamW state, compute in this dtype.
             rollout_weights: Under FSDP2: ``resident`` full copy to generate with, or ``unshard`` per rollout.
