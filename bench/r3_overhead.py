@@ -1,4 +1,4 @@
-"""R3 overhead: step time with and without rollout routing replay, and the memory of the routes.
+"""R3 overhead: step time with and without rollout routing replay, on the same samples, and route memory.
 
     HF_HUB_OFFLINE=1 python bench/r3_overhead.py [--steps 8] [--warmup 2] [--repeats 2] [--iters 16]
 
@@ -7,35 +7,43 @@ fp32 trainer), each in three variants:
 
 1. **end to end** (``--steps``): the real CLI, one run per variant, interleaved ``repeats`` times so
    that load from other processes hits them alike;
-2. **paired** (``--iters``): in one process, the same step's work -- rollout (generate + score +
-   pack the routes), the π_old pass, one update forward + backward over the rollout (no optimizer
-   step, so the weights and hence the samples stay identical across variants) -- for each variant
+2. **paired** (``--iters``): in one process, the learner's real step (rollout: generate + score + pack
+   the routes; then ``Learner.step``: π_old and the update, as the module runs them) for each variant
    in turn on the same seed, in rotating order. On a shared machine this is the number to trust.
 
 The variants:
 
-* ``baseline``: the routing-replay callback inactive (``mode: off``, no logging): nothing recorded;
-* ``R3``: routes recorded at rollout and replayed in the π_old pass and the update;
+* ``baseline``: GRPO, the routing-replay callback inactive (``mode: off``, no logging): nothing recorded;
+* ``R3``: routes recorded at rollout and replayed in every training forward;
 * ``R3+diag``: R3 plus the agreement diagnostics (``routing/replay_native_*``, ``rollout_train_*``).
 
+**The same samples in every arm.** Every completion gets reward 0, so every advantage and every
+gradient is 0 and AdamW (weight decay 0) leaves the weights as they were: each step samples the same
+completions under the same seed in every variant, and the update still runs its forwards and backwards
+in full (only their values are 0). A digest of each step's sampled tokens and rewards is compared
+across the variants, and the script stops if they differ. With real rewards the arms would train
+different weights (R3 changes the gradient) and from step 1 on time different samples.
+
 End to end, per step it reads ``perf/rollout_s + perf/update_s`` (and ``1 / perf/tokens_per_s``, the
-time per token, which does not depend on how long the sampled answers happen to be) from the run's
-CSV, drops the first ``warmup`` steps of each run, and prints medians and the overhead against the
-baseline. ``--threads`` pins torch's intra-op threads (default 1: on a shared CPU, OpenMP threads
-that spin while others' processes hold the cores turn a 1 s step into 30 s).
-The R3 paper reports 3.45% end to end (Appendix E); this is a tiny CPU model, where Python hook
-costs weigh more than on a 30B model. Prints numbers; it is not a timed test.
+time per token) from the run's CSV, drops the first ``warmup`` steps of each run, and prints medians and
+the overhead against the baseline: R3's end-to-end step overhead over GRPO is the ``R3`` row.
+``--threads`` pins torch's intra-op threads (default 1: on a shared CPU, OpenMP threads that spin while
+others' processes hold the cores turn a 1 s step into 30 s). The R3 paper reports 3.45% end to end
+(Appendix E); this is a tiny CPU model, where Python hook costs weigh more than on a 30B model. Prints
+numbers; it is not a timed test.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import lightning as L
 import torch
 import yaml
 
@@ -48,15 +56,45 @@ VARIANTS = {
 }
 
 
-def run(variant: str, steps: int, save_dir: Path) -> list[dict[str, float]]:
+def zero_reward(completion: str, sample: dict) -> float:
+    """Reward 0: no gradient, so the weights and hence the samples stay the same in every variant."""
+    return 0.0
+
+
+zero_reward.thread_safe = True  # defined in __main__: worker processes could not import it
+
+DIGESTS: list[str] = []  # the running CLI's per-step sample digests (SampleDigest appends)
+
+
+def sample_digest(rollout) -> str:
+    """A digest of one rollout's sampled tokens, masks and rewards."""
+    digest = hashlib.sha256()
+    for tensor in (rollout.input_ids, rollout.attention_mask, rollout.rewards):
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class SampleDigest(L.Callback):
+    """Keeps the digest of every training step's rollout (the module put it in the batch)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        DIGESTS.append(sample_digest(batch["rollout"]))
+
+
+def run(variant: str, steps: int, save_dir: Path) -> tuple[list[dict[str, float]], list[str]]:
+    """One CLI run of ``variant``: its training-step metrics and per-step sample digests."""
     from lit_moe_rl.cli import main
 
     name = f"{variant}-{time.monotonic_ns()}"
+    DIGESTS.clear()
     main(
         [
             "fit",
             f"--config={CONFIG}",
             *VARIANTS[variant],
+            "--rollout.reward=__main__.zero_reward",
+            "--model.weight_decay=0",
+            "--trainer.callbacks+=__main__.SampleDigest",
             f"--trainer.max_steps={steps}",
             f"--trainer.logger.init_args.save_dir={save_dir}",
             f"--trainer.logger.init_args.name={name}",
@@ -70,24 +108,29 @@ def run(variant: str, steps: int, save_dir: Path) -> list[dict[str, float]]:
     (path,) = (save_dir / name).rglob("metrics.csv")
     with open(path) as f:
         rows = [r for r in csv.DictReader(f) if r.get("perf/update_s")]
-    return [{k: float(v) for k, v in r.items() if v != ""} for r in rows]
+    if len(DIGESTS) != steps:  # the check below would compare nothing
+        raise SystemExit(f"r3_overhead: {variant} ran {len(DIGESTS)} sample digests for {steps} steps")
+    return [{k: float(v) for k, v in r.items() if v != ""} for r in rows], list(DIGESTS)
 
 
-def zero_reward(completion: str, sample: dict) -> float:
-    return 0.0
-
-
-zero_reward.thread_safe = True  # defined in __main__: worker processes could not import it
+def check_same_samples(digests: dict[str, list[str]], where: str) -> None:
+    """Stop unless every variant sampled the same tokens (and got the same rewards) at every step."""
+    base = digests["baseline"]
+    for variant, seen in digests.items():
+        if seen != base:
+            raise SystemExit(f"r3_overhead ({where}): {variant} sampled other completions than baseline")
 
 
 def paired(iters: int) -> dict[str, list[float]]:
-    """Seconds per step of each variant, same work (same weights, same seed) per iteration."""
+    """Seconds per step of each variant, same work (same weights, same seed) per iteration: the rollout
+    and the learner's real step (π_old read off the update forward where exact, trimmed micro-batches)."""
     from types import SimpleNamespace
 
     from lit_moe_rl.callbacks.rollout import RolloutCallback
     from lit_moe_rl.callbacks.routing_replay import RoutingReplayCallback
     from lit_moe_rl.data.countdown import format_prompt, generate_countdown
     from lit_moe_rl.module import MoERLModule
+    from lit_moe_rl.parallel.distributed import Collectives
     from lit_moe_rl.rollout.engine import HFEngine
 
     config = yaml.safe_load(CONFIG.read_text())
@@ -98,9 +141,16 @@ def paired(iters: int) -> dict[str, list[float]]:
         log = overrides[1].endswith("true")
         torch.manual_seed(0)
         module = MoERLModule(
-            config=config["model"]["config"], micro_batch_size=config["model"]["micro_batch_size"]
+            config=config["model"]["config"],
+            micro_batch_size=config["model"]["micro_batch_size"],
+            lr=config["model"]["lr"],
         )
         module.configure_model()
+        optim = module.configure_optimizers()
+        module.learner.bind(
+            optim["optimizer"], optim["lr_scheduler"]["scheduler"], backward=torch.Tensor.backward,
+            collectives=Collectives(),
+        )  # fmt: skip
         engine = HFEngine(**rollout_args["engine"]["init_args"])
         rollout_cb = RolloutCallback(engine=engine, reward=zero_reward, group_size=rollout_args["group_size"])
         callback = RoutingReplayCallback(mode=mode, log_native_agreement=log)
@@ -115,22 +165,18 @@ def paired(iters: int) -> dict[str, list[float]]:
     for it in range(iters + 1):
         rows = generate_countdown(data["batch_size"], seed=it, **counts)
         prompts = [format_prompt(row, data["template"]) for row in rows]
+        digests = {}
         for variant in names[it % len(names) :] + names[: it % len(names)]:  # rotate the order
             module, callback, rollout_cb = setups[variant]
             t0 = time.perf_counter()
             rollout = rollout_cb.make_rollout(module, prompts, rows, step=it)
             callback.on_train_batch_start(None, module, {}, 0)
-            learner = module.learner
-            learner.compute_old_logprobs(rollout)
-            for micro_rows in torch.arange(rollout.num_sequences).split(learner.settings.micro_batch_size):
-                micro = rollout.select(micro_rows)  # untrimmed in every variant: the same work
-                with learner.forward_context("update", micro):
-                    logp, _, _ = learner.sequence_logprobs(micro)
-                    (logp * micro.response_mask).sum().backward()
+            module.learner.step(rollout, optimizer_step=it)
             callback.step_metrics()
-            module.policy.zero_grad(set_to_none=True)
             if it > 0:  # the first iteration is warm-up
                 seconds[variant].append(time.perf_counter() - t0)
+            digests[variant] = [sample_digest(rollout)]
+        check_same_samples(digests, f"paired, step {it}")
     return seconds
 
 
@@ -173,20 +219,28 @@ def main() -> None:
     token_ms: dict[str, list[float]] = {v: [] for v in VARIANTS}
     routing: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(args.repeats if args.steps > args.warmup else 0):
+        for repeat in range(args.repeats if args.steps > args.warmup else 0):
+            digests = {}
             for variant in VARIANTS:
-                rows = run(variant, args.steps, Path(tmp))[args.warmup :]
+                rows, digests[variant] = run(variant, args.steps, Path(tmp))
+                rows = rows[args.warmup :]
                 step_s[variant] += [r["perf/rollout_s"] + r["perf/update_s"] for r in rows]
                 token_ms[variant] += [1e3 / r["perf/tokens_per_s"] for r in rows]
                 if variant == "R3+diag":
                     routing = {
                         k: v for k, v in rows[-1].items() if k.startswith("routing/") and "/" not in k[8:]
                     }
+            check_same_samples(digests, f"end to end, repeat {repeat}")
     if step_s["baseline"]:
         title = f"end to end (CLI, perf/rollout_s + perf/update_s), {args.repeats} x {args.steps - args.warmup} steps"
         print_table(title, step_s, token_ms)
+        overhead = statistics.median(step_s["R3"]) / statistics.median(step_s["baseline"]) - 1
+        print(
+            f"R3 end-to-end step overhead over GRPO: {overhead:+.1%} (same samples in every arm: "
+            f"{args.steps} steps x {args.repeats} runs checked; R3 paper 3.45%, issue 17 target <= 5%)"
+        )
     if args.iters > 0:
-        title = f"paired (rollout + pi_old pass + update fwd/bwd, same seed), {args.iters} steps"
+        title = f"paired (rollout + the learner's step, same seed, same samples), {args.iters} steps"
         print_table(title, paired(args.iters), None)
     print("\n== route memory ==")
     if routing:
