@@ -169,10 +169,11 @@ class Learner:
         Exact (the same function of the same weights on the same tokens) only with one mini-batch (later
         mini-batches run after an optimizer step), no reference or correction that needs π_old before the
         update, no RSPO capture of the old routers, and forward contexts that all declared themselves
-        ``fusable``. Routing replay R3 does (:class:`~lit_moe_rl.callbacks.routing_replay.RoutingReplayCallback`): its π_old
-        pass and its update replay the same rollout routes with gates from the same router, so the update
-        forward's detached log-probs are the replayed π_old (arXiv 2510.11370 §4.1). R2 does not: its updates
-        replay routes that its π_old pass records.
+        ``fusable``. Routing replay R3 does
+        (:class:`~lit_moe_rl.callbacks.routing_replay.RoutingReplayCallback`): its π_old pass and its update
+        replay the same rollout routes with gates from the same router, so the update forward's detached
+        log-probs are the replayed π_old (arXiv 2510.11370 §4.1). R2 does not: its updates replay routes
+        that its π_old pass records.
         """
         s = self.settings
         return (
