@@ -150,7 +150,13 @@ def measure(args: argparse.Namespace, table: dict[str, dict[str, str]], work: Pa
     """``{condition: {setting: [s/step...] or None (timed out)}}``."""
     results: dict[str, dict[str, list[float] | None]] = {}
     for condition in args.conditions:
-        print(f"{condition}: load average {os.getloadavg()[0]:.2f} before starting", flush=True)
+        load = os.getloadavg()[0]
+        note = (
+            ""
+            if condition == "loaded" or load < 0.5
+            else " (NOT idle: other jobs run, the idle column is not idle)"
+        )
+        print(f"{condition}: load average {load:.2f} before starting{note}", flush=True)
         results[condition] = {s: [] for s in args.settings}
         with busy_loops(cores) if condition == "loaded" else contextlib.nullcontext():
             for repeat in range(args.repeats):
