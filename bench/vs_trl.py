@@ -11,7 +11,8 @@ tokenizer (:func:`lit_moe_rl.policy.char_tokenizer`), fp32, and 64 short arithme
 = 4 prompts x 8 completions x up to 64 new tokens, one optimizer update. The rows (``--rows``):
 
 * ``defaults``: each trainer as a user runs it: no ``OMP_NUM_THREADS``, so lit-moe-rl picks its own
-  count (``--num_threads 0``, README "Threads") and TRL uses torch's default (one thread per core);
+  count (``--num_threads 0``, README "Threads"; ``LIT_MOE_RL_AUTO_THREADS=<rule>`` times another rule,
+  named in the row) and TRL uses torch's default (one thread per core);
 * ``threads2`` / ``threads1``: both at 2 / 1 intra-op threads (``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS``);
 * ``vocab``: the real-vocabulary workload at 2 threads: vocab_size 151,936 (Qwen3's), a character
   tokenizer whose 151,936 ids are all characters (ASCII, then every non-space code point from U+00A1
@@ -54,12 +55,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import string
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -304,6 +306,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def row_workload(name: str, quick: bool) -> Row:
     """The row ``name``; with ``--quick`` at :data:`QUICK_NEW_TOKENS` new tokens and at most :data:`QUICK_VOCAB` ids."""
     row = ROWS[name]
+    rule = os.environ.get("LIT_MOE_RL_AUTO_THREADS")  # lit_moe_rl/cli/threads.py: the auto rule, when chosen
+    if row.threads is None and rule:
+        row = Row(
+            row.label.replace("--num_threads 0 auto", f"--num_threads 0 auto, rule {rule}"), *astuple(row)[1:]
+        )
     if not quick:
         return row
     vocab = min(row.vocab, QUICK_VOCAB)
