@@ -14,6 +14,8 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
 
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
 
 def rss_kib(field: str) -> int:
     """``VmRSS`` / ``VmHWM`` (peak) of this process in KiB, from ``/proc/self/status`` (Linux); -1 elsewhere."""
@@ -33,10 +35,11 @@ def reset_peak_rss() -> None:
 
 
 class StepTimer(Callback):
-    """Writes ``{"ends", "lengths", "rss_start_kib", "peak_rss_kib"}`` to ``path`` at the end of training.
+    """Writes ``{"ends", "lengths", "rollout_s", "rss_start_kib", "peak_rss_kib"}`` to ``path`` at the end of
+    training.
 
     ``ends``: ``time.perf_counter()`` at each optimizer-step end; ``lengths``: mean response tokens of each
-    step's rollout; ``rss_start_kib``: resident memory when training starts (model loaded, nothing run);
+    step's rollout; ``rollout_s``: each step's ``perf/rollout_s`` (sampling, reward, advantages); ``rss_start_kib``: resident memory when training starts (model loaded, nothing run);
     ``peak_rss_kib``: the highest resident memory from then on (CPU runs; the steps' peak is the difference).
     """
 
@@ -44,6 +47,7 @@ class StepTimer(Callback):
         self.path = path
         self.ends: list[float] = []
         self.lengths: list[float] = []
+        self.rollout_s: list[float] = []
         self.rss_start = -1
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -55,11 +59,13 @@ class StepTimer(Callback):
         rollout = batch.get("rollout")
         if rollout is not None:
             self.lengths.append(float(rollout.response_mask.sum(-1).float().mean()))
+            self.rollout_s.append(float(rollout.extras.get("perf/rollout_s", float("nan"))))
 
     def on_train_end(self, trainer, pl_module) -> None:
         result = {
             "ends": self.ends,
             "lengths": self.lengths,
+            "rollout_s": self.rollout_s,
             "rss_start_kib": self.rss_start,
             "peak_rss_kib": rss_kib("VmHWM"),
         }
@@ -96,25 +102,39 @@ def timed_fit_command(
     ]  # fmt: skip
 
 
-def bench_env(threads: int) -> dict[str, str]:
-    """The environment of a timed subprocess: ``threads`` intra-op threads, this checkout first on the
-    path, offline Hugging Face, no W&B."""
+def bench_env(threads: int | None) -> dict[str, str]:
+    """The environment of a timed subprocess: ``threads`` intra-op threads (None: no ``OMP_NUM_THREADS`` /
+    ``MKL_NUM_THREADS``, so each program's own default), this checkout first on the path, offline Hugging
+    Face, no W&B."""
     root = str(Path(__file__).resolve().parents[1])
-    return os.environ | {
-        "OMP_NUM_THREADS": str(threads),
-        "MKL_NUM_THREADS": str(threads),
-        "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "WANDB_MODE": "disabled",
-    }
+    counts = {} if threads is None else {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    inherited = {k: v for k, v in os.environ.items() if threads is not None or k not in THREAD_VARS}
+    return (
+        inherited
+        | counts
+        | {
+            "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "WANDB_MODE": "disabled",
+        }
+    )
 
 
-def run_timed(command: list[str], work: Path, out: Path, threads: int, what: str) -> dict:
-    """Run a :class:`StepTimer`-timed subprocess in ``work`` and return its JSON report (``out``), with
-    ``step_s``: the seconds between consecutive step ends. Exits naming ``what`` when it fails."""
-    proc = subprocess.run(command, cwd=work, env=bench_env(threads), capture_output=True, text=True)
+def run_timed(
+    command: list[str],
+    work: Path,
+    out: Path,
+    threads: int | None,
+    what: str,
+    env: dict[str, str] | None = None,
+) -> dict:
+    """Run a :class:`StepTimer`-timed subprocess in ``work`` (:func:`bench_env` plus ``env``) and return its
+    JSON report (``out``), with ``step_s``: the seconds between consecutive step ends. Exits naming ``what``
+    when it fails."""
+    env = bench_env(threads) | (env or {})
+    proc = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True)
     if proc.returncode != 0 or not out.is_file():
         sys.exit(f"{what} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     result = json.loads(out.read_text())

@@ -1,34 +1,137 @@
-"""The CLI's torch CPU thread count (``--num_threads``).
+"""The CLI's torch CPU thread count (``--num_threads``) and OpenMP's wait policy.
 
-torch's default (one intra-op thread per core) is a poor fit for the small models this trainer runs
-on CPU: their matrices are too small to split, and on a shared machine OpenMP's spin-waiting threads
-compete with each other and with other processes (the quickstart measured several times slower with
-the default than with one thread; README "Threads"). The automatic choice is one thread on machines
-with at most 4 cores and half the cores above that; ``OMP_NUM_THREADS``, when set, wins over auto.
+torch's default (one intra-op thread per core) is a poor fit for the small models this trainer runs on
+CPU on a shared machine: an OpenMP thread that finishes its share of a parallel region spins (GNU
+libgomp: ``GOMP_SPINCOUNT``, 300,000 polls by default) waiting for the others, and when other processes
+hold the cores the thread it waits for is not running (the quickstart measured several times slower
+with 2 threads than with 1 on a loaded 2-core machine; README "Threads"). Two remedies, each an
+:class:`AutoRule` for ``--num_threads 0``:
+
+* ``one-thread-small`` (today's default): 1 thread on machines with at most 4 cores, half the cores above;
+* ``all-cores-passive``: every core, with ``OMP_WAIT_POLICY=PASSIVE`` (waiting threads sleep at once
+  instead of spinning: the OpenMP spec's wait policy; libgomp then sets its spin count to 0).
+
+libgomp reads ``OMP_WAIT_POLICY`` / ``GOMP_SPINCOUNT`` once, when it loads, which is at ``import torch``
+(torch links libgomp; ``torch.__config__.parallel_info()``): setting them later in the process has no
+effect. So :func:`prepare_openmp_env` runs when ``lit_moe_rl.cli`` is imported, before anything imports
+torch, and a rule's thread count applies only when its environment was in place before torch loaded
+(otherwise ``one-thread-small``'s count). ``OMP_NUM_THREADS`` and ``OMP_WAIT_POLICY`` / ``GOMP_SPINCOUNT``,
+when the user sets them, win over any rule. ``LIT_MOE_RL_AUTO_THREADS=<rule>`` picks a rule for one run
+(``bench/threads.py`` times them); :data:`AUTO_RULE` is the default.
+
+This module imports torch only inside :func:`apply_num_threads`.
 """
 
 from __future__ import annotations
 
 import os
-
-import torch
+import re
+import sys
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass, field
 
 from lit_moe_rl.errors import SettingsError
 
+RULE_VAR = "LIT_MOE_RL_AUTO_THREADS"  # picks an AutoRule for one run
+WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # libgomp reads them when it loads (import torch)
 
-def auto_num_threads(cores: int | None = None) -> int:
-    """Threads when ``--num_threads 0``: ``OMP_NUM_THREADS`` if set, else 1 on <= 4 cores, else cores // 2."""
-    env = os.environ.get("OMP_NUM_THREADS", "")
+
+@dataclass(frozen=True)
+class AutoRule:
+    """What ``--num_threads 0`` picks: a thread count from the core count, and the OpenMP environment it
+    needs in place before torch loads (empty: none)."""
+
+    count: Callable[[int], int]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def half_above_four(cores: int) -> int:
+    """1 thread on <= 4 cores, else ``cores // 2``."""
+    return 1 if cores <= 4 else cores // 2
+
+
+AUTO_RULES = {
+    "one-thread-small": AutoRule(half_above_four),
+    "all-cores-passive": AutoRule(lambda cores: cores, {"OMP_WAIT_POLICY": "PASSIVE"}),
+}
+AUTO_RULE = (
+    "one-thread-small"  # the default rule: switch to "all-cores-passive" once bench/threads.py justifies it
+)
+FALLBACK_RULE = "one-thread-small"  # the count when a rule's environment came too late (torch already loaded)
+
+_env_at_torch_load: dict[str, str | None] | None = None  # WAIT_VARS as libgomp read them (None: unknown)
+
+
+def chosen_rule(environ: MutableMapping[str, str] | None = None) -> str:
+    """The rule's name: ``LIT_MOE_RL_AUTO_THREADS`` when set, else :data:`AUTO_RULE` (not checked here)."""
+    environ = os.environ if environ is None else environ
+    return environ.get(RULE_VAR, "").strip() or AUTO_RULE
+
+
+def prepare_openmp_env(
+    environ: MutableMapping[str, str] | None = None, torch_loaded: bool | None = None
+) -> dict:
+    """Put the chosen rule's OpenMP environment into ``environ`` (``os.environ``) if torch has not loaded yet
+    and the user set none of ``OMP_WAIT_POLICY`` / ``GOMP_SPINCOUNT``; returns what it set. Never raises
+    (it runs at import): an unknown rule is refused later, by :func:`apply_num_threads`."""
+    global _env_at_torch_load
+    environ = os.environ if environ is None else environ
+    torch_loaded = "torch" in sys.modules if torch_loaded is None else torch_loaded
+    if torch_loaded:
+        return {}
+    rule = AUTO_RULES.get(chosen_rule(environ))
+    user_set = any(environ.get(k) for k in WAIT_VARS)
+    added = {} if rule is None or user_set else dict(rule.env)
+    environ.update(added)
+    _env_at_torch_load = {k: environ.get(k) for k in WAIT_VARS}
+    return added
+
+
+def check_thread_env(environ: MutableMapping[str, str] | None = None) -> None:
+    """One line (:class:`SettingsError`) for an unknown rule, an ``OMP_WAIT_POLICY`` other than ACTIVE /
+    PASSIVE, or an ``OMP_NUM_THREADS`` that is not a list of integers >= 1 (libgomp would only warn)."""
+    environ = os.environ if environ is None else environ
+    rule = chosen_rule(environ)
+    if rule not in AUTO_RULES:
+        raise SettingsError(f"{RULE_VAR}: unknown rule {rule!r}; choose one of {', '.join(AUTO_RULES)}")
+    policy = environ.get("OMP_WAIT_POLICY", "")
+    if policy and policy.strip().upper() not in ("ACTIVE", "PASSIVE"):
+        raise SettingsError(f"OMP_WAIT_POLICY: must be ACTIVE or PASSIVE, got {policy!r}")
+    omp = environ.get("OMP_NUM_THREADS", "")
+    if omp and not re.fullmatch(r"\s*0*[1-9]\d*\s*(,\s*0*[1-9]\d*\s*)*", omp):
+        raise SettingsError(
+            f"OMP_NUM_THREADS: must be an integer >= 1 (or a comma list of them), got {omp!r}"
+        )
+
+
+def rule_env_in_place(rule: AutoRule, at_load: dict[str, str | None] | None) -> bool:
+    """Whether libgomp loaded with ``rule``'s environment (``at_load``: WAIT_VARS then; None: unknown)."""
+    if not rule.env:
+        return True
+    return at_load is not None and all((at_load.get(k) or "").upper() == v for k, v in rule.env.items())
+
+
+def auto_num_threads(cores: int | None = None, environ: MutableMapping[str, str] | None = None) -> int:
+    """Threads when ``--num_threads 0``: ``OMP_NUM_THREADS`` (its first entry) if set, else the chosen rule's
+    count when its environment was in place before torch loaded, else :data:`FALLBACK_RULE`'s."""
+    environ = os.environ if environ is None else environ
+    env = environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
     cores = cores if cores is not None else len(os.sched_getaffinity(0))
-    return 1 if cores <= 4 else cores // 2
+    rule = AUTO_RULES.get(chosen_rule(environ), AUTO_RULES[FALLBACK_RULE])
+    if not rule_env_in_place(rule, _env_at_torch_load):
+        rule = AUTO_RULES[FALLBACK_RULE]
+    return rule.count(cores)
 
 
 def apply_num_threads(num_threads: int, setting: str = "num_threads") -> int:
     """Set torch's intra-op threads (``num_threads`` >= 0; 0 = :func:`auto_num_threads`); returns the count."""
+    import torch
+
     if not isinstance(num_threads, int) or num_threads < 0:
         raise SettingsError(f"{setting}: must be an integer >= 0 (0 = auto), got {num_threads!r}")
+    check_thread_env()
     count = num_threads or auto_num_threads()
     torch.set_num_threads(count)
     return count
