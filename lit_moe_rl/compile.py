@@ -93,7 +93,7 @@ def check_mode_backend(settings: CompileSettings, setting: str) -> None:
     if not isinstance(settings.backend, str) or settings.backend not in backends:
         raise SettingsError(
             f"{setting}.backend: unknown {settings.backend!r}{close_matches(str(settings.backend), backends)}; "
-            f"torch has {', '.join(sorted(backends))}"
+            f"common: {', '.join(sorted(torch._dynamo.list_backends()))}"
         )
 
 

@@ -14,12 +14,14 @@ import torch
 
 from lit_moe_rl.algorithms import GRPO
 from lit_moe_rl.batch import Rollout
+from lit_moe_rl.cli import main  # noqa: F401  (imports Lightning, whose logger then writes to the real stderr)
 from lit_moe_rl.compile import CompileSettings, compile_units, parse_torch_compile
 from lit_moe_rl.errors import SettingsError
 from lit_moe_rl.learner import Learner, LearnerSettings
 from lit_moe_rl.policy import load_policy, position_ids_from_mask, prepare_for_rl
 from lit_moe_rl.routing.adapters import find_moe_routers
 from lit_moe_rl.routing.replay import replay_routes
+from tests.helpers import run_fit, train_rows
 
 N, P, R, LAYERS, K, EXPERTS = 8, 5, 7, 2, 2, 8
 
@@ -195,3 +197,35 @@ def test_settings_parse():
         "backend": "inductor", "dynamic": None, "mode": "max-autotune",
     }  # fmt: skip
     assert parse_torch_compile({"backend": "aot_eager"}).kwargs() == {"backend": "aot_eager", "dynamic": True}
+
+
+def test_fit_with_torch_compile_trains_and_logs(tmp_path):
+    """``--model.torch_compile`` from the command line: a mapping (aot_eager keeps the test short) and R3."""
+    rows = train_rows(
+        run_fit(
+            tmp_path,
+            '--model.torch_compile={"backend": "aot_eager"}',
+            "--trainer.callbacks+=lit_moe_rl.callbacks.routing_replay.RoutingReplayCallback",
+            "--trainer.callbacks.mode=R3",
+        )
+    )
+    assert len(rows) == 2 and all(row["policy/grad_norm"] > 0 for row in rows)
+    # the compiled forwards used the rollout's experts at every routed (token, layer)
+    assert all(row["routing/rollout_train_router_disagreement"] == 0.0 for row in rows)
+
+
+@pytest.mark.parametrize(
+    ("value", "needle"),
+    [
+        ('{"mode": "fastest"}', "model.torch_compile.mode: unknown 'fastest'"),
+        ('{"backend": "tvmm"}', "model.torch_compile.backend: unknown 'tvmm'"),
+    ],
+)
+def test_bad_setting_on_the_command_line_is_one_line_exit_2(capsys, tmp_path, value, needle):
+    with pytest.raises(SystemExit) as exc:
+        run_fit(tmp_path, f"--model.torch_compile={value}")
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert lines[-1].startswith(f"lit-moe-rl: error: {needle}")
