@@ -14,7 +14,6 @@ import torch
 
 from lit_moe_rl.algorithms import GRPO
 from lit_moe_rl.batch import Rollout
-from lit_moe_rl.cli import main  # noqa: F401  (imports Lightning, whose logger then writes to the real stderr)
 from lit_moe_rl.compile import CompileSettings, compile_units, parse_torch_compile
 from lit_moe_rl.errors import SettingsError
 from lit_moe_rl.learner import Learner, LearnerSettings
