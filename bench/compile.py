@@ -12,8 +12,9 @@ from one seed, the same in both arms. Models: ``tiny`` is the quickstart's ``bui
 Per arm it prints the first step (the compiled arm's holds the compile), the steady step (median of the
 next ``--steps``), the compile time (first minus steady, compiled arm, less the eager arm's own
 first-step excess), the break-even (compile time / saving per step: steps after which compiling has paid
-for itself; "never" when the compiled step is not faster), and dynamo's counts of compiled graphs and graph
-breaks. ``--r3`` replays random routes (forward hooks on the routers) in both arms. Inductor's on-disk
+for itself; "never" when the compiled step is not faster), and dynamo's counts of compiled graphs (one per kind of
+submodule when layers share them) and of graph breaks inside the compiled submodules (the eager routers
+between them are not breaks: they are outside every compiled region). ``--r3`` replays random routes (forward hooks on the routers) in both arms. Inductor's on-disk
 cache is a fresh temporary folder unless ``--warm-cache`` (a second run of the same model then compiles
 faster: report the cold number). ``--quick``: a toy size that only checks the script runs.
 Prints numbers; it is not a timed test. On a shared machine, say so next to any number you quote.

@@ -130,6 +130,26 @@ def test_compiled_update_equals_eager_with_checkpointing_capture_and_mini_batche
         assert any(k.startswith("rspo/") for k in compiled[0])
 
 
+def test_whole_compiled_layers_would_skip_the_replay_hooks():
+    """Why the routers stay eager: compile a decoder layer whole, trace it once, and a replay registered
+    afterwards never reaches its routers (replay_routes sees them consume its routes 0 times)."""
+    policy = tiny_policy()
+    for layer in policy.get_decoder().layers:
+        layer.compile(backend="aot_eager", dynamic=True)
+    rollout = synthetic_rollout()
+    ids, mask = rollout.input_ids, rollout.attention_mask
+    decoder = policy.get_decoder()
+
+    def forward() -> None:
+        decoder(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask))
+
+    with torch.no_grad():
+        forward()  # traced without hooks
+        replay = replay_routes(decoder, rollout.routes)
+        with pytest.raises(RuntimeError, match="consumed routes 0 times"), replay:
+            forward()
+
+
 def test_routers_and_their_blocks_stay_eager_and_the_rest_is_compiled():
     policy = tiny_policy()
     units = compile_units(policy)
@@ -139,6 +159,46 @@ def test_routers_and_their_blocks_stay_eager_and_the_rest_is_compiled():
     assert all(not any(id(m) in {id(r.module) for r in routers} for m in u.modules()) for u in units)
     layer = policy.model.layers[0]
     assert {id(layer.self_attn), id(layer.mlp.experts), id(layer.input_layernorm)} <= {id(u) for u in units}
+
+
+CALLS: list[str] = []
+
+
+def _counting_backend():
+    """A backend whose compiled forward and backward graphs count their runs (registered once)."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.backends.registry import register_backend
+
+    if "counting_test" not in torch._dynamo.list_backends(exclude_tags=()):
+
+        def counting(kind):
+            def compiler(gm, example_inputs):
+                return lambda *args: (CALLS.append(kind), gm.forward(*args))[1]
+
+            return compiler
+
+        backend = aot_autograd(fw_compiler=counting("fw"), bw_compiler=counting("bw"))
+        register_backend(backend, name="counting_test")
+    return "counting_test"
+
+
+def test_every_unit_runs_compiled_forward_and_backward_at_each_shape():
+    """Not a silent fallback to eager: each compiled submodule's graph runs once forward and once backward
+    per forward, for micro-batches of other shapes too (dynamic shapes; no recompile limit reached)."""
+    policy = tiny_policy()
+    learner = Learner(policy, GRPO(), LearnerSettings(torch_compile={"backend": _counting_backend()}))
+    units = len(learner.compiled.units)
+    rollout = synthetic_rollout()
+    for rows, width in ((2, 7), (3, 12), (5, 4)):
+        micro = rollout.select(torch.arange(rows))
+        ids, mask = micro.input_ids[:, :width], micro.attention_mask[:, :width]
+        CALLS.clear()
+        with learner.forward_context("update", micro):
+            out = policy.get_decoder()(
+                input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)
+            )
+            out.last_hidden_state.sum().backward()
+        assert CALLS.count("fw") == units and CALLS.count("bw") == units, (rows, width)
 
 
 def test_compiled_calls_are_installed_only_inside_the_learners_forward_context():
