@@ -121,8 +121,10 @@ def compile_units(model: nn.Module) -> list[nn.Module]:
         for child in module.children():
             if id(child) in routers:
                 continue
-            if any(id(m) in routers for m in child.modules()):
-                visit(child)
+            if isinstance(child, nn.ModuleDict | nn.ModuleList) or any(
+                id(m) in routers for m in child.modules()
+            ):
+                visit(child)  # a container is never called itself (PEFT's lora_A dicts): its modules are
             elif any(True for _ in child.parameters()) or any(True for _ in child.children()):
                 units.append(child)
 

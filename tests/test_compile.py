@@ -17,6 +17,7 @@ from lit_moe_rl.batch import Rollout
 from lit_moe_rl.compile import CompileSettings, compile_units, parse_torch_compile
 from lit_moe_rl.errors import SettingsError
 from lit_moe_rl.learner import Learner, LearnerSettings
+from lit_moe_rl.lora import apply_lora
 from lit_moe_rl.policy import load_policy, position_ids_from_mask, prepare_for_rl
 from lit_moe_rl.routing.adapters import find_moe_routers
 from lit_moe_rl.routing.replay import replay_routes
@@ -40,8 +41,11 @@ class GradRecorder:
         self.policy.zero_grad(set_to_none=set_to_none)
 
 
-def tiny_policy(gradient_checkpointing: bool = False) -> torch.nn.Module:
+def tiny_policy(gradient_checkpointing: bool = False, lora: dict | None = None) -> torch.nn.Module:
     policy, _ = load_policy(config={"family": "qwen3_moe", "num_hidden_layers": LAYERS}, seed=0)
+    if lora:
+        torch.manual_seed(0)  # the same adapter initialisation in both arms
+        policy = apply_lora(policy, lora)
     prepare_for_rl(policy, gradient_checkpointing=gradient_checkpointing)
     return policy
 
@@ -77,9 +81,11 @@ def r3_context(policy: torch.nn.Module):
     return lambda phase, micro: replay_routes(decoder, micro.routes, input_ids=micro.input_ids)
 
 
-def one_step(compile_value, *, r3: bool, gc: bool = False, **settings) -> tuple[dict, torch.Tensor, dict]:
+def one_step(
+    compile_value, *, r3: bool, gc: bool = False, lora: dict | None = None, **settings
+) -> tuple[dict, torch.Tensor, dict]:
     """(statistics, old_logp, gradients) of one learner step, two micro-batches of 4 sequences."""
-    policy = tiny_policy(gradient_checkpointing=gc)
+    policy = tiny_policy(gradient_checkpointing=gc, lora=lora)
     optimizer = GradRecorder(policy)
     learner = Learner(
         policy,
@@ -118,8 +124,13 @@ def test_compiled_update_equals_eager(r3):
 
 @pytest.mark.parametrize(
     "case",
-    [dict(gc=True, r3=True), dict(r3=False, track_router_shift=True), dict(r3=True, mini_batches=2)],
-    ids=["checkpointing-r3", "rspo-capture", "two-mini-batches-r3"],
+    [
+        dict(gc=True, r3=True),
+        dict(r3=False, track_router_shift=True),
+        dict(r3=True, mini_batches=2),
+        dict(r3=True, lora={"rank": 4, "router": "adapted"}),
+    ],
+    ids=["checkpointing-r3", "rspo-capture", "two-mini-batches-r3", "lora-adapted-router-r3"],
 )
 def test_compiled_update_equals_eager_with_checkpointing_capture_and_mini_batches(case):
     """aot_eager traces the same regions as inductor (the hooks question) and compiles in seconds."""
