@@ -112,8 +112,17 @@ def assert_same_step(eager, compiled) -> None:
         torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-3, atol=1e-5, msg=name)
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's cache of compiled code is per code object (every unit's ``_call_impl``), shared by all
+    ``torch.compile`` calls in the process: clear it so that this test runs its own backend's code."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("r3", [False, True], ids=["native", "r3"])
-def test_compiled_update_equals_eager(r3):
+def test_compiled_update_equals_eager(r3, fresh_dynamo):
     eager = one_step(False, r3=r3)
     compiled = one_step(True, r3=r3)  # inductor, dynamic shapes
     assert_same_step(eager, compiled)
@@ -193,7 +202,7 @@ def _counting_backend():
     return "counting_test"
 
 
-def test_every_unit_runs_compiled_forward_and_backward_at_each_shape():
+def test_every_unit_runs_compiled_forward_and_backward_at_each_shape(fresh_dynamo):
     """Not a silent fallback to eager: each compiled submodule's graph runs once forward and once backward
     per forward, for micro-batches of other shapes too (dynamic shapes; no recompile limit reached)."""
     policy = tiny_policy()
