@@ -12,6 +12,7 @@ import torch
 
 from lit_moe_rl import ckpt_match
 from lit_moe_rl.algorithms import GRPO, Algorithm
+from lit_moe_rl.compile import parse_torch_compile
 from lit_moe_rl.learner import ForwardContext, Learner, LearnerSettings, Stats, add_named
 from lit_moe_rl.learner.optim import adamw_with_warmup, param_groups
 from lit_moe_rl.learner.settings import CorrectionKind
@@ -55,6 +56,7 @@ class MoERLModule(L.LightningModule):
         rollout_weights: Literal["resident", "unshard"] = "resident",
         offload_optimizer: bool = False,
         memory_check: bool = True,
+        torch_compile: bool | dict[str, Any] = False,
     ) -> None:
         """
         Args:
@@ -84,10 +86,13 @@ class MoERLModule(L.LightningModule):
             rollout_weights: Under FSDP2: ``resident`` full copy to generate with, or ``unshard`` per rollout.
             offload_optimizer: Move AdamW's state to host memory while the rollout generates (bitwise back).
             memory_check: Refuse at start a config the memory planner says cannot fit (``lit-moe-rl plan``).
+            torch_compile: ``torch.compile`` the learner's forward/backward: true, or ``{backend, mode, dynamic}``
+                (routers stay eager for routing replay; the rollout stays eager; lit_moe_rl/compile.py).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["algorithm"])
         check_rl_module_settings(self.hparams)  # ranges and sources: lit_moe_rl/validation.py
+        parse_torch_compile(torch_compile)  # model.torch_compile: lit_moe_rl/compile.py
         self.algorithm = algorithm if algorithm is not None else GRPO()
         self.automatic_optimization = False
         self.policy: torch.nn.Module | None = None

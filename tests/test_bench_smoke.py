@@ -9,6 +9,7 @@ import pytest
 from tests.helpers import ROOT
 
 SMOKE = {  # script: (toy-size arguments, what its report must print)
+    "compile.py": (["--quick", "--backend", "aot_eager", "--r3"], ["compile time", "break-even"]),
     "r3_overhead.py": (
         ["--steps", "2", "--warmup", "0", "--repeats", "1", "--iters", "1"],
         ["overhead", "B/token"],

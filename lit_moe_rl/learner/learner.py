@@ -26,6 +26,7 @@ from torch import Tensor
 
 from lit_moe_rl.algorithms import Algorithm
 from lit_moe_rl.batch import Rollout
+from lit_moe_rl.compile import compiled_policy
 from lit_moe_rl.learner import old_pass, update
 from lit_moe_rl.learner.batching import micro_plan, trim_padding
 from lit_moe_rl.learner.settings import LearnerSettings
@@ -92,6 +93,7 @@ class Learner:
         self.no_sync = no_sync
         self.reference: Reference | None = None
         self.aux_loss = load_balancing_loss(policy) if settings.router_aux_loss_coef > 0 else None
+        self.compiled = compiled_policy(policy, settings.torch_compile)  # model.torch_compile (compile.py)
         self.skipped_steps = 0
         self.skip_noted = False  # a skipped update is said once per run
         self.optimizer_step = 0  # optimizer steps so far (Lightning's global_step): named in warnings
@@ -133,6 +135,8 @@ class Learner:
         with contextlib.ExitStack() as stack:
             for factory in self.forward_contexts:
                 stack.enter_context(factory(phase, micro))
+            if self.compiled is not None and phase != "ref":  # the policy's compiled submodules
+                stack.enter_context(self.compiled.active())
             yield
 
     def sequence_logprobs(
