@@ -72,6 +72,21 @@ class StepTimer(Callback):
         Path(self.path).write_text(json.dumps(result))
 
 
+def timed_trainer_args(steps: int, timings: Path) -> list[str]:
+    """``steps`` optimizer steps timed by :class:`StepTimer` into ``timings``: no validation, checkpoints,
+    progress bar or model summary."""
+    return [
+        f"--trainer.max_steps={steps}",
+        "--trainer.limit_val_batches=0",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--trainer.callbacks=bench.steptimer.StepTimer",
+        f"--trainer.callbacks.path={timings}",
+    ]
+
+
 def timed_fit_command(
     steps: int, timings: Path, *, prompts: Path, batch_size: int, group_size: int, max_new_tokens: int
 ) -> list[str]:
@@ -82,14 +97,7 @@ def timed_fit_command(
         sys.executable, "-m", "lit_moe_rl.cli", "fit",
         "--trainer.accelerator=cpu",
         "--trainer.devices=1",
-        f"--trainer.max_steps={steps}",
-        "--trainer.limit_val_batches=0",
-        "--trainer.num_sanity_val_steps=0",
-        "--trainer.enable_checkpointing=false",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        "--trainer.callbacks=bench.steptimer.StepTimer",
-        f"--trainer.callbacks.path={timings}",
+        *timed_trainer_args(steps, timings),
         f"--model.micro_batch_size={batch_size * group_size}",
         "--data.source=file",
         f"--data.path={prompts}",

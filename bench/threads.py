@@ -40,6 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # bench.* and lit_moe_rl from this checkout
 
 CLEARED = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+from bench.steptimer import timed_trainer_args  # noqa: E402
+
 RULE_VAR = "LIT_MOE_RL_AUTO_THREADS"  # lit_moe_rl.cli.threads.RULE_VAR (not imported: that loads torch)
 
 
@@ -69,15 +71,8 @@ def fit_command(steps: int, timings: Path, logs: Path) -> list[str]:
     return [
         sys.executable, "-m", "lit_moe_rl.cli", "fit",
         f"--config={ROOT / 'configs' / 'quickstart.yaml'}",
-        f"--trainer.max_steps={steps}",
-        "--trainer.limit_val_batches=0",
-        "--trainer.num_sanity_val_steps=0",
-        "--trainer.enable_checkpointing=false",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
+        *timed_trainer_args(steps, timings),
         f"--trainer.logger.init_args.save_dir={logs}",
-        "--trainer.callbacks=bench.steptimer.StepTimer",
-        f"--trainer.callbacks.path={timings}",
     ]  # fmt: skip
 
 
