@@ -74,6 +74,18 @@ PANELS = [
 ]
 SEARCH = [(mb, scale) for mb in (4, 8) for scale in (1.0, 4.0, 16.0)]
 SEARCH_ROLLOUTS = 150
+SEARCH_NOTE = (
+    "Plain GRPO (clip 0.2 / 0.2) from the fine-grained warm start (64 experts of width 32, top-8; held-out "
+    "reward 0.4375), lr 2e-4, 150 rollouts of 8 prompts x 8 completions, over the number of updates per "
+    "rollout (`mini_batches`: the later ones off-policy) and the routers' own learning rate "
+    "(`router_lr_scale`). The criterion for the study's regime: GRPO degrades, and γ̃ (the RSPO paper's mean "
+    "over layers) has bite: median γ̃ <= ~0.95 and >= ~2% of tokens at the 0.8 floor. GRPO loses reward in "
+    "every cell, but at 1x or 4x the router's rate γ̃ stays at 0.96-0.99 with no token at the floor, although "
+    "the top-K set changes for 21-41% of tokens: the router's probabilities of the old experts move little "
+    "even when the ranking among near-equal experts flips. 16x with 4 updates reaches γ̃ 0.95 but only 1% at "
+    "the floor; only 16x with 8 updates per rollout meets both "
+    "(γ̃ 0.90, 12% at the floor, GRPO 0.44 -> 0.23): that cell is `studies/configs/rspo.yaml`."
+)
 SETTINGS = ("clip_low", "clip_high", "router_shift", "router_shift_floor", "router_shift_layer_reduce")
 
 
@@ -199,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     text = "\n\n".join([
         f"## RSPO: {title}",
+        *([SEARCH_NOTE] if args.search else []),
         f"`{command}` on {machine()}; collapse = the last three held-out evaluations all below half the run's "
         "best; γ̃ mean, floor share and top-K changed are medians over rollouts 11+ (mean over seeds).",
         table(HEADER, arm_rows(grouped)),
