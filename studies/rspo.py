@@ -122,6 +122,7 @@ def arm_rows(grouped: dict[str, list[Rows]]) -> list[list[object]]:
         rows.append([
             arm, f"{sum(collapsed(r) for r in runs)}/{len(runs)}",
             _mean([v[0] for v in val]), _mean(best), min(best), _mean(final), min(final),
+            _mean([statistics.fmean(v[1:] or v) for v in val]),
             _mean([settled_median(r, "rspo/gamma_mean") for r in runs]),
             _mean([settled_median(r, "rspo/floor_frac") for r in runs]),
             _mean([settled_median(r, "rspo/topk_changed_token_frac") for r in runs]),
@@ -131,7 +132,7 @@ def arm_rows(grouped: dict[str, list[Rows]]) -> list[list[object]]:
 
 
 HEADER = ["arm", "collapsed", "val start", "best (mean)", "best (min)", "final (mean)", "final (min)",
-          "γ̃ mean", "floor share", "top-K changed", "clip frac"]  # fmt: skip
+          "run mean", "γ̃ mean", "floor share", "top-K changed", "clip frac"]  # fmt: skip
 
 
 def resolved_settings(runs_dir: Path, runs: list[Run]) -> list[list[object]]:
@@ -213,7 +214,8 @@ def main(argv: list[str] | None = None) -> None:
         f"## RSPO: {title}",
         *([SEARCH_NOTE] if args.search else []),
         f"`{command}` on {machine()}; collapse = the last three held-out evaluations all below half the run's "
-        "best; γ̃ mean, floor share and top-K changed are medians over rollouts 11+ (mean over seeds).",
+        "best; run mean = the mean of a run's held-out evaluations after the start; γ̃ mean, floor share and top-K "
+        "changed are medians over rollouts 11+ (each a mean over seeds).",
         table(HEADER, arm_rows(grouped)),
         "What each arm ran (its saved config.yaml, seed 0):",
         table(SETTINGS_HEADER, resolved_settings(runs_dir, runs)),

@@ -92,7 +92,7 @@ def test_rspo_study_quick_mode(tmp_path):
     assert set(results) == set(settings) == arms
     assert len({float(results[arm][3]) for arm in arms}) == 1  # one warm start, evaluated before training
     for arm in arms:  # every arm logs the router shift; γ̃ is floored at 0.8
-        gamma, changed = float(results[arm][8]), float(results[arm][10])
+        gamma, changed = float(results[arm][9]), float(results[arm][11])
         assert 0.8 <= gamma <= 1.0
         assert changed == 0.0 if arm.endswith("R3") else changed > 0  # R3 replays the rollout's top-K
     # what ran, read back from each arm's saved config: the algorithm's own clip, not the overlay's GRPO one
