@@ -1,20 +1,20 @@
 """Quickstart step time by thread setting, on an idle machine and on one this bench loads itself.
 
-    python bench/threads.py [--steps 30] [--repeats 2] [--settings one,all,passive,spin10k,auto,auto-passive]
+    python bench/threads.py [--steps 30] [--repeats 2] [--settings one,all,passive,spin10k,auto,auto-spin]
     python bench/threads.py --quick      # 3 steps of one setting: checks that it all runs
 
 Each run is ``lit-moe-rl fit --config configs/quickstart.yaml`` for ``--steps`` optimizer steps (no
-validation, no checkpoints), timed by ``bench.steptimer.StepTimer``; the figure is the median seconds
-per step over steps 2..N of all repeats. The settings (``N`` = the cores this process may use):
+validation, no checkpoints), timed by ``bench.steptimer.StepTimer``; the figures are the median and the mean seconds per
+step over steps 2..N of all repeats (the mean shows the steps that collapse under load). The settings (``N`` = the cores this process may use):
 
 * ``one``: 1 thread (``OMP_NUM_THREADS=1``);
 * ``all``: N threads, OpenMP's default waiting (libgomp: spin ``GOMP_SPINCOUNT`` = 300,000 polls, then sleep);
 * ``passive``: N threads, ``OMP_WAIT_POLICY=PASSIVE`` (a waiting thread sleeps at once);
-* ``spin10k``: N threads, ``GOMP_SPINCOUNT=10000`` (a short spin, then sleep); with Intel's OpenMP
-  (libiomp) instead: ``KMP_BLOCKTIME=0``, its equivalent;
-* ``auto`` / ``auto-passive``: no ``OMP_NUM_THREADS``, ``--num_threads 0`` with the CLI's rule
-  ``one-thread-small`` (today's default) / ``all-cores-passive`` (``LIT_MOE_RL_AUTO_THREADS``): the
-  mechanism itself, end to end (lit_moe_rl/cli/threads.py).
+* ``spin1k`` ... ``spin30k``: N threads, ``GOMP_SPINCOUNT`` = 1,000 ... 30,000 (a short spin, then
+  sleep); with Intel's OpenMP (libiomp) instead: ``KMP_BLOCKTIME=0``, its equivalent;
+* ``auto`` / ``auto-passive`` / ``auto-spin``: no ``OMP_NUM_THREADS``, ``--num_threads 0`` with the CLI's
+  rule ``one-thread-small`` / ``all-cores-passive`` / ``all-cores-short-spin`` (``LIT_MOE_RL_AUTO_THREADS``):
+  the mechanism itself, end to end (lit_moe_rl/cli/threads.py).
 
 Conditions: ``idle`` (nothing started: run it on an otherwise idle machine, the load average is
 printed) and ``loaded`` (the bench starts one busy-loop process per core for the run, then stops
@@ -55,14 +55,18 @@ def openmp_runtime() -> str:
 def settings(cores: int, runtime: str) -> dict[str, dict[str, str]]:
     """Each setting's environment (added to a clean one: :data:`CLEARED` removed)."""
     n = str(cores)
-    short_spin = {"KMP_BLOCKTIME": "0"} if runtime == "libiomp" else {"GOMP_SPINCOUNT": "10000"}
+
+    def spin(count: int) -> dict[str, str]:  # libgomp polls GOMP_SPINCOUNT times; Intel's: KMP_BLOCKTIME ms
+        return {"KMP_BLOCKTIME": "0"} if runtime == "libiomp" else {"GOMP_SPINCOUNT": str(count)}
+
     return {
         "one": {"OMP_NUM_THREADS": "1"},
         "all": {"OMP_NUM_THREADS": n},
         "passive": {"OMP_NUM_THREADS": n, "OMP_WAIT_POLICY": "PASSIVE"},
-        "spin10k": {"OMP_NUM_THREADS": n, **short_spin},
+        **{f"spin{k}k": {"OMP_NUM_THREADS": n, **spin(1000 * k)} for k in (1, 3, 10, 30)},
         "auto": {RULE_VAR: "one-thread-small"},
         "auto-passive": {RULE_VAR: "all-cores-passive"},
+        "auto-spin": {RULE_VAR: "all-cores-short-spin"},
     }
 
 
@@ -119,7 +123,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per run (median over 2..N)")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each setting per condition")
     parser.add_argument(
-        "--settings", default="one,all,passive,spin10k,auto,auto-passive", help="comma-separated"
+        "--settings", default="one,all,passive,spin10k,auto,auto-spin", help="comma-separated"
     )
     parser.add_argument("--conditions", default="idle,loaded", help="comma-separated: idle, loaded")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds before a run is stopped")
@@ -166,12 +170,15 @@ def measure(args: argparse.Namespace, table: dict[str, dict[str, str]], work: Pa
 
 
 def cell(values: list[float] | None, timeout: float) -> str:
-    return f"> {timeout:.0f} s run" if values is None else f"{statistics.median(values):.3f}"
+    """``median / mean`` s/step: the mean shows the steps that collapse, which the median hides."""
+    if values is None:
+        return f"> {timeout:.0f} s run"
+    return f"{statistics.median(values):.3f} / {statistics.fmean(values):.3f}"
 
 
 def report(results: dict, table: dict[str, dict[str, str]], args: argparse.Namespace) -> None:
     """One line per setting: its environment and median s/step per condition."""
-    print(f"quickstart s/step, median over steps 2..{args.steps} of {args.repeats} run(s)")
+    print(f"quickstart s/step (median / mean), over steps 2..{args.steps} of {args.repeats} run(s)")
     print("| setting | environment | " + " | ".join(f"{c} s/step" for c in args.conditions) + " |")
     print("|---|---|" + "---|" * len(args.conditions))
     for name in args.settings:

@@ -1,9 +1,10 @@
 """The CLI's thread default and OpenMP wait policy (lit_moe_rl/cli/threads.py, README "Threads").
 
-Today's rule: one thread on small machines, half the cores on large ones. The alternative rule takes every
-core with ``OMP_WAIT_POLICY=PASSIVE``, which libgomp reads once, when torch loads: the CLI sets it on
-import, before torch, and the tests read back what libgomp parsed (``OMP_DISPLAY_ENV``: a passive policy
-is a spin count of 0, libgomp's default 300,000). ``OMP_NUM_THREADS`` and a user's own wait policy win.
+The default rule takes every core with a short spin (``GOMP_SPINCOUNT=1000``); ``one-thread-small`` (one
+thread on small machines, half the cores on large ones) is the fallback, and ``all-cores-passive`` sets
+``OMP_WAIT_POLICY=PASSIVE``. libgomp reads both variables once, when torch loads: the CLI sets them on
+import, before torch, and the tests read back what libgomp parsed (``OMP_DISPLAY_ENV``: its spin count,
+0 for a passive policy, 300,000 by default). ``OMP_NUM_THREADS`` and a user's own wait policy win.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from lit_moe_rl.cli.threads import RULE_VAR, apply_num_threads, auto_num_threads
 from tests.helpers import ROOT, run_fit
 
 PASSIVE_AT_LOAD = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": None}
+SHORT_SPIN_AT_LOAD = {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "1000"}
 
 
 @pytest.fixture(autouse=True)
@@ -30,8 +32,15 @@ def _no_thread_env(monkeypatch):
 
 
 @pytest.mark.parametrize(("cores", "expected"), [(1, 1), (2, 1), (4, 1), (8, 4), (64, 32)])
-def test_auto_threads_by_cores(cores, expected):
+def test_one_thread_small_by_cores(monkeypatch, cores, expected):
+    monkeypatch.setenv(RULE_VAR, "one-thread-small")
     assert auto_num_threads(cores) == expected
+
+
+def test_default_rule_takes_every_core_only_when_the_short_spin_was_in_place(monkeypatch):
+    assert auto_num_threads(2) == 1  # unknown what libgomp loaded with: one-thread-small's count
+    monkeypatch.setattr(threads, "_env_at_torch_load", SHORT_SPIN_AT_LOAD)
+    assert (auto_num_threads(2), auto_num_threads(64)) == (2, 64)
 
 
 def test_omp_num_threads_wins_over_auto(monkeypatch):
@@ -63,8 +72,14 @@ def test_prepare_sets_the_policy_before_torch_unless_the_user_set_one():
         assert prepare_openmp_env(env, torch_loaded=False) == {} and env == rule | user
     env = dict(rule)
     assert prepare_openmp_env(env, torch_loaded=True) == {} and env == rule  # too late to matter: untouched
+    env = {RULE_VAR: "one-thread-small"}
+    assert prepare_openmp_env(env, torch_loaded=False) == {}  # a rule without an environment sets nothing
     env = {}
-    assert prepare_openmp_env(env, torch_loaded=False) == {} and env == {}  # today's rule sets nothing
+    assert (
+        prepare_openmp_env(env, torch_loaded=False)
+        == {"GOMP_SPINCOUNT": "1000"}
+        == threads.AUTO_RULES[threads.AUTO_RULE].env
+    )  # the default
 
 
 def _libgomp_report(env: dict[str, str], code: str) -> tuple[str, str]:
@@ -87,11 +102,13 @@ TORCH_FIRST = "import os, torch; import lit_moe_rl.cli.threads as t; print(t.aut
 @pytest.mark.parametrize(
     ("case", "env", "code", "spin", "count"),
     [
-        ("today's rule", {}, CLI_FIRST, "300000", "1"),
+        ("default rule", {}, CLI_FIRST, "1000", "2"),
+        ("one thread", {RULE_VAR: "one-thread-small"}, CLI_FIRST, "300000", "1"),
         ("passive rule", {RULE_VAR: "all-cores-passive"}, CLI_FIRST, "0", "2"),
         ("OMP_NUM_THREADS wins", {RULE_VAR: "all-cores-passive", "OMP_NUM_THREADS": "1"}, CLI_FIRST, "0", "1"),
         ("user's ACTIVE wins", {RULE_VAR: "all-cores-passive", "OMP_WAIT_POLICY": "ACTIVE"}, CLI_FIRST, "30000000000", "1"),
         ("torch loaded first", {RULE_VAR: "all-cores-passive"}, TORCH_FIRST, "300000", "1"),
+        ("torch loaded first, default", {}, TORCH_FIRST, "300000", "1"),
     ],
 )  # fmt: skip
 def test_wait_policy_reaches_openmp_when_torch_loads(case, env, code, spin, count):
@@ -113,7 +130,7 @@ def test_apply_sets_torch_threads_and_refuses_negatives(monkeypatch):
 @pytest.mark.parametrize(
     ("var", "value", "line"),
     [
-        (RULE_VAR, "all-cores", f"{RULE_VAR}: unknown rule 'all-cores'; choose one of one-thread-small, all-cores-passive"),
+        (RULE_VAR, "all-cores", f"{RULE_VAR}: unknown rule 'all-cores'; choose one of one-thread-small, all-cores-passive, all-cores-short-spin"),
         ("OMP_WAIT_POLICY", "sleepy", "OMP_WAIT_POLICY: must be ACTIVE or PASSIVE, got 'sleepy'"),
         ("OMP_NUM_THREADS", "two", "OMP_NUM_THREADS: must be an integer >= 1 (or a comma list of them), got 'two'"),
         ("OMP_NUM_THREADS", "0", "OMP_NUM_THREADS: must be an integer >= 1 (or a comma list of them), got '0'"),

@@ -49,8 +49,9 @@ class OneLineCLI(LightningCLI):
             type=int,
             default=0,
             help="torch intra-op CPU threads, >= 0; 0 = auto: OMP_NUM_THREADS if set, else the rule "
-            "LIT_MOE_RL_AUTO_THREADS names (default one-thread-small: 1 on <= 4 cores, else cores // 2; "
-            "all-cores-passive: every core, OMP_WAIT_POLICY=PASSIVE).",
+            "LIT_MOE_RL_AUTO_THREADS names (default all-cores-short-spin: every core, GOMP_SPINCOUNT=1000; "
+            "one-thread-small: 1 on <= 4 cores, else cores // 2; all-cores-passive: every core, "
+            "OMP_WAIT_POLICY=PASSIVE).",
         )
 
     def parse_arguments(self, parser: Any, args: Any) -> None:

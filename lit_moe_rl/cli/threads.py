@@ -1,15 +1,18 @@
 """The CLI's torch CPU thread count (``--num_threads``) and OpenMP's wait policy.
 
-torch's default (one intra-op thread per core) is a poor fit for the small models this trainer runs on
-CPU on a shared machine: an OpenMP thread that finishes its share of a parallel region spins (GNU
-libgomp: ``GOMP_SPINCOUNT``, 300,000 polls by default) waiting for the others, and when other processes
-hold the cores the thread it waits for is not running (the quickstart measured several times slower
-with 2 threads than with 1 on a loaded 2-core machine; README "Threads"). Two remedies, each an
-:class:`AutoRule` for ``--num_threads 0``:
+torch's default (one intra-op thread per core) is fragile for the small models this trainer runs on CPU
+on a shared machine: an OpenMP thread that finishes its share of a parallel region spins (GNU libgomp:
+``GOMP_SPINCOUNT``, 300,000 polls by default) waiting for the others, and when other processes hold the
+cores the thread it waits for is not running (the quickstart: 3.0 s/step on average on a loaded 2-core
+machine, against 0.27 with one thread; README "Threads"). Each remedy is an :class:`AutoRule` for
+``--num_threads 0``:
 
-* ``one-thread-small`` (today's default): 1 thread on machines with at most 4 cores, half the cores above;
-* ``all-cores-passive``: every core, with ``OMP_WAIT_POLICY=PASSIVE`` (waiting threads sleep at once
-  instead of spinning: the OpenMP spec's wait policy; libgomp then sets its spin count to 0).
+* ``all-cores-short-spin`` (the default): every core, ``GOMP_SPINCOUNT=1000`` (a waiting thread polls
+  briefly, then sleeps): within 5% of the best setting idle and as fast as one thread under load
+  (``bench/threads.py``);
+* ``one-thread-small``: 1 thread on machines with at most 4 cores, half the cores above (the fallback);
+* ``all-cores-passive``: every core, with ``OMP_WAIT_POLICY=PASSIVE`` (waiting threads sleep at once:
+  the OpenMP spec's wait policy; libgomp then sets its spin count to 0); safe, but 15% slower idle.
 
 libgomp reads ``OMP_WAIT_POLICY`` / ``GOMP_SPINCOUNT`` once, when it loads, which is at ``import torch``
 (torch links libgomp; ``torch.__config__.parallel_info()``): setting them later in the process has no
@@ -36,6 +39,9 @@ RULE_VAR = "LIT_MOE_RL_AUTO_THREADS"  # picks an AutoRule for one run
 WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # libgomp reads them when it loads (import torch)
 
 
+SHORT_SPIN = "1000"  # libgomp's polls before a waiting thread sleeps (its default: 300,000)
+
+
 @dataclass(frozen=True)
 class AutoRule:
     """What ``--num_threads 0`` picks: a thread count from the core count, and the OpenMP environment it
@@ -53,10 +59,9 @@ def half_above_four(cores: int) -> int:
 AUTO_RULES = {
     "one-thread-small": AutoRule(half_above_four),
     "all-cores-passive": AutoRule(lambda cores: cores, {"OMP_WAIT_POLICY": "PASSIVE"}),
+    "all-cores-short-spin": AutoRule(lambda cores: cores, {"GOMP_SPINCOUNT": SHORT_SPIN}),
 }
-AUTO_RULE = (
-    "one-thread-small"  # the default rule: switch to "all-cores-passive" once bench/threads.py justifies it
-)
+AUTO_RULE = "all-cores-short-spin"  # bench/threads.py, README "Threads": within 5% of the best idle, no collapse loaded
 FALLBACK_RULE = "one-thread-small"  # the count when a rule's environment came too late (torch already loaded)
 
 _env_at_torch_load: dict[str, str | None] | None = None  # WAIT_VARS as libgomp read them (None: unknown)
