@@ -116,3 +116,54 @@ def test_engine_on_nan_weights_raises_before_sampling():
     engine.bind(policy, tokenizer)
     with pytest.raises(NonFiniteProbabilities):
         engine.generate(["4 9 => 13 ="], n=2)
+
+
+def test_flagged_step_marks_exactly_the_non_finite_rows_and_draws_the_others():
+    """``bad`` comes from each row's logsumexp: NaN, +inf and all -inf rows, and no finite row, even one
+    with -inf entries (masked tokens) or logits far from 0."""
+    from lit_moe_rl.rollout.sampling import sample_step_flagged
+
+    nan, inf = float("nan"), float("inf")
+    logits = torch.tensor([[0.0, 1.0, 2.0], [nan, 0.0, 1.0], [inf, 0.0, 1.0], [-inf, -inf, -inf],
+                           [-inf, 3.0, -inf], [1e4, 1e4 - 1.0, -1e4]])  # fmt: skip
+    torch.manual_seed(0)
+    tokens, logp, bad = sample_step_flagged(logits, SamplingParams())
+    assert bad.tolist() == [False, True, True, True, False, False]
+    assert tokens[4] == 1 and logp[4] == 0.0  # the one unmasked token, probability 1
+    good = ~bad
+    expected = torch.log_softmax(logits[good], -1).gather(-1, tokens[good, None]).squeeze(-1)
+    torch.testing.assert_close(logp[good], expected)
+    assert ((tokens >= 0) & (tokens < 3)).all()  # bad rows drew from the uniform stand-in
+
+
+def test_draw_samples_the_distribution_and_never_a_zero_probability_token():
+    """Inverse transform sampling: the frequencies of 200,000 draws match the probabilities (3 sigma),
+    whatever the rows' totals, and a token of probability 0 (first, middle or last) is never drawn."""
+    from lit_moe_rl.rollout.sampling import draw
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.2, 0.3, 0.0], [2.0, 0.0, 1.0, 0.0, 0.0, 1.0]])  # row 2 sums to 4
+    torch.manual_seed(0)
+    tokens = draw(probs.repeat_interleave(100_000, 0)).view(2, -1)
+    for row, drawn in zip(probs, tokens, strict=True):
+        freq = torch.bincount(drawn, minlength=6).double() / drawn.numel()
+        p = (row / row.sum()).double()
+        sigma = (p * (1 - p) / drawn.numel()).sqrt()
+        assert ((freq - p).abs() <= 3 * sigma + 1e-12).all(), (freq, p)
+        assert (freq[p == 0] == 0).all()
+
+
+def test_draw_is_exact_at_the_real_vocabulary_in_row_chunks(monkeypatch):
+    """At V = 151,936 the rows are summed in chunks (32 MiB of float64 each: 27 rows); a chunk boundary
+    changes nothing, and a row whose whole mass sits on its last token always draws it."""
+    from lit_moe_rl.rollout import sampling
+
+    vocab = 151_936
+    probs = torch.rand(40, vocab, generator=torch.Generator().manual_seed(0))
+    probs[7] = 0.0
+    probs[7, -1] = 1e-30  # tiny but the only mass: float64 sums keep it
+    torch.manual_seed(1)
+    chunked = sampling.draw(probs)
+    monkeypatch.setattr(sampling, "CDF_CHUNK_BYTES", 1 << 40)  # one chunk
+    torch.manual_seed(1)
+    assert torch.equal(sampling.draw(probs), chunked)
+    assert chunked[7] == vocab - 1

@@ -205,6 +205,7 @@ class ResetRaises(ThreeTurns):
     """Rows with ``fail`` in their sample: the first reset succeeds, the later ones fail."""
 
     lock, calls = threading.Lock(), 0
+    stop_strings = tuple("0123456789 =>")  # almost every token ends a turn: three turns whatever is sampled
 
     def reset(self, sample, prompt):
         with ResetRaises.lock:

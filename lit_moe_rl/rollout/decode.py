@@ -28,7 +28,7 @@ Choices made here (and why):
   about 3%. From ``GROW_FROM`` new tokens on, the cache grows by doubling instead
   (:mod:`lit_moe_rl.rollout.kv`): concatenation copies ``L^2 / 2`` positions for ``L`` tokens.
 * **One read of the device per step**: which sampled tokens are EOS and how many rows had NaN/inf
-  probabilities (``.tolist()``; such rows never reach ``torch.multinomial``, see
+  probabilities (``.tolist()``; such rows are never drawn from, see
   :func:`~lit_moe_rl.rollout.sampling.sample_step_flagged`); which rows are live, leave or stay is
   decided on the host from it (each ``.any()``/``bool()`` on a device tensor
   is a stall on a GPU). A test counts the reads outside the model's forward.
