@@ -17,9 +17,14 @@ from tests.helpers import run_fit, train_rows
 ARGS = [
     "--model.pretrained=builtin:countdown-tiny-moe", "--model.config=null", "--rollout.engine.max_new_tokens=12",
     "--data.batch_size=4", "--model.algorithm=lit_moe_rl.algorithms.RSPO", "--model.mini_batches=2",
-    "--model.algorithm.kl_coef=0.1", "--trainer.callbacks+=lit_moe_rl.callbacks.ReferenceKLCallback",
-    "--model.lr=5e-3", "--trainer.limit_val_batches=0", "--data.num_val=0",
+    "--model.algorithm.kl_coef=1e-3", "--trainer.callbacks+=lit_moe_rl.callbacks.ReferenceKLCallback",
+    "--model.lr=2e-4", "--trainer.limit_val_batches=0", "--data.num_val=0",
 ]  # fmt: skip
+# The first update starts at π_ref = π, where the KL term's gradient is float rounding (~1e-7 x kl_coef).
+# A weight whose policy-gradient is exactly 0 (an embedding row seen only in groups of equal reward)
+# gets only that noise, and AdamW's first step turns any g with |g| >> eps = 1e-8 into ±lr: at
+# kl_coef 0.1 such weights moved by a rounding-dependent ±lr, and the second update's statistics
+# differed by up to 0.5% between micro-batch splits. At kl_coef 1e-3 the noise is far below eps.
 
 
 def logged(path, *extra: str) -> dict[str, float]:
@@ -29,7 +34,8 @@ def logged(path, *extra: str) -> dict[str, float]:
 
 def test_every_metric_is_the_same_for_any_micro_batch_size_and_padding_trim(tmp_path):
     reference = logged(tmp_path / "16", "--model.micro_batch_size=16")
-    assert reference["policy/ratio_max"] > 1.0 and reference["policy/kl_loss"] > 0  # the second update moved
+    moved = reference["policy/ratio_max"] > 1.0 > reference["policy/ratio_min"]  # the second update moved
+    assert moved and reference["policy/clipfrac"] > 0 and reference["policy/kl_loss"] > 0
     assert {"rspo/gamma_p10", "rspo/shift_p99", "rspo/gamma_min", "reward/std"} <= reference.keys()
     for name, extra in [
         ("4", ["--model.micro_batch_size=4"]),
