@@ -70,6 +70,8 @@ def test_trimmed_and_sorted_micro_batches_give_the_same_training(tmp_path, monke
     plain = train_rows(run_fit(tmp_path / "plain", *args, "--model.trim_padding=false", steps=4))
     assert len(trimmed) == len(plain) >= 2
     assert any(after < before for before, after in widths)  # columns were dropped
-    assert sum(r["policy/grad_norm"] > 0 for r in plain) >= 2  # updates happened: not a run of zero advantages
+    assert (
+        sum(r["policy/grad_norm"] > 0 for r in plain) >= 2
+    )  # updates happened: not a run of zero advantages
     for key in KEYS + [k for k in plain[0] if k.startswith("rspo/gamma")]:
         assert [r[key] for r in trimmed] == pytest.approx([r[key] for r in plain], rel=1e-5, abs=1e-6), key
