@@ -29,7 +29,11 @@ random weights; ``--device cpu`` shrinks it to a toy. Checks, each printed as ``
   (2 FLOPs per active parameter per token forward, 4 backward; the LM head on response tokens only,
   its share reported; attention scores not counted) against ``--peak-tflops`` (989: H100/H200 dense bf16);
 * ``overhead``: R3 over GRPO and RSPO over GMPO, as ratios of median step time, between runs with the
-  same π_old path (the baselines run the separate π_old pass that R3 and RSPO need).
+  same π_old path (the baselines run the separate π_old pass that R3 and RSPO need);
+* ``compile``: ``bench/compile.py``, eager against ``model.torch_compile`` learner steps: compile time,
+  steady speed-up and break-even step count (on CUDA its random ``big`` MoE with inductor; on CPU a toy
+  with ``aot_eager``, which checks the plumbing in seconds). It gets what the fits left of the budget
+  (raise ``--budget`` when the fits use it all).
 
 A failing check prints its one-line reason and the others still run; every fit's full log is kept in
 ``--out``/logs. Exit status 1 if any failed.
@@ -43,6 +47,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -589,6 +594,41 @@ def check_overhead(report: dict[str, Any]) -> dict[str, Any]:
     return {**ratios, "summary": ", ".join(f"{k} x{v:.3f}" for k, v in ratios.items()) + " (same π_old path)"}
 
 
+def check_compile(args: argparse.Namespace, timeout: float, site: Path | None) -> dict[str, Any]:
+    """``bench/compile.py`` in a subprocess, its output kept in ``--out``/logs/compile.log."""
+    if timeout < 30:
+        raise TimeoutError(f"only {timeout:.0f} s of the --budget left for it")
+    if args.device == "cuda":
+        flags = ["--device", "cuda", "--model", "big", "--steps", "5"]
+    else:
+        flags = ["--quick", "--backend", "aot_eager"]
+    log = args.out / "logs" / "compile.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": gpu_wheels.pythonpath(ROOT, site)}
+    cmd = [sys.executable, str(ROOT / "bench" / "compile.py"), *flags]
+    with log.open("w") as out:
+        try:
+            proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"no result within {timeout:.0f} s; log: {log}") from None
+    text = log.read_text()
+    if proc.returncode != 0:
+        tail = [line for line in text.splitlines() if line.strip()]
+        raise RuntimeError(f"exit {proc.returncode}: {tail[-1] if tail else 'no output'} (log: {log})")
+    found = dict(re.findall(r"^\s*(compile time|steady speed-up|break-even): (.+)$", text, flags=re.M))
+    result = {
+        "compile_s": float(found["compile time"].split()[0]),
+        "speedup": float(found["steady speed-up"].split("x")[0]),
+        "break_even": found["break-even"],
+        "flags": " ".join(flags),
+        "log": str(log),
+    }
+    result["summary"] = (
+        f"compile {result['compile_s']:.1f} s, steady x{result['speedup']:.3f}, break-even {result['break_even']}"
+    )
+    return result
+
+
 # -- driver --------------------------------------------------------------------------------------------
 
 
@@ -684,6 +724,8 @@ def run_checks(args: argparse.Namespace, budget: Budget, installed: dict[str, An
         )
     if wanted("overhead"):
         run_check(report, "overhead", lambda: check_overhead(report))
+    if wanted("compile"):
+        run_check(report, "compile", lambda: check_compile(args, budget.share(1), site))
     watchdog.cancel()
     path = args.out / f"report_{args.device}.json"
     path.write_text(json.dumps(report, indent=2, default=str))

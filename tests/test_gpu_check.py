@@ -21,7 +21,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench import gpu_check, gpu_wheels  # noqa: E402
 
-CHECKS = ["env", "experts", "rollout", "fit_grpo", "fit_r3", "fit_gmpo", "fit_rspo", "fit_fsdp2", "overhead"]
+CHECKS = [
+    "env", "experts", "rollout", "fit_grpo", "fit_r3", "fit_gmpo", "fit_rspo", "fit_fsdp2", "overhead", "compile",
+]  # fmt: skip
 
 
 def _clean_env() -> dict[str, str]:
@@ -95,6 +97,9 @@ def _assert_report(out: Path, stdout: str) -> None:
     assert report["rollout"]["experts_kernel"] == report["experts"]["training_kernel"]
     assert report["rollout"]["logp_absdiff_mean"] < 1e-3
     assert report["overhead"]["r3_over_grpo"] > 0.5 and report["overhead"]["rspo_over_gmpo"] > 0.5
+    compiled = report["compile"]  # bench/compile.py's numbers, parsed from its kept log
+    assert compiled["compile_s"] >= 0 and compiled["speedup"] > 0 and compiled["break_even"]
+    assert "steady speed-up" in (out / "logs" / "compile.log").read_text()
 
 
 # -- the check can fail ------------------------------------------------------------------------------
