@@ -181,9 +181,13 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 
 def machine() -> str:
+    """The machine, torch and the date the section is written (finished runs are read back, not rerun)."""
+    import datetime
+
     import torch
 
-    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+    today = datetime.date.today().isoformat()
+    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, written {today}"
 
 
 def write_section(path: Path, study: str, text: str) -> None:
