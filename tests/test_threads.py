@@ -43,6 +43,16 @@ def test_default_rule_takes_every_core_only_when_the_short_spin_was_in_place(mon
     assert (auto_num_threads(2), auto_num_threads(64)) == (2, 64)
 
 
+def test_a_users_wait_setting_wins_and_a_fallback_says_why(monkeypatch, capsys):
+    monkeypatch.setattr(threads, "_env_at_torch_load", PASSIVE_AT_LOAD)  # the user's PASSIVE, default rule
+    assert auto_num_threads(2) == 2 and capsys.readouterr().err == ""  # all-cores-passive's environment
+    monkeypatch.setattr(threads, "_env_at_torch_load", {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "5000"})
+    assert auto_num_threads(2) == 1  # a spin of the user's own: no rule's environment, one-thread-small
+    line = capsys.readouterr().err
+    assert line.count("\n") == 1 and "GOMP_SPINCOUNT=5000" in line and "GOMP_SPINCOUNT=1000" in line
+    assert "all-cores-short-spin" in line and "OMP_NUM_THREADS" in line
+
+
 def test_omp_num_threads_wins_over_auto(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert auto_num_threads(64) == 3
@@ -109,6 +119,7 @@ TORCH_FIRST = "import os, torch; import lit_moe_rl.cli.threads as t; print(t.aut
         ("user's ACTIVE wins", {RULE_VAR: "all-cores-passive", "OMP_WAIT_POLICY": "ACTIVE"}, CLI_FIRST, "30000000000", "1"),
         ("torch loaded first", {RULE_VAR: "all-cores-passive"}, TORCH_FIRST, "300000", "1"),
         ("torch loaded first, default", {}, TORCH_FIRST, "300000", "1"),
+        ("user's PASSIVE, default rule", {"OMP_WAIT_POLICY": "PASSIVE"}, CLI_FIRST, "0", "2"),
     ],
 )  # fmt: skip
 def test_wait_policy_reaches_openmp_when_torch_loads(case, env, code, spin, count):

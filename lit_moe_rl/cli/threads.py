@@ -8,18 +8,20 @@ machine, against 0.27 with one thread; README "Threads"). Each remedy is an :cla
 ``--num_threads 0``:
 
 * ``all-cores-short-spin`` (the default): every core, ``GOMP_SPINCOUNT=1000`` (a waiting thread polls
-  briefly, then sleeps): within 5% of the best setting idle and as fast as one thread under load
+  briefly, then sleeps): idle within 3% of libgomp's default spin, and under load as fast as one thread
   (``bench/threads.py``);
 * ``one-thread-small``: 1 thread on machines with at most 4 cores, half the cores above (the fallback);
 * ``all-cores-passive``: every core, with ``OMP_WAIT_POLICY=PASSIVE`` (waiting threads sleep at once:
-  the OpenMP spec's wait policy; libgomp then sets its spin count to 0); safe, but 15% slower idle.
+  the OpenMP spec's wait policy; libgomp then sets its spin count to 0); safe, but 13% slower idle.
 
 libgomp reads ``OMP_WAIT_POLICY`` / ``GOMP_SPINCOUNT`` once, when it loads, which is at ``import torch``
 (torch links libgomp; ``torch.__config__.parallel_info()``): setting them later in the process has no
 effect. So :func:`prepare_openmp_env` runs when ``lit_moe_rl.cli`` is imported, before anything imports
-torch, and a rule's thread count applies only when its environment was in place before torch loaded
-(otherwise ``one-thread-small``'s count). ``OMP_NUM_THREADS`` and ``OMP_WAIT_POLICY`` / ``GOMP_SPINCOUNT``,
-when the user sets them, win over any rule. ``LIT_MOE_RL_AUTO_THREADS=<rule>`` picks a rule for one run
+torch, and a rule's thread count applies only when its environment was in place before torch loaded.
+``OMP_NUM_THREADS`` and ``OMP_WAIT_POLICY`` / ``GOMP_SPINCOUNT``, when the user sets them, win over any
+rule: a user's ``OMP_WAIT_POLICY=PASSIVE`` is ``all-cores-passive``'s environment, so every core; any other
+wait setting of the user's (or one that came after torch loaded) gets ``one-thread-small``'s count, said in
+one line on stderr, since a long spin on every core is what collapses under load. ``LIT_MOE_RL_AUTO_THREADS=<rule>`` picks a rule for one run
 (``bench/threads.py`` times them); :data:`AUTO_RULE` is the default.
 
 This module imports torch only inside :func:`apply_num_threads`.
@@ -61,7 +63,9 @@ AUTO_RULES = {
     "all-cores-passive": AutoRule(lambda cores: cores, {"OMP_WAIT_POLICY": "PASSIVE"}),
     "all-cores-short-spin": AutoRule(lambda cores: cores, {"GOMP_SPINCOUNT": SHORT_SPIN}),
 }
-AUTO_RULE = "all-cores-short-spin"  # bench/threads.py, README "Threads": within 5% of the best idle, no collapse loaded
+AUTO_RULE = (
+    "all-cores-short-spin"  # bench/threads.py, README "Threads": near the best idle, no collapse loaded
+)
 FALLBACK_RULE = "one-thread-small"  # the count when a rule's environment came too late (torch already loaded)
 
 _env_at_torch_load: dict[str, str | None] | None = None  # WAIT_VARS as libgomp read them (None: unknown)
@@ -118,16 +122,28 @@ def rule_env_in_place(rule: AutoRule, at_load: dict[str, str | None] | None) -> 
 
 def auto_num_threads(cores: int | None = None, environ: MutableMapping[str, str] | None = None) -> int:
     """Threads when ``--num_threads 0``: ``OMP_NUM_THREADS`` (its first entry) if set, else the chosen rule's
-    count when its environment was in place before torch loaded, else :data:`FALLBACK_RULE`'s."""
+    count when its environment was in place before torch loaded, else that of a rule whose environment was
+    (the user's ``OMP_WAIT_POLICY=PASSIVE``), else :data:`FALLBACK_RULE`'s, with a line on stderr saying why."""
     environ = os.environ if environ is None else environ
     env = environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
     cores = cores if cores is not None else len(os.sched_getaffinity(0))
-    rule = AUTO_RULES.get(chosen_rule(environ), AUTO_RULES[FALLBACK_RULE])
-    if not rule_env_in_place(rule, _env_at_torch_load):
-        rule = AUTO_RULES[FALLBACK_RULE]
-    return rule.count(cores)
+    name = chosen_rule(environ) if chosen_rule(environ) in AUTO_RULES else FALLBACK_RULE
+    if rule_env_in_place(AUTO_RULES[name], _env_at_torch_load):
+        return AUTO_RULES[name].count(cores)
+    in_place = [r for r in AUTO_RULES.values() if r.env and rule_env_in_place(r, _env_at_torch_load)]
+    if in_place:
+        return in_place[0].count(cores)
+    count = AUTO_RULES[FALLBACK_RULE].count(cores)
+    seen = ", ".join(f"{k}={v}" for k, v in (_env_at_torch_load or {}).items() if v) or "torch loaded first"
+    print(
+        f"lit-moe-rl: --num_threads 0: {count} thread(s) ({FALLBACK_RULE}): the {name} rule needs "
+        f"{' '.join(f'{k}={v}' for k, v in AUTO_RULES[name].env.items())} before torch loads ({seen}); "
+        "set OMP_NUM_THREADS or --num_threads to choose",
+        file=sys.stderr,
+    )
+    return count
 
 
 def apply_num_threads(num_threads: int, setting: str = "num_threads") -> int:
