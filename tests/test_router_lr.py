@@ -52,6 +52,14 @@ def test_fit_logs_the_router_rate_beside_the_policy_rate(tmp_path):
     assert rows[0]["policy/lr"] == pytest.approx(1e-3)  # run_fit's lr
 
 
+def test_the_logged_rates_are_the_ones_each_step_used_during_warmup(tmp_path):
+    """Warm-up scales the rate by min(1, (step + 1) / (warmup + 1)): the first update runs at lr / 4 with
+    3 warm-up steps, and its row says so (it logged the next step's rate, lr / 2, before)."""
+    rows = train_rows(run_fit(tmp_path, "--model.router_lr_scale=4", "--model.warmup_steps=3", steps=5))
+    assert [r["policy/lr"] for r in rows] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+    assert [r["policy/lr_router"] for r in rows] == pytest.approx([1e-3, 2e-3, 3e-3, 4e-3, 4e-3])
+
+
 @pytest.mark.parametrize("scale", [0.0, -1.0, float("nan")])
 def test_a_non_positive_scale_is_one_line(scale):
     with pytest.raises(SettingsError, match=r"^model\.router_lr_scale: must be a finite number > 0"):

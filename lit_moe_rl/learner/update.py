@@ -43,14 +43,6 @@ def policy_update(learner: Learner, rollout: Rollout, stats: Stats, optimizer_st
     for rows in running:
         stats.merge(learner.mini_batch_step(rollout, rows, updates=len(running)))
     stats.mean("policy/skipped_steps", float(learner.skipped_steps), 1.0)
-    for (
-        group
-    ) in learner.optimizer.param_groups:  # policy/lr, and policy/lr_router under model.router_lr_scale
-        stats.mean(
-            "policy/lr" + ("" if group.get("name", "policy") == "policy" else f"_{group['name']}"),
-            group["lr"],
-            1.0,
-        )
     return stats
 
 
@@ -91,6 +83,9 @@ def mini_batch_step(learner: Learner, rollout: Rollout, rows: Tensor, *, updates
         opt.zero_grad(set_to_none=True)
         learner.skipped_steps += 1
         note_skipped(learner)
+    for group in opt.param_groups:  # the rates this step uses, read before the scheduler moves them
+        name = group.get("name", "policy")  # policy/lr, and policy/lr_router under model.router_lr_scale
+        stats.mean("policy/lr" + ("" if name == "policy" else f"_{name}"), group["lr"], 1.0)
     opt.step()
     learner.optimizer_step += 1
     learner.scheduler.step()
