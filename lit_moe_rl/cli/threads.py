@@ -20,8 +20,9 @@ effect. So :func:`prepare_openmp_env` runs when ``lit_moe_rl.cli`` is imported, 
 torch, and a rule's thread count applies only when its environment was in place before torch loaded.
 ``OMP_NUM_THREADS`` and ``OMP_WAIT_POLICY`` / ``GOMP_SPINCOUNT``, when the user sets them, win over any
 rule: a user's ``OMP_WAIT_POLICY=PASSIVE`` is ``all-cores-passive``'s environment, so every core; any other
-wait setting of the user's (or one that came after torch loaded) gets ``one-thread-small``'s count, said in
-one line on stderr, since a long spin on every core is what collapses under load. ``LIT_MOE_RL_AUTO_THREADS=<rule>`` picks a rule for one run
+wait setting of the user's gets ``one-thread-small``'s count, said in one line on stderr (as does a rule
+whose environment came after torch loaded, silently: a Python caller that imported torch first), since a
+long spin on every core is what collapses under load. ``LIT_MOE_RL_AUTO_THREADS=<rule>`` picks a rule for one run
 (``bench/threads.py`` times them); :data:`AUTO_RULE` is the default.
 
 This module imports torch only inside :func:`apply_num_threads`.
@@ -123,7 +124,8 @@ def rule_env_in_place(rule: AutoRule, at_load: dict[str, str | None] | None) -> 
 def auto_num_threads(cores: int | None = None, environ: MutableMapping[str, str] | None = None) -> int:
     """Threads when ``--num_threads 0``: ``OMP_NUM_THREADS`` (its first entry) if set, else the chosen rule's
     count when its environment was in place before torch loaded, else that of a rule whose environment was
-    (the user's ``OMP_WAIT_POLICY=PASSIVE``), else :data:`FALLBACK_RULE`'s, with a line on stderr saying why."""
+    (the user's ``OMP_WAIT_POLICY=PASSIVE``), else :data:`FALLBACK_RULE`'s, with a line on stderr when the
+    user's own wait setting is why."""
     environ = os.environ if environ is None else environ
     env = environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
     if env.isdigit() and int(env) > 0:
@@ -136,13 +138,14 @@ def auto_num_threads(cores: int | None = None, environ: MutableMapping[str, str]
     if in_place:
         return in_place[0].count(cores)
     count = AUTO_RULES[FALLBACK_RULE].count(cores)
-    seen = ", ".join(f"{k}={v}" for k, v in (_env_at_torch_load or {}).items() if v) or "torch loaded first"
-    print(
-        f"lit-moe-rl: --num_threads 0: {count} thread(s) ({FALLBACK_RULE}): the {name} rule needs "
-        f"{' '.join(f'{k}={v}' for k, v in AUTO_RULES[name].env.items())} before torch loads ({seen}); "
-        "set OMP_NUM_THREADS or --num_threads to choose",
-        file=sys.stderr,
-    )
+    users = ", ".join(f"{k}={v}" for k, v in (_env_at_torch_load or {}).items() if v)
+    if users:  # the user's own wait setting overrode the rule's (silent when torch loaded first: README)
+        print(
+            f"lit-moe-rl: --num_threads 0: {count} thread(s) ({FALLBACK_RULE}): the {name} rule needs "
+            f"{' '.join(f'{k}={v}' for k, v in AUTO_RULES[name].env.items())} before torch loads, you set "
+            f"{users}; set OMP_NUM_THREADS or --num_threads to choose",
+            file=sys.stderr,
+        )
     return count
 
 
