@@ -464,18 +464,7 @@ def check_fit(
         "WANDB_MODE": "offline",
         "PYTHONPATH": gpu_wheels.pythonpath(ROOT, site),
     }
-    with log.open("w") as out:
-        try:
-            proc = subprocess.run(
-                cmd, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, env=env, cwd=args.out
-            )
-        except subprocess.TimeoutExpired:
-            raise TimeoutError(
-                f"no result within {timeout:.0f} s (its share of --budget); log: {log}"
-            ) from None
-    if proc.returncode != 0:
-        tail = [line for line in log.read_text().splitlines() if line.strip()]
-        raise RuntimeError(f"exit {proc.returncode}: {tail[-1] if tail else 'no output'} (log: {log})")
+    run_logged(cmd, log, timeout, env, cwd=args.out)
     rows = _metrics(args.out / "runs" / variant)
     verdict = fit_verdict(
         variant, rows, json.loads(probe_path(args, variant).read_text()), WORKLOAD[args.device]["steps"]
@@ -484,6 +473,27 @@ def check_fit(
     plan = plan_vs_measured(json.loads(plan_path(args, variant).read_text()))
     summary = f"{figures['summary']}; {verdict['signal']}; {plan['plan_summary']}"
     return {**figures, **verdict, "memory_plan": plan, "log": str(log), "summary": summary}
+
+
+def run_logged(
+    cmd: list[str], log: Path, timeout: float, env: dict[str, str], cwd: Path | None = None
+) -> str:
+    """Run ``cmd`` with its output in ``log``; returns the log's text. A run past ``timeout`` (its share of
+    --budget) or a non-zero exit raises one line naming the log."""
+    with log.open("w") as out:
+        try:
+            proc = subprocess.run(
+                cmd, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, env=env, cwd=cwd
+            )
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(
+                f"no result within {timeout:.0f} s (its share of --budget); log: {log}"
+            ) from None
+    text = log.read_text()
+    if proc.returncode != 0:
+        tail = [line for line in text.splitlines() if line.strip()]
+        raise RuntimeError(f"exit {proc.returncode}: {tail[-1] if tail else 'no output'} (log: {log})")
+    return text
 
 
 def _metrics(log_root: Path) -> list[dict[str, float]]:
@@ -606,15 +616,7 @@ def check_compile(args: argparse.Namespace, timeout: float, site: Path | None) -
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": gpu_wheels.pythonpath(ROOT, site)}
     cmd = [sys.executable, str(ROOT / "bench" / "compile.py"), *flags]
-    with log.open("w") as out:
-        try:
-            proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, env=env)
-        except subprocess.TimeoutExpired:
-            raise TimeoutError(f"no result within {timeout:.0f} s; log: {log}") from None
-    text = log.read_text()
-    if proc.returncode != 0:
-        tail = [line for line in text.splitlines() if line.strip()]
-        raise RuntimeError(f"exit {proc.returncode}: {tail[-1] if tail else 'no output'} (log: {log})")
+    text = run_logged(cmd, log, timeout, env)
     found = dict(re.findall(r"^\s*(compile time|steady speed-up|break-even): (.+)$", text, flags=re.M))
     result = {
         "compile_s": float(found["compile time"].split()[0]),

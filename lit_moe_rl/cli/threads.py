@@ -131,7 +131,8 @@ def auto_num_threads(cores: int | None = None, environ: MutableMapping[str, str]
     if env.isdigit() and int(env) > 0:
         return int(env)
     cores = cores if cores is not None else len(os.sched_getaffinity(0))
-    name = chosen_rule(environ) if chosen_rule(environ) in AUTO_RULES else FALLBACK_RULE
+    name = chosen_rule(environ)
+    name = name if name in AUTO_RULES else FALLBACK_RULE
     if rule_env_in_place(AUTO_RULES[name], _env_at_torch_load):
         return AUTO_RULES[name].count(cores)
     in_place = [r for r in AUTO_RULES.values() if r.env and rule_env_in_place(r, _env_at_torch_load)]
