@@ -143,7 +143,11 @@ def test_draw_samples_the_distribution_and_never_a_zero_probability_token():
 
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.2, 0.3, 0.0], [2.0, 0.0, 1.0, 0.0, 0.0, 1.0]])  # row 2 sums to 4
     torch.manual_seed(0)
-    tokens = draw(probs.repeat_interleave(100_000, 0)).view(2, -1)
+    tokens, totals = draw(probs.repeat_interleave(100_000, 0))
+    assert totals[[0, -1]].tolist() == pytest.approx(
+        [1.0, 4.0], rel=1e-7
+    )  # each row's mass (float32 0.2 etc.)
+    tokens = tokens.view(2, -1)
     for row, drawn in zip(probs, tokens, strict=True):
         freq = torch.bincount(drawn, minlength=6).double() / drawn.numel()
         p = (row / row.sum()).double()
@@ -162,8 +166,9 @@ def test_draw_is_exact_at_the_real_vocabulary_in_row_chunks(monkeypatch):
     probs[7] = 0.0
     probs[7, -1] = 1e-30  # tiny but the only mass: float64 sums keep it
     torch.manual_seed(1)
-    chunked = sampling.draw(probs)
+    chunked, totals = sampling.draw(probs)
     monkeypatch.setattr(sampling, "CDF_CHUNK_BYTES", 1 << 40)  # one chunk
     torch.manual_seed(1)
-    assert torch.equal(sampling.draw(probs), chunked)
-    assert chunked[7] == vocab - 1
+    whole, whole_totals = sampling.draw(probs)
+    assert torch.equal(whole, chunked) and torch.equal(whole_totals, totals)
+    assert chunked[7] == vocab - 1 and totals[7] == probs[7, -1].double()  # the one term, exactly
