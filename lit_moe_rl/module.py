@@ -57,6 +57,7 @@ class MoERLModule(L.LightningModule):
         offload_optimizer: bool = False,
         memory_check: bool = True,
         torch_compile: bool | dict[str, Any] = False,
+        experts_implementation: str = "auto",
     ) -> None:
         """
         Args:
@@ -88,6 +89,9 @@ class MoERLModule(L.LightningModule):
             memory_check: Refuse at start a config the memory planner says cannot fit (``lit-moe-rl plan``).
             torch_compile: ``torch.compile`` the learner's forward/backward: true, or ``{backend, mode, dynamic}``
                 (routers stay eager for routing replay; the rollout stays eager; lit_moe_rl/compile.py).
+            experts_implementation: The experts kernel, sampling and training alike: ``auto`` (transformers'
+                ``grouped_mm`` with scatter-free row moves, bitwise-equal logits; lit_moe_rl/experts.py) or a
+                transformers name (``grouped_mm``, ``eager``, ``batched_mm``, ...).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["algorithm"])

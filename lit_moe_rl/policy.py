@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lit_moe_rl.errors import describe
+from lit_moe_rl.experts import apply_experts_implementation
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ def load_policy(
     with naming_setting("model.tokenizer" if tokenizer else "model.pretrained", tok_path):
         tok = load_tokenizer(tok_path, model.config.vocab_size)
     note_aux_loss(model.config)
+    apply_experts_implementation(model)  # auto: lit_moe_rl/experts.py
     return model, tok
 
 
@@ -416,6 +418,7 @@ def build_rl_policy(
     policy, tokenizer = (loader or load_policy)(
         hp["pretrained"], hp["config"], dtype=hp["dtype"], tokenizer=hp["tokenizer"], seed=seed
     )
+    apply_experts_implementation(policy, hp.get("experts_implementation", "auto"))  # every rank's copy
     if hp["lora"]:
         policy = apply_lora(policy, hp["lora"])
     if router_shift:

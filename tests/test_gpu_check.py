@@ -93,7 +93,9 @@ def _assert_report(out: Path, stdout: str) -> None:
             plan["planned_peak_gib"] > plan["planned_resident_gib"] > 0 and plan["measured_resident_gib"] > 0
         )
         assert "resident planned" in fit["summary"]
-    assert report["experts"]["fastest"] in ("eager", "batched_mm", "grouped_mm")
+    assert report["experts"]["fastest"] in ("eager", "batched_mm", "grouped_mm", "lit_grouped_mm")
+    assert report["experts"]["training_kernel"] == "lit_grouped_mm"  # model.experts_implementation: auto
+    assert all(isinstance(s, float) for s in report["experts"]["kernel_seconds"].values())  # every kernel ran
     assert report["rollout"]["experts_kernel"] == report["experts"]["training_kernel"]
     assert report["rollout"]["logp_absdiff_mean"] < 1e-3
     assert report["overhead"]["r3_over_grpo"] > 0.5 and report["overhead"]["rspo_over_gmpo"] > 0.5

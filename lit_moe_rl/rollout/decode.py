@@ -19,8 +19,9 @@ Choices made here (and why):
   mask that grows by one column per step (a view of one ``[N, P + max_new_tokens]`` buffer: no per-step
   copy of ``P + t`` columns, which ``torch.cat`` made), position ids ``cumsum(mask) - 1`` for the prompt and
   ``last + 1`` per step (:func:`lit_moe_rl.policy.position_ids_from_mask`, the trainer's rule).
-* **The model's own kernels.** The loop keeps the model's experts and attention implementations:
-  transformers' defaults (``grouped_mm`` experts, ``sdpa`` attention) were the fastest on CPU for a
+* **The model's own kernels.** The loop keeps the policy's experts and attention implementations
+  (``model.experts_implementation``: :mod:`lit_moe_rl.experts`, whose forward is ``grouped_mm``'s
+  bit for bit; ``sdpa`` attention): ``grouped_mm`` experts and ``sdpa`` were the fastest on CPU for a
   tiny Qwen3-MoE (``eager`` experts about 5% and ``eager`` attention about 20% slower,
   ``batched_mm`` 2.8x slower, which gathers a weight copy per token), and a shared (``dtype:
   same``) engine must not change the trainer's numerics. A preallocated KV cache written in place

@@ -1,0 +1,130 @@
+"""``model.experts_implementation``: the experts kernel the policy trains and samples with.
+
+Transformers dispatches every MoE family's experts (the ``@use_experts_implementation`` classes)
+through one interface; its default, ``grouped_mm``, sorts the ``S = T * K`` (token, expert) pairs by
+expert, runs one grouped matmul per projection and restores the token order. It moves rows with
+advanced indexing (``hidden_states[perm // K]``, ``weighted_out[inv_perm]``), and the backward of
+advanced indexing is an accumulating ``index_put_``: on CPU that was 13% of a training forward and
+backward (a tiny Qwen3-MoE, 32 x 100 tokens; ``aten::_index_put_impl_`` at 3.3 ms a call).
+
+:func:`scatter_free_experts_forward` (registered as ``lit_grouped_mm``) is the same computation with
+every row move written as a gather by a permutation (``index_select``), whose backward is a
+scatter-add of each row once: the hidden states are repeated ``K`` times first (backward: a sum over
+the ``K`` copies) and then permuted. The forward does the same arithmetic on the same rows in the same
+order, so logits are bitwise equal to ``grouped_mm``'s; gradients are bitwise equal at ``K = 2`` and
+differ in the order of the ``K`` additions into a token's hidden-state gradient above that (rounding).
+The grouped matmul itself is transformers' own dispatch (``torch.nn.functional.grouped_mm`` where the
+device and dtype have it, its looped fallback otherwise, and under ``torch.compile``).
+
+``auto`` (the default) switches a policy whose experts use ``grouped_mm`` to this kernel and leaves
+any other choice (a checkpoint's own ``experts_implementation``, a family outside the interface)
+alone; any other value is handed to transformers' ``set_experts_implementation`` (``eager``,
+``grouped_mm``, ``batched_mm``, ...). The rollout engine runs the policy's own kernel, so sampling
+and training use the same one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["KERNEL", "SETTING", "apply_experts_implementation", "scatter_free_experts_forward"]
+
+KERNEL = "lit_grouped_mm"
+SETTING = "model.experts_implementation"
+
+
+def _grouped_linear() -> Any:
+    """Transformers' grouped linear (its kernel dispatch and fallbacks), or None where it has none."""
+    try:
+        from transformers.integrations.moe import _grouped_linear as grouped_linear
+    except ImportError:
+        return None
+    return grouped_linear
+
+
+def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """``x[index]`` for a 1-D ``index``, as a gather whose backward is a scatter-add, not ``index_put_``."""
+    return x.index_select(0, index)
+
+
+def scatter_free_experts_forward(
+    self: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor
+) -> Tensor:
+    """The routed experts' output ``sum_k w_k * E_{i_k}(x)`` for each token (the MoE layer's sum over
+    its top-``K`` experts), as transformers' ``grouped_mm_experts_forward`` computes it, with row moves
+    as permutation gathers (module docstring). ``hidden_states`` is ``[T, H]``, ``top_k_index`` and
+    ``top_k_weights`` are ``[T, K]``; called as a method of the experts module."""
+    if getattr(self, "_is_expert_parallel", False):  # other ranks' experts are sentinel rows there
+        from transformers.integrations.moe import grouped_mm_experts_forward
+
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    grouped_linear = _grouped_linear()
+    num_tokens, hidden_dim = hidden_states.shape
+    top_k = top_k_index.size(-1)
+    expert_ids_g, perm = torch.sort(top_k_index.reshape(-1))  # (S,): the pairs grouped by expert
+    inv_perm = torch.empty_like(perm)
+    inv_perm[perm] = torch.arange(perm.numel(), device=perm.device)
+    # Per-expert row counts as transformers counts them (histc: graph-capturable; float on CPU/MPS).
+    counts_in = expert_ids_g.float() if hidden_states.device.type in ("cpu", "mps") else expert_ids_g.int()
+    tokens_per_expert = torch.histc(counts_in, bins=self.num_experts, min=0, max=self.num_experts - 1)
+    offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
+
+    repeated = hidden_states.unsqueeze(1).expand(num_tokens, top_k, hidden_dim).reshape(-1, hidden_dim)
+    x_g = _gather_rows(repeated, perm)  # (S, H): row s is the token of pair perm[s]
+    up_weight = self.gate_up_proj if self.has_gate else self.up_proj
+    up_bias = None
+    if self.has_bias:
+        up_bias = _gather_rows(self.gate_up_proj_bias if self.has_gate else self.up_proj_bias, expert_ids_g)
+    proj = grouped_linear(x_g, up_weight, offsets, bias=up_bias, is_transposed=self.is_transposed)
+    proj = self._apply_gate(proj) if self.has_gate else self.act_fn(proj)
+    down_bias = _gather_rows(self.down_proj_bias, expert_ids_g) if self.has_bias else None
+    proj = grouped_linear(proj, self.down_proj, offsets, bias=down_bias, is_transposed=self.is_transposed)
+    if self.has_post_expert_norm:
+        proj = self.post_expert_norm(proj)
+    weighted = proj * _gather_rows(top_k_weights.reshape(-1), perm).unsqueeze(-1)  # (S, H)
+    out = _gather_rows(weighted, inv_perm).view(num_tokens, top_k, hidden_dim).sum(dim=1)
+    return out.to(hidden_states.dtype)
+
+
+def register() -> bool:
+    """Register :data:`KERNEL` with transformers' experts interface (idempotent); False where this
+    transformers has no grouped linear to build it on."""
+    if _grouped_linear() is None:
+        return False
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    if KERNEL not in ALL_EXPERTS_FUNCTIONS.valid_keys():
+        ALL_EXPERTS_FUNCTIONS.register(KERNEL, scatter_free_experts_forward)
+    return True
+
+
+def current_implementation(model: nn.Module) -> str | None:
+    """The experts implementation ``model`` dispatches to, or None for a model outside the interface."""
+    can_set = getattr(model, "_can_set_experts_implementation", None)
+    if can_set is None or not can_set():
+        return None
+    return getattr(model.config, "_experts_implementation", None) or "eager"
+
+
+def apply_experts_implementation(model: nn.Module, value: str = "auto", setting: str = SETTING) -> str | None:
+    """Set ``model``'s experts kernel from ``value`` (module docstring) and return the one it now uses
+    (None: the model has no experts interface). A value transformers refuses is a one-line error naming
+    ``setting``."""
+    current = current_implementation(model)
+    if value == "auto":
+        if current == "grouped_mm" and register():
+            model.set_experts_implementation(KERNEL)
+            return KERNEL
+        return current
+    if current is None:
+        raise ValueError(f"{setting}: {type(model).__name__} has no experts interface to set {value!r} on")
+    if value == KERNEL and not register():
+        raise ValueError(f"{setting}: {KERNEL} needs transformers' grouped_mm experts (transformers >= 5)")
+    try:
+        model.set_experts_implementation(value)
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise ValueError(f"{setting}: {value!r} was refused: {str(err).splitlines()[0]}") from None
+    return current_implementation(model)
