@@ -17,6 +17,7 @@ from collections.abc import Iterable
 
 UNION_BLOCK = "Does not validate against any of the Union subtypes"
 _PARSER_KEY = re.compile(r'^\s*Parser key "([^"]+)":\s*', re.S)
+_ARGUMENT_TYPE = re.compile(r"^argument --([\w.]+): (.*)$", re.S)
 _UNRECOGNIZED = re.compile(r"unrecognized arguments: (\S+)")
 _BAD_PATH = re.compile(r"Expected a path but (\S+) either not accessible or invalid")
 _CLASS_PROBLEM = re.compile(r"Problem with given class_path '([^']+)':\s*(.*)", re.S)
@@ -181,4 +182,7 @@ def parse_error(message: str, known_keys: Iterable[str], subclasses: dict[str, l
         return bad_class_path(match.group(1), path, subclasses.get(match.group(1), []))
     if match and problem and "No module named" in problem.group(2):
         return bad_class_path(match.group(1), problem.group(1), subclasses.get(match.group(1), []))
+    own = _ARGUMENT_TYPE.match(text)  # a plain argparse argument's type refused the value
+    if own:
+        return f"{own.group(1)}: {one_line(own.group(2))}"
     return one_line(text)

@@ -94,6 +94,19 @@ def test_bad_setting_is_one_line(capsys, tmp_path, extra, needle):
     assert needle in _error(capsys, tmp_path, *extra)
 
 
+@pytest.mark.parametrize("value", ["-1", "two"])
+def test_a_bad_thread_count_is_refused_by_print_config_too(capsys, tmp_path, value):
+    line = _error(capsys, tmp_path, "fit", f"--num_threads={value}", "--print_config", raw=True)
+    assert line == f"lit-moe-rl: error: num_threads: must be an integer >= 0 (0 = auto), got {value}"
+
+
+def test_a_bad_thread_count_in_a_config_file_names_the_file(capsys, tmp_path):
+    config = tmp_path / "threads.yaml"
+    config.write_text("num_threads: -4\n")
+    line = _error(capsys, tmp_path, "fit", f"--config={config}", "--print_config", raw=True)
+    assert line.endswith(f"num_threads: must be an integer >= 0 (0 = auto), got -4 (in --config {config})")
+
+
 def test_yaml_syntax_error_names_the_file_and_line(capsys, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("trainer:\n  max_steps: [1\n")

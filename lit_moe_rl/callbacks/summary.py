@@ -126,6 +126,7 @@ class RunSummary(Callback):
             lines.append(
                 "routing (run mean): " + "   ".join(f"{k} {sum(v) / len(v):.4g}" for k, v in shown.items())
             )
+        lines.append(compute_line(pl_module))
         lines.append(f"logs: {trainer.log_dir or trainer.default_root_dir}")
         return lines
 
@@ -151,3 +152,17 @@ class RunSummary(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [tuple(item) for item in state_dict.get("history", [])]
+
+
+def compute_line(pl_module: L.LightningModule) -> str:
+    """How this run computed: torch's CPU threads (``--num_threads``), the experts kernel
+    (``model.experts_implementation``) and whether the update was compiled (``model.torch_compile``)."""
+    from lit_moe_rl.experts import current_implementation
+
+    policy = getattr(pl_module, "policy", None)
+    experts = current_implementation(policy) if policy is not None else None
+    compiled = bool(pl_module.hparams.get("torch_compile", False))
+    return (
+        f"compute: {torch.get_num_threads()} CPU thread(s), experts {experts or 'n/a (no experts interface)'}, "
+        f"torch_compile {'on' if compiled else 'off'}"
+    )

@@ -20,7 +20,7 @@ from lightning.pytorch.cli import LightningCLI
 from lit_moe_rl.checkpoint import recover
 from lit_moe_rl.cli import checks as cli_checks
 from lit_moe_rl.cli.run_config import VersionedConfig
-from lit_moe_rl.cli.threads import apply_num_threads
+from lit_moe_rl.cli.threads import apply_num_threads, thread_count
 from lit_moe_rl.errors import SettingsError, first_line, parse_error
 from lit_moe_rl.parallel.sharding import refuse_fsdp1
 
@@ -46,7 +46,7 @@ class OneLineCLI(LightningCLI):
         super().add_default_arguments_to_parser(parser)
         parser.add_argument(
             "--num_threads",
-            type=int,
+            type=thread_count,  # refused at parse time, --print_config included
             default=0,
             help="torch intra-op CPU threads, >= 0; 0 = auto: OMP_NUM_THREADS if set, else the rule "
             "LIT_MOE_RL_AUTO_THREADS names (default all-cores-short-spin: every core, GOMP_SPINCOUNT=1000; "

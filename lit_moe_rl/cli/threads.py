@@ -30,11 +30,13 @@ This module imports torch only inside :func:`apply_num_threads`.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import sys
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from lit_moe_rl.errors import SettingsError
 
@@ -148,6 +150,18 @@ def auto_num_threads(cores: int | None = None, environ: MutableMapping[str, str]
             file=sys.stderr,
         )
     return count
+
+
+class ThreadCountError(argparse.ArgumentTypeError, ValueError):
+    """A bad ``--num_threads``: argparse prints its message as is, a config file's loader sees a ValueError."""
+
+
+def thread_count(value: Any) -> int:
+    """``--num_threads``' parser type: an integer >= 0, refused while parsing (``--print_config`` too)."""
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.isdigit():  # "-1" is not all digits
+        raise ThreadCountError(f"must be an integer >= 0 (0 = auto), got {value}")
+    return int(text)
 
 
 def apply_num_threads(num_threads: int, setting: str = "num_threads") -> int:
