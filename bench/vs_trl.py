@@ -46,7 +46,7 @@ Settings matched (each trainer's name for it):
   config's 0.001 and return router logits from every training forward: ``router_aux_loss_coef=0.0`` /
   ``model.router_aux_loss_coef=0``, lit-moe-rl's default);
 * optimizer: AdamW, lr 1e-6 (both defaults), betas (0.9, 0.999), no weight decay, grad-norm clip 1.0.
-  TRL decays the lr linearly and uses the fused AdamW, lit-moe-rl keeps it constant: no cost difference;
+  both use torch's fused AdamW kernel; TRL decays the lr linearly, lit-moe-rl keeps it constant: no cost difference;
 * reward: :func:`digit_reward` (the share of digits in the completion), called by both;
 * no evaluation, no checkpoints, metrics logged every step by both (CSV / TRL's in-memory log).
 """

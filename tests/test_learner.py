@@ -17,6 +17,7 @@ from lit_moe_rl.algorithms import GRPO
 from lit_moe_rl.callbacks.rollout import RolloutCallback
 from lit_moe_rl.cli import main
 from lit_moe_rl.learner import Learner, LearnerSettings
+from lit_moe_rl.learner.optim import adamw_with_warmup
 from lit_moe_rl.parallel.distributed import Collectives
 from lit_moe_rl.policy import load_policy, set_training_mode
 from lit_moe_rl.rewards.countdown import CountdownReward
@@ -53,8 +54,7 @@ def plain_loop() -> tuple[list[dict[str, float]], dict[str, torch.Tensor]]:
     policy.config.use_cache = False
     set_training_mode(policy)
     algorithm = GRPO(clip_low=0.2, clip_high=0.28)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=5e-5, weight_decay=0.0, betas=(0.9, 0.999))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 1))
+    optimizer, scheduler = adamw_with_warmup(policy.parameters(), lr=5e-5)  # fused where torch has it
     learner = Learner(
         policy,
         algorithm,

@@ -70,3 +70,13 @@ def test_a_scale_without_a_trained_router_is_one_line():
     policy = apply_lora(_policy(), {"rank": 4, "target_modules": ["q_proj"], "router": "frozen"})
     with pytest.raises(SettingsError, match=r"^model\.router_lr_scale: 2\.0 needs trained router parameters"):
         param_groups(policy, lr=1e-3, router_lr_scale=2.0)
+
+
+def test_adamw_is_fused_where_torch_has_the_kernel_for_every_parameter():
+    """One fused kernel per step on CPU (and CUDA); a device without it (meta here) leaves torch's choice."""
+    opt, _ = adamw_with_warmup(param_groups(_policy(), lr=1e-3, router_lr_scale=2.0), lr=1e-3)
+    assert opt.defaults["fused"] is True
+    with torch.device("meta"):
+        on_meta = torch.nn.Linear(2, 2)
+    opt, _ = adamw_with_warmup(on_meta.parameters(), lr=1e-3)
+    assert opt.defaults["fused"] is None

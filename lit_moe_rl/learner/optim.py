@@ -43,6 +43,17 @@ def param_groups(model: torch.nn.Module, *, lr: float, router_lr_scale: float = 
     ]
 
 
+def fused_supported(params: list[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW kernel takes every parameter (floating point, on a device it has the
+    kernel for). It is one kernel over all of a step's tensors; torch's CPU default loops over them
+    (18.6 ms against 2.7 ms a step for the 47 tensors, 7.1M parameters, of ``bench/vs_trl.py``'s model on
+    2 threads). Elsewhere torch picks (``fused=None``)."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    devices = _get_fused_kernels_supported_devices()
+    return bool(params) and all(p.is_floating_point() and p.device.type in devices for p in params)
+
+
 def adamw_with_warmup(
     params: Iterable[torch.nn.Parameter] | list[dict],
     *,
@@ -55,7 +66,10 @@ def adamw_with_warmup(
     and a scheduler scaling every group's rate by ``min(1, (step + 1) / (warmup_steps + 1))``."""
     params = list(params)
     groups = params if params and isinstance(params[0], dict) else [p for p in params if p.requires_grad]
-    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, betas=tuple(betas))
+    trained = [p for g in groups for p in g["params"]] if groups and isinstance(groups[0], dict) else groups
+    opt = torch.optim.AdamW(
+        groups, lr=lr, weight_decay=weight_decay, betas=tuple(betas), fused=fused_supported(trained) or None
+    )
     warmup = max(warmup_steps, 0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / (warmup + 1)))
     return opt, sched
