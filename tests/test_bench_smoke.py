@@ -18,6 +18,10 @@ SMOKE = {  # script: (toy-size arguments, what its report must print)
         ["--rounds", "1", "--warmup", "0", "--seqs", "8", "--response-len", "8"],
         ["overhead", "extra memory per response token"],
     ),
+    "experts.py": (
+        ["--rows", "2", "--length", "8", "--repeats", "1", "--top-k", "4"],
+        ["| lit_grouped_mm |", "index_put share"],
+    ),
     "threads.py": (["--quick"], ["| one | OMP_NUM_THREADS=1 |", "idle s/step | loaded s/step"]),
     "logprob_chunks.py": (
         ["--vocab", "4096", "--rows", "2", "--length", "8", "--repeats", "1"],
