@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import transformers
 
-from bench.vs_trl import MODEL
-from lit_moe_rl.experts import KERNEL, register
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench.* and lit_moe_rl from this checkout
+
+from bench.vs_trl import MODEL  # noqa: E402
+from lit_moe_rl.experts import KERNEL, register  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

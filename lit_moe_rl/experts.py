@@ -30,7 +30,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["KERNEL", "SETTING", "apply_experts_implementation", "scatter_free_experts_forward"]
+from lit_moe_rl.errors import SettingsError
+
+__all__ = [
+    "KERNEL",
+    "SETTING",
+    "apply_experts_implementation",
+    "check_experts_implementation",
+    "scatter_free_experts_forward",
+]
 
 KERNEL = "lit_grouped_mm"
 SETTING = "model.experts_implementation"
@@ -99,6 +107,21 @@ def register() -> bool:
     if KERNEL not in ALL_EXPERTS_FUNCTIONS.valid_keys():
         ALL_EXPERTS_FUNCTIONS.register(KERNEL, scatter_free_experts_forward)
     return True
+
+
+def known_implementations() -> list[str]:
+    """``auto`` and every experts implementation transformers has registered (this kernel included)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    register()
+    return ["auto", "eager", *sorted(k for k in ALL_EXPERTS_FUNCTIONS.valid_keys() if k != "eager")]
+
+
+def check_experts_implementation(value: Any, setting: str = SETTING) -> None:
+    """Refuse an unknown kernel name in one line, before any model loads."""
+    known = known_implementations()
+    if value not in known:
+        raise SettingsError(f"{setting}: unknown {value!r}; choose one of {', '.join(known)}")
 
 
 def current_implementation(model: nn.Module) -> str | None:

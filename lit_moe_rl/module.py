@@ -89,9 +89,11 @@ class MoERLModule(L.LightningModule):
             memory_check: Refuse at start a config the memory planner says cannot fit (``lit-moe-rl plan``).
             torch_compile: ``torch.compile`` the learner's forward/backward: true, or ``{backend, mode, dynamic}``
                 (routers stay eager for routing replay; the rollout stays eager; lit_moe_rl/compile.py).
-            experts_implementation: The experts kernel, sampling and training alike: ``auto`` (transformers'
-                ``grouped_mm`` with scatter-free row moves, bitwise-equal logits; lit_moe_rl/experts.py) or a
-                transformers name (``grouped_mm``, ``eager``, ``batched_mm``, ...).
+            experts_implementation: The experts kernel, sampling and training alike: ``auto`` (a model on
+                transformers' default ``grouped_mm`` gets ``lit_grouped_mm``, the same computation with
+                scatter-free row moves and bitwise-equal logits; any other choice of the checkpoint stays;
+                lit_moe_rl/experts.py), ``lit_grouped_mm``, or a transformers name (``grouped_mm``, ``eager``,
+                ``batched_mm``, ...).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["algorithm"])

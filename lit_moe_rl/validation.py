@@ -81,6 +81,9 @@ def check_rl_module_settings(hp: Any) -> None:
         from lit_moe_rl.policy import resolve_pretrained
 
         resolve_pretrained(hp["pretrained"])  # fail before any work on a missing folder
+    from lit_moe_rl.experts import check_experts_implementation
+
+    check_experts_implementation(hp.get("experts_implementation", "auto"))
     from lit_moe_rl.learner.old_pass import check_correction
 
     check_correction(hp["correction"], hp["correction_args"] or {})

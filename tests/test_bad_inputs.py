@@ -82,6 +82,10 @@ SETTINGS_CASES = [
     (["--rollout.reward_isolation=fork"], "rollout.reward_isolation: expected one of"),
     (["--rollout.stop_after_failed_batches=-1"], "rollout.stop_after_failed_batches: must be >= 0"),
     (["--num_threads=-2"], "num_threads: must be an integer >= 0"),
+    (
+        ["--model.experts_implementation=fastest"],
+        "model.experts_implementation: unknown 'fastest'; choose one of auto",
+    ),
     (["--trainer.accelerator=gpu"], "trainer.accelerator: 'gpu' but this machine has no CUDA GPU"),
     (["--rollout.reward=no_such_module:fn"], "rollout.reward: cannot import 'no_such_module:fn'"),
 ]

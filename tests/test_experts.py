@@ -6,7 +6,9 @@ import pytest
 import torch
 import transformers
 
+from lit_moe_rl.errors import SettingsError
 from lit_moe_rl.experts import KERNEL, apply_experts_implementation, register
+from lit_moe_rl.module import MoERLModule
 from lit_moe_rl.policy import load_policy
 from lit_moe_rl.tiny import FAMILIES, tiny_moe_config
 from tests.helpers import run_fit, save_dense_model, train_rows
@@ -56,6 +58,16 @@ def test_an_unknown_kernel_is_one_line():
     with pytest.raises(ValueError, match=r"^model\.experts_implementation: 'fastest' was refused: ") as err:
         apply_experts_implementation(model, "fastest")
     assert "\n" not in str(err.value)
+
+
+def test_an_unknown_kernel_in_the_settings_is_refused_before_the_model_loads():
+    with pytest.raises(
+        SettingsError, match=r"^model\.experts_implementation: unknown 'fastest'; choose one of auto, eager"
+    ):
+        MoERLModule(config={"family": "qwen3_moe"}, experts_implementation="fastest")
+    assert (
+        MoERLModule(config={"family": "qwen3_moe"}, experts_implementation=KERNEL).policy is None
+    )  # not loaded
 
 
 def test_a_dense_model_has_no_experts_to_set(tmp_path):

@@ -160,7 +160,7 @@ def thread_count(value: Any) -> int:
     """``--num_threads``' parser type: an integer >= 0, refused while parsing (``--print_config`` too)."""
     text = str(value).strip()
     if isinstance(value, bool) or not text.isdigit():  # "-1" is not all digits
-        raise ThreadCountError(f"must be an integer >= 0 (0 = auto), got {value}")
+        raise ThreadCountError(f"must be an integer >= 0 (0 = auto), got {value if text else repr(value)}")
     return int(text)
 
 
