@@ -225,7 +225,9 @@ def build_model(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def training_experts_kernel(model: Any) -> str:
     """The experts implementation the model has as built: the one ``lit-moe-rl fit`` trains with."""
-    return str(getattr(model.config, "_experts_implementation", None) or "eager")
+    from lit_moe_rl.experts import current_implementation
+
+    return current_implementation(model) or "eager"
 
 
 def check_experts(args: argparse.Namespace, model: Any, training_kernel: str) -> dict[str, Any]:

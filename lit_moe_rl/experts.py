@@ -25,6 +25,7 @@ and training use the same one.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -44,8 +45,10 @@ KERNEL = "lit_grouped_mm"
 SETTING = "model.experts_implementation"
 
 
+@functools.cache
 def _grouped_linear() -> Any:
-    """Transformers' grouped linear (its kernel dispatch and fallbacks), or None where it has none."""
+    """Transformers' grouped linear (its kernel dispatch and fallbacks), or None where it has none; looked
+    up once, not in every experts call."""
     try:
         from transformers.integrations.moe import _grouped_linear as grouped_linear
     except ImportError:

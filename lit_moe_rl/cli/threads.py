@@ -66,9 +66,8 @@ AUTO_RULES = {
     "all-cores-passive": AutoRule(lambda cores: cores, {"OMP_WAIT_POLICY": "PASSIVE"}),
     "all-cores-short-spin": AutoRule(lambda cores: cores, {"GOMP_SPINCOUNT": SHORT_SPIN}),
 }
-AUTO_RULE = (
-    "all-cores-short-spin"  # bench/threads.py, README "Threads": near the best idle, no collapse loaded
-)
+# bench/threads.py, README "Threads": near the best idle, no collapse loaded
+AUTO_RULE = "all-cores-short-spin"
 FALLBACK_RULE = "one-thread-small"  # the count when a rule's environment came too late (torch already loaded)
 
 _env_at_torch_load: dict[str, str | None] | None = None  # WAIT_VARS as libgomp read them (None: unknown)

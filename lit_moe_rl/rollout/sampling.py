@@ -140,10 +140,10 @@ def sample_step_flagged(logits: Tensor, params: SamplingParams) -> tuple[Tensor,
     One ``[N, V]`` buffer beyond the logits: ``probs = exp(truncated - max)`` per row, unnormalised (what
     softmax computes before its division; :func:`draw` takes any total), bad rows filled in place; the
     sampled token's log-prob is ``truncated[token] - max - log(sum probs)``, the sum :func:`draw`'s float64
-    total. A row is bad exactly when its
-    max is not finite (a NaN or +inf logit, or every logit -inf); otherwise every term is in [0, 1] and
-    the sum is at least 1. At a 151,936-token vocabulary each ``[N, V]`` temporary is a fresh mapping of
-    the allocator, paid with page faults at every decode step, so the step allocates no other.
+    total. A row is bad exactly when its max is not finite (a NaN or +inf logit, or every logit -inf);
+    otherwise every term is in [0, 1] and the sum is at least 1. At a 151,936-token vocabulary each
+    ``[N, V]`` temporary is a fresh mapping of the allocator, paid with page faults at every decode step,
+    so the step allocates no other.
     """
     tempered = temper(logits, params.temperature)
     if params.greedy:
