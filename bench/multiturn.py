@@ -31,8 +31,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from lit_moe_rl.policy import load_policy, position_ids_from_mask
-from lit_moe_rl.rollout.decode import _cache_kwarg
+from lit_moe_rl.policy import cache_kwarg, load_policy, position_ids_from_mask
 from lit_moe_rl.rollout.engine import Generation, HFEngine, generate_trajectories
 from lit_moe_rl.rollout.env import Environment
 from lit_moe_rl.rollout.multiturn import TurnLimits
@@ -83,7 +82,7 @@ def reprefill(model: torch.nn.Module, gen: Generation, sample: bool = True) -> N
         if sample:  # the next token's logits and a draw, as the engine computes at every step
             sample_step_flagged(head(hidden), SamplingParams())
 
-    kw = _cache_kwarg(decoder)
+    kw = cache_kwarg(decoder)
     response = gen.input_ids[:, gen.prompt_len :]
     sampled = gen.response_mask
     real = gen.attention_mask.bool()

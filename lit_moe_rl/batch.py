@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
+    from lit_moe_rl.learner.prefix import SharedPrefix
     from lit_moe_rl.routing.store import RouteStore
 
 
@@ -62,6 +63,7 @@ class Rollout:
     rows: Tensor | None = None  # [n] long; set by select(): this slice's rows in the rollout it came from
     placeholder: bool = False  # True: DAPO kept no group on this rank; the rows are one dropped group,
     # carried so that the rank runs the same forwards and collectives as the others, at zero loss weight
+    shared_prefix: SharedPrefix | None = None  # a micro-batch's rows that share a prompt (learner/prefix.py)
 
     @property
     def num_sequences(self) -> int:
@@ -91,6 +93,7 @@ class Rollout:
             values = getattr(self, name)
             updates[name] = [values[i] for i in index.tolist()] if values else []
         updates["rows"] = index
+        updates["shared_prefix"] = None  # a layout of these rows is found again (Learner.micro_batch)
         return replace(self, **updates)
 
     def to(self, device: torch.device | str, *, skip: tuple[str, ...] = ()) -> Rollout:

@@ -9,20 +9,25 @@ for a tiny config of a supported family (:mod:`lit_moe_rl.tiny`).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import transformers
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+from transformers import DynamicCache
 
 from lit_moe_rl.errors import describe
 from lit_moe_rl.experts import apply_experts_implementation
+
+if TYPE_CHECKING:
+    from lit_moe_rl.learner.prefix import SharedPrefix
 
 log = logging.getLogger(__name__)
 
@@ -300,11 +305,13 @@ def token_logprobs(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     with_entropy: bool = False,
+    prefix: SharedPrefix | None = None,
     **forward_kwargs: Any,
 ) -> tuple[Tensor, Tensor | None, Any]:
     """Log-probs ``[N, R]`` (and entropies) of the response tokens ``input_ids[:, prompt_len:]``.
 
-    The decoder runs once. The LM head and log-softmax then run only on the response tokens that
+    The decoder runs once, or with ``prefix`` twice: each distinct prompt once, then the responses on its
+    KV cache (:mod:`lit_moe_rl.learner.prefix`). The LM head and log-softmax then run only on the response tokens that
     exist (``attention_mask`` 1; padding gets log-prob and entropy 0), flattened across rows and
     taken ``chunk_size`` tokens at a time (default :func:`logprob_chunk_tokens`). Under grad each
     chunk is checkpointed, so at most one chunk of fp32 logits ``[chunk_size, V]`` is alive in the
@@ -314,14 +321,19 @@ def token_logprobs(
     """
     decoder = model.get_decoder()
     head = model.get_output_embeddings()
-    out = decoder(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-        **forward_kwargs,
-    )
-    hidden = out.last_hidden_state[:, prompt_len - 1 : -1]  # [N, R, H]: positions predicting the response
+    if prefix is None:
+        out = decoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+            **forward_kwargs,
+        )
+        hidden = out.last_hidden_state[:, prompt_len - 1 : -1]  # [N, R, H]: positions predicting the response
+    else:
+        hidden, out = _shared_prefix_hidden(
+            decoder, model.config, input_ids, attention_mask, prefix, forward_kwargs
+        )
     targets = input_ids[:, prompt_len:]  # [N, R]
     where = attention_mask[:, prompt_len:].reshape(-1).nonzero().squeeze(-1)  # [n] real response tokens
     hidden_n = hidden.reshape(-1, hidden.shape[-1]).index_select(0, where)  # [n, H]
@@ -339,6 +351,45 @@ def token_logprobs(
     logp = _scatter_tokens(logps, where, targets.shape, hidden)
     entropy = _scatter_tokens(ents, where, targets.shape, hidden).detach() if with_entropy else None
     return logp, entropy, out
+
+
+def cache_kwarg(decoder: nn.Module) -> str:
+    """Name of the decoder's KV-cache argument (``cache`` since transformers 5.2x, ``past_key_values`` before)."""
+    params = inspect.signature(decoder.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _shared_prefix_hidden(
+    decoder: nn.Module,
+    config: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    prefix: SharedPrefix,
+    forward_kwargs: dict[str, Any],
+) -> tuple[Tensor, Any]:
+    """Hidden states ``[N, R, H]`` at the positions predicting the response, the prompts run once.
+
+    The ``U`` distinct prompts run with a KV cache; the cache is expanded to the ``N`` rows
+    (``batch_select_indices``: differentiable, so each prompt's gradient is the sum over its rows) and
+    the responses run on it with the full ``[N, P + R]`` mask and their own position ids, as the single
+    forward would see them. The first response token is predicted by the prompt's last position."""
+    positions = position_ids_from_mask(attention_mask)
+    prompt_ids, response_ids = prefix.split(input_ids)
+    prompt_mask, _ = prefix.split(attention_mask)
+    prompt_pos, response_pos = prefix.split(positions)
+    kwarg = cache_kwarg(decoder)
+    cache = DynamicCache(config=config)
+    first = decoder(
+        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_pos, use_cache=True,
+        **{kwarg: cache}, **forward_kwargs,
+    )  # fmt: skip
+    cache.batch_select_indices(prefix.inverse.to(input_ids.device))
+    out = decoder(
+        input_ids=response_ids, attention_mask=attention_mask, position_ids=response_pos, use_cache=True,
+        **{kwarg: cache}, **forward_kwargs,
+    )  # fmt: skip
+    last_prompt = prefix.expand(first.last_hidden_state[:, -1:])  # [N, 1, H]
+    return torch.cat([last_prompt, out.last_hidden_state[:, :-1]], dim=1), out
 
 
 CPU_CHUNK_BYTES = 32 * 2**20  # glibc's largest mmap threshold: bigger blocks are mmap'd and faulted anew

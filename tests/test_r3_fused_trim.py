@@ -74,7 +74,7 @@ def train_step(rollout, mode: str = "R3", **settings) -> dict:
     learner.bind(optimizer, scheduler, backward=torch.Tensor.backward, collectives=Collectives())
     widths: list[int] = []
     hook = policy.get_decoder().register_forward_pre_hook(
-        lambda _m, _args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+        lambda _m, _args, kwargs: record_width(widths, kwargs), with_kwargs=True
     )
     before = {name: p.detach().clone() for name, p in policy.named_parameters()}
     callback.on_train_batch_start(None, module, {}, 0)
@@ -84,6 +84,16 @@ def train_step(rollout, mode: str = "R3", **settings) -> dict:
     delta = {name: p.detach() - before[name] for name, p in policy.named_parameters()}
     return {"metrics": metrics, "old_logp": copy.old_logp, "delta": delta, "widths": widths,
             "fused": learner.fuses_old_pass}  # fmt: skip
+
+
+def record_width(widths: list[int], kwargs: dict) -> None:
+    """Append the width of a model forward: its columns and those of the KV cache it runs on. A decoder call
+    on an empty cache is the prompt half of a shared-prompt forward (lit_moe_rl/learner/prefix.py): the
+    response half that follows counts the forward."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is not None and cache.get_seq_length() == 0:
+        return
+    widths.append(kwargs["input_ids"].shape[1] + (cache.get_seq_length() if cache is not None else 0))
 
 
 def assert_same_update(a: dict, b: dict, keys: list[str]) -> None:
@@ -182,3 +192,47 @@ def test_fit_with_r3_logs_the_same_with_a_fused_or_a_separate_pi_old_pass(tmp_pa
     for key in keys:
         expected = pytest.approx([r[key] for r in separate], rel=1e-4, abs=1e-6)
         assert [r[key] for r in fused] == expected, key
+
+
+@pytest.mark.parametrize(
+    ("mode", "settings"),
+    [
+        ("R3", {}),
+        ("R3", {"old_logp_pass": "always"}),
+        ("R2", {"mini_batches": 2}),
+        ("R3", {"track_router_shift": True}),
+    ],
+)
+def test_shared_prompts_replay_every_rows_own_routes(rollout, mode, settings):
+    """``model.shared_prefix`` (each prompt run once, lit_moe_rl/learner/prefix.py) under R3, R2 and RSPO's
+    router capture: the same π_old, update, routing and router-shift metrics as every row running its
+    prompt. The routes are random: a prompt route replayed at another row or position changes the loss."""
+    prompt_calls: list[int] = []
+
+    shared = train_step(rollout, mode, **settings)
+    module_hook = MoERLModule.configure_model
+
+    def counting(module):
+        module_hook(module)
+        module.policy.get_decoder().register_forward_pre_hook(
+            lambda _m, _a, kw: prompt_calls.append(
+                int(kw.get("cache", kw.get("past_key_values")) is not None)
+            ),
+            with_kwargs=True,
+        )
+
+    MoERLModule.configure_model = counting
+    try:
+        counted = train_step(rollout, mode, **settings)
+    finally:
+        MoERLModule.configure_model = module_hook
+    plain = train_step(rollout, mode, shared_prefix="off", **settings)
+    shared_forwards = sum(prompt_calls) // 2  # the prompt call and the response call on its cache
+    assert shared_forwards > 0 and len(prompt_calls) == len(counted["widths"]) + shared_forwards
+    assert counted["widths"] == plain["widths"]
+    torch.testing.assert_close(shared["old_logp"], plain["old_logp"], rtol=1e-5, atol=1e-6)
+    keys = [k for k in plain["metrics"] if k.startswith(("routing/", "rspo/", "mismatch/"))]
+    assert set(keys) <= set(shared["metrics"])
+    assert_same_update(shared, plain, LOSS_KEYS + keys)
+    if mode == "R3":
+        assert shared["metrics"]["routing/rollout_train_router_disagreement"] == 0.0

@@ -24,7 +24,8 @@ def test_summary_of_an_r3_run_has_routing_numbers_and_the_log_folder(tmp_path, c
     text = _summary(caplog)
     assert "skipped updates: 0" in text
     threads = torch.get_num_threads()
-    assert f"compute: {threads} CPU thread(s), experts lit_grouped_mm, torch_compile off" in text
+    compute = f"compute: {threads} CPU thread(s), experts lit_grouped_mm, torch_compile off, shared prompts on"
+    assert compute in text
     assert "failed reward calls: 0 of 24 (scored 0)" in text  # 8 validation + 2 steps x 8 completions
     assert "routing/rollout_train_router_disagreement 0 " in text + " "  # replay happened: 0 by construction
     assert "mismatch/train_infer_kl" in text
@@ -42,6 +43,13 @@ def test_summary_counts_failed_reward_calls_and_has_no_routing_line_without_r3(t
     text = _summary(caplog)
     assert "failed reward calls: 12 of 24 (scored 0)" in text
     assert "routing (run mean)" not in text
+    assert "shared prompts on" in text
+
+
+def test_summary_says_why_prompts_are_not_shared(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    run_fit(tmp_path, "--model.gradient_checkpointing=true")
+    assert "shared prompts off (gradient checkpointing)" in _summary(caplog)
 
 
 def fail_half(completion: str, sample: dict) -> float:

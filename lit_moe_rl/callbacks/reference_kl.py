@@ -92,6 +92,7 @@ class ReferenceKLCallback(Callback):
                 micro.prompt_len,
                 temperature=micro.temperature,
                 chunk_size=learner.settings.logprob_chunk_size,
+                prefix=micro.shared_prefix,
             )
         return logp
 

@@ -275,7 +275,7 @@ class RoutingReplayCallback(Callback):
                 replayer = self._enter_replay(stack, model, routes, micro, "fused" if fused else "old")
             elif routes is not None:
                 _validate(routes, self._layout, micro, "old")
-            recorder = stack.enter_context(record_routes(model)) if record else None
+            recorder = stack.enter_context(record_routes(model, micro.shared_prefix)) if record else None
             yield
         valid = micro.attention_mask.bool()
         if routes is not None:
@@ -334,6 +334,7 @@ class RoutingReplayCallback(Callback):
                     keep_native=keep,
                     validate=phase != "update",  # the old pass already validated these routes
                     routers=self._routers.get(id(model)),
+                    prefix=micro.shared_prefix,
                 )
             )
         except ValueError as err:

@@ -156,13 +156,16 @@ class RunSummary(Callback):
 
 def compute_line(pl_module: L.LightningModule) -> str:
     """How this run computed: torch's CPU threads (``--num_threads``), the experts kernel
-    (``model.experts_implementation``) and whether the update was compiled (``model.torch_compile``)."""
+    (``model.experts_implementation``), whether the update was compiled (``model.torch_compile``) and
+    whether rows ran their shared prompt once (``model.shared_prefix``, and why not)."""
     from lit_moe_rl.experts import current_implementation
 
     policy = getattr(pl_module, "policy", None)
     experts = current_implementation(policy) if policy is not None else None
     compiled = bool(pl_module.hparams.get("torch_compile", False))
+    learner = getattr(pl_module, "learner", None)
+    off = learner.shared_prefix_off_reason() if learner is not None else "no learner"
     return (
         f"compute: {torch.get_num_threads()} CPU thread(s), experts {experts or 'n/a (no experts interface)'}, "
-        f"torch_compile {'on' if compiled else 'off'}"
+        f"torch_compile {'on' if compiled else 'off'}, shared prompts {'on' if off is None else f'off ({off})'}"
     )

@@ -29,6 +29,7 @@ from lit_moe_rl.batch import Rollout
 from lit_moe_rl.compile import compiled_policy
 from lit_moe_rl.learner import old_pass, update
 from lit_moe_rl.learner.batching import micro_plan, trim_padding
+from lit_moe_rl.learner.prefix import SharedPrefix
 from lit_moe_rl.learner.settings import LearnerSettings
 from lit_moe_rl.learner.stats import Stats, add_named
 from lit_moe_rl.parallel.distributed import Collectives
@@ -153,6 +154,7 @@ class Learner:
             temperature=micro.temperature,
             chunk_size=self.settings.logprob_chunk_size,
             with_entropy=with_entropy,
+            prefix=micro.shared_prefix,
             **extra,
         )
 
@@ -164,7 +166,9 @@ class Learner:
         """Capture router log-probs at the positions predicting response tokens (RSPO), or nothing."""
         if not self.tracks_router_shift:
             return contextlib.nullcontext()
-        return capture_router_logits(self.policy, positions=slice(micro.prompt_len - 1, -1))
+        return capture_router_logits(
+            self.policy, positions=slice(micro.prompt_len - 1, -1), prefix=micro.shared_prefix
+        )
 
     @property
     def fuses_old_pass(self) -> bool:
@@ -199,10 +203,38 @@ class Learner:
         """Response lengths ``[N]`` to group micro-batches by, or None to keep the given order."""
         return rollout.response_mask.sum(-1) if self.trims_padding else None
 
+    @property
+    def shares_prefix(self) -> bool:
+        """Whether rows that share a prompt run it once (``model.shared_prefix``, :mod:`.prefix`).
+
+        ``auto`` turns it on unless the forward cannot hold a KV cache under grad: gradient checkpointing
+        (transformers drops the cache in checkpointed layers), the compiled update, or the load-balancing
+        aux loss (its router logits would count each prompt once instead of once per row)."""
+        return self.shared_prefix_off_reason() is None
+
+    def shared_prefix_off_reason(self) -> str | None:
+        """Why prompts are not shared (``None``: they are), as the run summary says it."""
+        if self.settings.shared_prefix == "off":
+            return "model.shared_prefix off"
+        if any(getattr(m, "gradient_checkpointing", False) is True for m in self.policy.modules()):
+            return "gradient checkpointing"
+        if self.compiled is not None:
+            return "torch_compile"
+        if self.aux_loss is not None:
+            return "router aux loss"
+        return None
+
     def micro_batch(self, rollout: Rollout, rows: Tensor) -> Rollout:
-        """Rows ``rows`` of ``rollout``, without trailing all-padding columns when trimming."""
+        """Rows ``rows`` of ``rollout``, without trailing all-padding columns when trimming, with the
+        layout of their shared prompts when :attr:`shares_prefix`."""
         micro = rollout.select(rows)
-        return trim_padding(micro) if self.trims_padding else micro
+        micro = trim_padding(micro) if self.trims_padding else micro
+        if self.shares_prefix:
+            groups = None if micro.rows is None else micro.rows // max(micro.group_size, 1)
+            micro.shared_prefix = SharedPrefix.find(
+                micro.input_ids, micro.attention_mask, micro.prompt_len, groups=groups
+            )
+        return micro
 
     def micro_plan(self, rollout: Rollout, rows: Tensor) -> list[tuple[Tensor, bool]]:
         """``rows`` cut into micro-batches, padded to the same count on every rank."""

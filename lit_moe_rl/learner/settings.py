@@ -21,6 +21,7 @@ class LearnerSettings:
     correction_args: dict[str, float] = field(default_factory=dict)
     old_logp_pass: Literal["auto", "always"] = "auto"
     trim_padding: bool = True
+    shared_prefix: Literal["auto", "off"] = "auto"
     track_router_shift: bool = False
     torch_compile: bool | dict[str, Any] = False
 

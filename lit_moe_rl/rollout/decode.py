@@ -41,14 +41,13 @@ Choices made here (and why):
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
 
-from lit_moe_rl.policy import position_ids_from_mask
+from lit_moe_rl.policy import cache_kwarg, position_ids_from_mask
 from lit_moe_rl.rollout.kv import use_growing_layers
 from lit_moe_rl.rollout.sampling import SamplingParams, raise_non_finite, sample_step_flagged
 
@@ -62,12 +61,6 @@ class Decoded:
     tokens: Tensor  # [N, R] long: sampled tokens, pad after a row's first EOS; R = the longest row
     logp: Tensor  # [N, R] float32: μ of each sampled token, 0 where none was sampled
     routes: Tensor | None  # [N, P + R, L, K] route ids, -1 = no route (when a recorder was given)
-
-
-def _cache_kwarg(decoder: nn.Module) -> str:
-    """Name of the decoder's KV-cache argument (``cache`` since transformers 5.2x, ``past_key_values`` before)."""
-    params = inspect.signature(decoder.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 GROW_FROM = 256
@@ -85,7 +78,7 @@ class _Stepper:
         self.cache = DynamicCache(config=model.config)
         if max_added >= GROW_FROM:
             use_growing_layers(self.cache)
-        self.cache_kwarg = _cache_kwarg(self.decoder)
+        self.cache_kwarg = cache_kwarg(self.decoder)
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
         out = self.decoder(

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,9 @@ from lit_moe_rl.routing.adapters import (
 )
 from lit_moe_rl.routing.checks import require_moe
 
+if TYPE_CHECKING:
+    from lit_moe_rl.learner.prefix import SharedPrefix
+
 __all__ = [
     "RouteRecorder",
     "RouterLogitsCapture",
@@ -49,12 +52,17 @@ __all__ = [
 
 
 class _PerCallHooks:
-    """Shared bookkeeping: per-layer lists of per-call tensors and the ``(B, S)`` of each call."""
+    """Shared bookkeeping: per-layer lists of per-call tensors and the ``(B, S)`` of each call.
+
+    With a :class:`~lit_moe_rl.learner.prefix.SharedPrefix` each model forward is two calls per router,
+    the distinct prompts ``[U, P]`` then the responses ``[n, R]``; they are joined into the ``[n, P + R]``
+    layout of one forward."""
 
     _what = "routing"
 
-    def __init__(self, routers: list[MoERouter]) -> None:
+    def __init__(self, routers: list[MoERouter], prefix: SharedPrefix | None = None) -> None:
         self._routers = routers
+        self._prefix = prefix
         self._block_shapes: dict[int, tuple[int, int]] = {}
         self._per_layer: list[list[torch.Tensor]] = [[] for _ in routers]
         self._batch: int | None = None
@@ -68,7 +76,7 @@ class _PerCallHooks:
                 f"{self._what}: cannot tell the (batch, seq) shape of router {router.name}'s call "
                 f"({n_tok} tokens); its MoE block does not receive 3-D hidden states"
             )
-        if self._batch is not None and shape[0] != self._batch:
+        if self._prefix is None and self._batch is not None and shape[0] != self._batch:
             raise RuntimeError(
                 f"{self._what}: batch size changed from {self._batch} to {shape[0]} between calls "
                 "(beam search and batch-shrinking generation are not supported)"
@@ -88,7 +96,14 @@ class _PerCallHooks:
             raise RuntimeError(f"{self._what}: no forward ran inside the block")
         if min(counts) != max(counts):
             raise RuntimeError(f"{self._what}: routers were called unequal numbers of times {counts}")
-        per_layer = [torch.cat(c, dim=time_dim) for c in calls]
+        if self._prefix is not None:
+            if counts[0] != 2 or time_dim != 1:
+                raise RuntimeError(
+                    f"{self._what}: a shared-prompt forward is 2 calls per router, got {counts[0]}"
+                )
+            per_layer = [self._prefix.join(*c) for c in calls]
+        else:
+            per_layer = [torch.cat(c, dim=time_dim) for c in calls]
         device = per_layer[0].device
         return torch.stack([t.to(device) for t in per_layer], dim=time_dim + 1)
 
@@ -98,8 +113,8 @@ class RouteRecorder(_PerCallHooks):
 
     _what = "record_routes"
 
-    def __init__(self, routers: list[MoERouter]) -> None:
-        super().__init__(routers)
+    def __init__(self, routers: list[MoERouter], prefix: SharedPrefix | None = None) -> None:
+        super().__init__(routers, prefix)
         self._dtype = route_dtype(routers[0].num_experts)
 
     def hook(self, router: MoERouter):
@@ -139,12 +154,13 @@ def _router_hooks(routers: list[MoERouter], state: _PerCallHooks) -> Iterator[No
 
 
 @contextmanager
-def record_routes(model: nn.Module) -> Iterator[RouteRecorder]:
+def record_routes(model: nn.Module, prefix: SharedPrefix | None = None) -> Iterator[RouteRecorder]:
     """``with record_routes(model) as rec: model.generate(...)``; then ``rec.routes`` is
     ``[B, P + steps, L, K]``: the prefill ``[B, P]`` then one position per KV-cache decode step.
-    Feed it to :func:`align_generation_routes` to get the training layout."""
+    Feed it to :func:`align_generation_routes` to get the training layout. ``prefix``: one training
+    forward that runs shared prompts once (:mod:`lit_moe_rl.learner.prefix`); ``routes`` is ``[n, P + R]``."""
     routers = require_moe(model, "record_routes")
-    recorder = RouteRecorder(routers)
+    recorder = RouteRecorder(routers, prefix)
     with _router_hooks(routers, recorder):
         yield recorder
 
@@ -182,15 +198,21 @@ class RouterLogitsCapture(_PerCallHooks):
 
     _what = "capture_router_logits"
 
-    def __init__(self, routers: list[MoERouter], positions, kind: str) -> None:
-        super().__init__(routers)
+    def __init__(
+        self, routers: list[MoERouter], positions, kind: str, prefix: SharedPrefix | None = None
+    ) -> None:
+        super().__init__(routers, prefix)
         self._positions = positions
+        self._split = None if prefix is None else prefix.split_positions(positions)
         self._kind = kind
         self._dtype = route_dtype(routers[0].num_experts)
         self._topk: list[list[torch.Tensor]] = [[] for _ in routers]
 
-    def _select(self, rows: torch.Tensor) -> torch.Tensor:
-        """``rows [B, S, X]`` -> kept positions: ``[N, X]`` for a bool mask, ``[B, S', X]`` for an index."""
+    def _select(self, rows: torch.Tensor, call: int) -> torch.Tensor:
+        """``rows [B, S, X]`` -> kept positions: ``[N, X]`` for a bool mask, ``[B, S', X]`` for an index
+        (under a shared prefix, the part of the slice in this call's prompt or response columns)."""
+        if self._split is not None:
+            return rows[:, self._split[call % 2]]
         if self._positions is None:
             return rows
         positions = self._positions
@@ -206,12 +228,13 @@ class RouterLogitsCapture(_PerCallHooks):
                 return
             logits, indices = output[0], output[2]
             batch, seq = self._call_shape(router, args[0], logits.shape[0])
-            kept = self._select(logits.detach().reshape(batch, seq, -1))
+            call = len(self._per_layer[router.layer])
+            kept = self._select(logits.detach().reshape(batch, seq, -1), call)
             kept = kept.float()
             logp = F.log_softmax(kept, dim=-1) if self._kind == "log_softmax" else F.logsigmoid(kept)
             self._per_layer[router.layer].append(logp)
             topk = indices.detach().reshape(batch, seq, -1).to(self._dtype)
-            self._topk[router.layer].append(self._select(topk))
+            self._topk[router.layer].append(self._select(topk, call))
 
         return on_forward
 
@@ -236,11 +259,14 @@ def capture_router_logits(
     model: nn.Module,
     positions: torch.Tensor | slice | None = None,
     kind: Literal["log_softmax", "log_sigmoid"] = "log_softmax",
+    prefix: SharedPrefix | None = None,
 ) -> Iterator[RouterLogitsCapture]:
     """Keep each router's detached log-probs over all experts and its top-K ids (RSPO, §4.4).
 
     ``positions``: None (all), a bool ``[B, S]`` mask (e.g. the positions that predict response
-    tokens) or a sequence index/slice; only those rows are kept, to save memory.
+    tokens) or a sequence index/slice; only those rows are kept, to save memory. ``prefix``: the forward
+    runs shared prompts once (:mod:`lit_moe_rl.learner.prefix`); ``positions`` is then a slice of the
+    ``[n, P + R]`` layout, and the result is in that layout too.
     ``kind="log_softmax"`` is the RSPO "router probability" (defined for softmax routers, as the
     third-party implementations do); it is also the default for DeepSeek-V3's sigmoid router, where
     ``"log_sigmoid"`` gives the per-expert sigmoid score instead. Hooks here run after
@@ -249,7 +275,7 @@ def capture_router_logits(
     if kind not in ("log_softmax", "log_sigmoid"):
         raise ValueError(f"capture_router_logits: kind must be 'log_softmax' or 'log_sigmoid', got {kind!r}")
     routers = require_moe(model, "capture_router_logits")
-    capture = RouterLogitsCapture(routers, positions, kind)
+    capture = RouterLogitsCapture(routers, positions, kind, prefix)
     with _router_hooks(routers, capture):
         yield capture
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -40,6 +41,9 @@ from lit_moe_rl.routing.adapters import (
 )
 from lit_moe_rl.routing.checks import require_moe, validate_routes
 
+if TYPE_CHECKING:
+    from lit_moe_rl.learner.prefix import SharedPrefix
+
 __all__ = ["RouteReplayer", "replay_routes"]
 
 
@@ -48,15 +52,28 @@ def _checkpointing_active(model: nn.Module) -> bool:
 
 
 class RouteReplayer:
-    """State of one :func:`replay_routes` block: consumption counts, fallbacks, native routes."""
+    """State of one :func:`replay_routes` block: consumption counts, fallbacks, native routes.
 
-    def __init__(self, routers: list[MoERouter], routes: torch.Tensor, keep_native: bool) -> None:
+    With a :class:`~lit_moe_rl.learner.prefix.SharedPrefix` a model forward is two decoder calls (the
+    distinct prompts, then the responses on their KV cache): a router's calls alternate between the
+    prompt routes ``[U, P]`` and the response routes ``[n, R]`` split from ``routes``, and the native
+    routes are joined back into the ``[n, P + R]`` layout."""
+
+    def __init__(
+        self,
+        routers: list[MoERouter],
+        routes: torch.Tensor,
+        keep_native: bool,
+        prefix: SharedPrefix | None = None,
+    ) -> None:
         self._routers = routers
-        self._routes = routes
-        self._batch, self._seq = routes.shape[:2]
-        self._on_device: dict[torch.device, torch.Tensor] = {}
+        self._prefix = prefix
+        self._segments = list(prefix.split(routes)) if prefix is not None else [routes]
+        self._on_device: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._block_shapes: dict[int, tuple[int, int]] = {}
-        self._native: list[torch.Tensor | None] = [None] * len(routers) if keep_native else []
+        self._native: list[list[torch.Tensor | None]] = (
+            [[None] * len(self._segments) for _ in routers] if keep_native else []
+        )
         self._dtype = route_dtype(routers[0].num_experts)
         self.consumed = [0] * len(routers)
         """Forward calls per router (MoE-layer order), backward recomputes excluded."""
@@ -68,29 +85,35 @@ class RouteReplayer:
         """Positions of the ``B x S`` whose routes are -1 in some layer: native routing there."""
         self.expects_recompute = False
 
-    def _layer_routes(self, layer: int, device: torch.device) -> torch.Tensor:
-        if device not in self._on_device:
-            flat = self._routes.reshape(self._batch * self._seq, *self._routes.shape[2:])
-            self._on_device[device] = flat.to(device, non_blocking=True)
-        return self._on_device[device][:, layer].long()
+    def _segment(self, router: MoERouter) -> int:
+        """Which of the routes this call of ``router`` replays (its forward calls so far, cyclically)."""
+        return self.consumed[router.layer] % len(self._segments)
 
-    def _check_call(self, router: MoERouter, router_input: torch.Tensor, n_tok: int) -> None:
-        expected = self._batch * self._seq
+    def _layer_routes(self, layer: int, segment: int, device: torch.device) -> torch.Tensor:
+        if (segment, device) not in self._on_device:
+            routes = self._segments[segment]
+            flat = routes.reshape(routes.shape[0] * routes.shape[1], *routes.shape[2:])
+            self._on_device[segment, device] = flat.to(device, non_blocking=True)
+        return self._on_device[segment, device][:, layer].long()
+
+    def _check_call(self, router: MoERouter, router_input: torch.Tensor, n_tok: int, segment: int) -> None:
+        batch, seq = self._segments[segment].shape[:2]
+        expected = batch * seq
         if n_tok != expected:
             raise RuntimeError(
                 f"replay_routes: router {router.name} (layer {router.layer}) saw {n_tok} tokens, "
-                f"routes cover B*S = {self._batch}*{self._seq} = {expected}"
+                f"routes cover B*S = {batch}*{seq} = {expected}"
             )
         shape = call_shape(router, router_input, self._block_shapes)
-        if shape is not None and shape != (self._batch, self._seq):
+        if shape is not None and shape != (batch, seq):
             raise RuntimeError(
                 f"replay_routes: router {router.name} (layer {router.layer}) saw a [B, S] = {list(shape)} "
-                f"batch, routes are [{self._batch}, {self._seq}]"
+                f"batch, routes are [{batch}, {seq}]"
             )
 
-    def _replace(self, router: MoERouter, output):
+    def _replace(self, router: MoERouter, output, segment: int):
         logits, weights, native_idx = output
-        routes = self._layer_routes(router.layer, native_idx.device)
+        routes = self._layer_routes(router.layer, segment, native_idx.device)
         valid = routes[:, 0] >= 0
         replay_idx = torch.where(valid[:, None], routes, native_idx).to(native_idx.dtype)
         replay_w = router.adapter.gate_weights(router.module, logits, replay_idx).to(weights.dtype)
@@ -99,16 +122,17 @@ class RouteReplayer:
 
     def router_hook(self, router: MoERouter):
         def on_forward(module, args, output):
-            recompute = in_backward_recompute()
-            if recompute:
+            segment = self._segment(router)
+            if in_backward_recompute():
                 self.recomputes += 1
             else:
-                self._check_call(router, args[0], output[0].shape[0])
+                self._check_call(router, args[0], output[0].shape[0], segment)
                 self.consumed[router.layer] += 1
                 if self._native:
-                    native = output[2].detach().reshape(self._batch, self._seq, -1)
-                    self._native[router.layer] = native.to(self._dtype)
-            return self._replace(router, output)
+                    batch, seq = self._segments[segment].shape[:2]
+                    native = output[2].detach().reshape(batch, seq, -1)
+                    self._native[router.layer][segment] = native.to(self._dtype)
+            return self._replace(router, output, segment)
 
         return on_forward
 
@@ -128,10 +152,11 @@ class RouteReplayer:
         (route_dtype, on the routers' device): compare with the replayed routes for free."""
         if not self._native:
             raise RuntimeError("replay_routes: native routes were not kept (keep_native=False)")
-        if any(n is None for n in self._native):
+        if any(n is None for calls in self._native for n in calls):
             raise RuntimeError("replay_routes: native routes are unknown until every router has run")
-        device = self._native[0].device
-        return torch.stack([n.to(device) for n in self._native], dim=2)
+        device = self._native[0][0].device
+        layers = [calls[0] if self._prefix is None else self._prefix.join(*calls) for calls in self._native]
+        return torch.stack([n.to(device) for n in layers], dim=2)
 
     def check_consumed(self) -> None:
         """Every router consumed its routes exactly once per forward; backward ran if it must."""
@@ -157,6 +182,7 @@ def replay_routes(
     keep_native: bool = True,
     validate: bool = True,
     routers: list[MoERouter] | None = None,
+    prefix: SharedPrefix | None = None,
 ) -> Iterator[RouteReplayer]:
     """Force the experts of every forward in the block onto ``routes [B, S, L, K]`` (R3).
 
@@ -166,7 +192,8 @@ def replay_routes(
     the token alignment up front, otherwise it is checked per router call). On a clean exit, checks
     that every router consumed the routes once per forward. A caller that replays the same, already
     validated routes many times (every update of a rollout) passes ``validate=False`` and the
-    ``routers`` it found once, so each block only installs hooks.
+    ``routers`` it found once, so each block only installs hooks. ``prefix``: the forwards run the
+    rows' shared prompts once (:mod:`lit_moe_rl.learner.prefix`); ``routes`` keep the ``[B, S]`` layout.
     """
     routers = routers if routers is not None else require_moe(model, "replay_routes")
     if validate:
@@ -177,7 +204,7 @@ def replay_routes(
             num_experts=routers[0].num_experts,
             seq_shape=None if input_ids is None else input_ids.shape,
         )
-    replayer = RouteReplayer(routers, routes, keep_native)
+    replayer = RouteReplayer(routers, routes, keep_native, prefix)
     handles = track_block_shapes(routers, replayer._block_shapes)
     handles.append(model.register_forward_pre_hook(replayer.model_pre_hook(model)))
     handles += [r.module.register_forward_hook(replayer.router_hook(r), prepend=True) for r in routers]
