@@ -24,7 +24,9 @@ def test_summary_of_an_r3_run_has_routing_numbers_and_the_log_folder(tmp_path, c
     text = _summary(caplog)
     assert "skipped updates: 0" in text
     threads = torch.get_num_threads()
-    compute = f"compute: {threads} CPU thread(s), experts lit_grouped_mm, torch_compile off, shared prompts on"
+    compute = (
+        f"compute: {threads} CPU thread(s), experts lit_grouped_mm, torch_compile off, shared prompts on"
+    )
     assert compute in text
     assert "failed reward calls: 0 of 24 (scored 0)" in text  # 8 validation + 2 steps x 8 completions
     assert "routing/rollout_train_router_disagreement 0 " in text + " "  # replay happened: 0 by construction
