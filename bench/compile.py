@@ -116,7 +116,11 @@ def run_arm(model: str, compile_value, args: argparse.Namespace) -> dict[str, fl
     contexts = []
     if args.r3:
         decoder = policy.get_decoder()
-        contexts.append(lambda phase, micro: replay_routes(decoder, micro.routes, validate=False))
+        contexts.append(
+            lambda phase, micro: replay_routes(
+                decoder, micro.routes, validate=False, prefix=micro.shared_prefix
+            )
+        )
     settings = LearnerSettings(micro_batch_size=args.micro_batch_size, torch_compile=compile_value)
     learner = Learner(
         policy,

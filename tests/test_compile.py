@@ -78,7 +78,9 @@ def synthetic_rollout() -> Rollout:
 def r3_context(policy: torch.nn.Module):
     """R3 as the routing-replay callback enters it: the micro-batch's routes replayed on the decoder."""
     decoder = policy.get_decoder()
-    return lambda phase, micro: replay_routes(decoder, micro.routes, input_ids=micro.input_ids)
+    return lambda phase, micro: replay_routes(
+        decoder, micro.routes, input_ids=micro.input_ids, prefix=micro.shared_prefix
+    )
 
 
 def one_step(

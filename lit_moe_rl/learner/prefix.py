@@ -50,7 +50,9 @@ class SharedPrefix:
         key = torch.cat(parts, dim=1)
         _, inverse = torch.unique(key, dim=0, return_inverse=True)  # sorted by value
         rows = torch.arange(n, device=input_ids.device)
-        first = torch.full((n,), n, device=input_ids.device).scatter_reduce(0, inverse, rows, "amin")
+        first = torch.full((n,), n, dtype=torch.long, device=input_ids.device).scatter_reduce(
+            0, inverse, rows, "amin"
+        )
         first = first[first < n]
         order = torch.argsort(first)  # distinct prompts in order of their first row
         rank = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))

@@ -100,9 +100,12 @@ class RouteReplayer:
         batch, seq = self._segments[segment].shape[:2]
         expected = batch * seq
         if n_tok != expected:
+            hint = "" if self._prefix is not None else (
+                " (a forward that runs shared prompts once, model.shared_prefix, needs prefix=micro.shared_prefix)"
+            )  # fmt: skip
             raise RuntimeError(
                 f"replay_routes: router {router.name} (layer {router.layer}) saw {n_tok} tokens, "
-                f"routes cover B*S = {batch}*{seq} = {expected}"
+                f"routes cover B*S = {batch}*{seq} = {expected}{hint}"
             )
         shape = call_shape(router, router_input, self._block_shapes)
         if shape is not None and shape != (batch, seq):
