@@ -52,7 +52,7 @@ class MoERLModule(L.LightningModule):
         track_router_shift: bool = False,
         old_logp_pass: Literal["auto", "always"] = "auto",
         trim_padding: bool = True,
-        shared_prefix: Literal["auto", "off"] = "auto",
+        shared_prefix: Literal["auto", "off"] | bool = "auto",
         compute_dtype: Literal["bfloat16", "float16"] | None = None,
         rollout_weights: Literal["resident", "unshard"] = "resident",
         offload_optimizer: bool = False,
@@ -83,9 +83,10 @@ class MoERLModule(L.LightningModule):
             correction_args: Its parameters, e.g. ``{cap: 2.0}`` (TIS), ``{alpha: 0.5, beta: 5.0}`` (IcePop).
             old_logp_pass: ``auto``: π_old read off the update forward when exact (``Learner.fuses_old_pass``).
             trim_padding: Sort micro-batches by length and drop all-padding columns (replayed routes with them).
-            shared_prefix: ``auto``: the rows of a micro-batch that share a prompt run it once, their
-                responses on its KV cache (Prefix Grouper, arXiv 2506.05433; lit_moe_rl/learner/prefix.py);
-                off under gradient checkpointing, ``torch_compile`` or the router aux loss. ``off``: every
+            shared_prefix: ``auto``: the rows of a micro-batch that share a prompt run it once and their
+                responses attend to its KV cache (Prefix Grouper, arXiv 2506.05433; lit_moe_rl/learner/prefix.py);
+                off under gradient checkpointing, ``torch_compile`` or the router aux loss; ``true`` (YAML's
+                ``on``) is ``auto``. ``off`` (or ``false``, which is how YAML reads an unquoted off): every
                 row runs its prompt.
             track_router_shift: Log RSPO's router shift (``rspo/*``) for any algorithm (RouterShiftCallback).
             compute_dtype: FSDP2 mixed precision: fp32 sharded weights and AdamW state, compute in this dtype.

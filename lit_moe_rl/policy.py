@@ -310,11 +310,11 @@ def token_logprobs(
 ) -> tuple[Tensor, Tensor | None, Any]:
     """Log-probs ``[N, R]`` (and entropies) of the response tokens ``input_ids[:, prompt_len:]``.
 
-    The decoder runs once, or with ``prefix`` twice: each distinct prompt once, then the responses on its
-    KV cache (:mod:`lit_moe_rl.learner.prefix`). The LM head and log-softmax then run only on the response tokens that
-    exist (``attention_mask`` 1; padding gets log-prob and entropy 0), flattened across rows and
-    taken ``chunk_size`` tokens at a time (default :func:`logprob_chunk_tokens`). Under grad each
-    chunk is checkpointed, so at most one chunk of fp32 logits ``[chunk_size, V]`` is alive in the
+    The decoder runs once, or with ``prefix`` twice: each distinct prompt once, then the responses on
+    its KV cache (:mod:`lit_moe_rl.learner.prefix`). The LM head and log-softmax then run only on the
+    response tokens that exist (``attention_mask`` 1; padding gets log-prob and entropy 0), flattened
+    across rows and taken ``chunk_size`` tokens at a time (default :func:`logprob_chunk_tokens`). Under
+    grad each chunk is checkpointed, so at most one chunk of fp32 logits ``[chunk_size, V]`` is alive in the
     forward and again in the backward, whatever the batch size and response length. Logits are
     divided by ``temperature`` so that the trainer scores the distribution the engine sampled from.
     Returns ``(logp, entropy or None, decoder outputs)``.
@@ -379,7 +379,7 @@ def _shared_prefix_hidden(
     prompt_pos, response_pos = prefix.split(positions)
     kwarg = cache_kwarg(decoder)
     cache = DynamicCache(config=config)
-    first = decoder(
+    prompt_out = decoder(
         input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_pos, use_cache=True,
         **{kwarg: cache}, **forward_kwargs,
     )  # fmt: skip
@@ -388,7 +388,7 @@ def _shared_prefix_hidden(
         input_ids=response_ids, attention_mask=attention_mask, position_ids=response_pos, use_cache=True,
         **{kwarg: cache}, **forward_kwargs,
     )  # fmt: skip
-    last_prompt = prefix.expand(first.last_hidden_state[:, -1:])  # [N, 1, H]
+    last_prompt = prefix.expand(prompt_out.last_hidden_state[:, -1:])  # [N, 1, H]
     return torch.cat([last_prompt, out.last_hidden_state[:, :-1]], dim=1), out
 
 

@@ -86,7 +86,7 @@ SETTINGS_CASES = [
         ["--model.experts_implementation=fastest"],
         "model.experts_implementation: unknown 'fastest'; choose one of auto",
     ),
-    (["--model.shared_prefix=on"], "model.shared_prefix: expected one of 'auto', 'off', got 'on'"),
+    (["--model.shared_prefix=maybe"], "model.shared_prefix: expected one of 'auto', 'off'"),
     (["--trainer.accelerator=gpu"], "trainer.accelerator: 'gpu' but this machine has no CUDA GPU"),
     (["--rollout.reward=no_such_module:fn"], "rollout.reward: cannot import 'no_such_module:fn'"),
 ]

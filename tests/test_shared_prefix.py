@@ -137,3 +137,17 @@ def test_learner_turns_it_off_where_the_cache_cannot_be_used():
     assert reason(shared_prefix="off") == "model.shared_prefix off"
     assert reason(gradient_checkpointing=True) == "gradient checkpointing"
     assert reason(router_aux_loss_coef=0.01) == "router aux loss"
+
+
+def test_an_unquoted_yaml_off_turns_it_off(tmp_path, caplog):
+    """YAML reads ``shared_prefix: off`` as false: it means off (and ``on``, true, means auto)."""
+    import logging
+
+    from tests.helpers import run_fit
+
+    caplog.set_level(logging.INFO)
+    config = tmp_path / "off.yaml"
+    config.write_text("model:\n  shared_prefix: off\n")
+    run_fit(tmp_path / "run", f"--config={config}")
+    summary = "\n".join(r.getMessage() for r in caplog.records if "run summary" in r.getMessage())
+    assert "shared prompts off (model.shared_prefix off)" in summary

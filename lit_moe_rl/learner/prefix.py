@@ -35,8 +35,8 @@ class SharedPrefix:
         cls, input_ids: Tensor, attention_mask: Tensor, prompt_len: int, groups: Tensor | None = None
     ) -> SharedPrefix | None:
         """The layout of ``input_ids [n, P + R]``'s prompts, or None when there is no prompt or no
-        response column. Also when no two rows share a prompt: every rank must run the same forwards (under
-        FSDP each decoder call is a collective), whatever its rows.
+        response column. A layout is returned even when no two rows share a prompt: every rank must run
+        the same forwards (under FSDP each decoder call is a collective), whatever its rows.
 
         ``groups [n]``: rows share a prompt only within their group (a GRPO group: its rows were
         sampled from one prefill, so they share the prompt's recorded routes too; two groups with

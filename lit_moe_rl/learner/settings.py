@@ -21,9 +21,13 @@ class LearnerSettings:
     correction_args: dict[str, float] = field(default_factory=dict)
     old_logp_pass: Literal["auto", "always"] = "auto"
     trim_padding: bool = True
-    shared_prefix: Literal["auto", "off"] = "auto"
+    shared_prefix: Literal["auto", "off"] | bool = "auto"  # YAML reads an unquoted off as false
     track_router_shift: bool = False
     torch_compile: bool | dict[str, Any] = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.shared_prefix, bool):  # false: off; true: wherever the forward can (auto)
+            self.shared_prefix = "auto" if self.shared_prefix else "off"
 
     @classmethod
     def from_hparams(cls, hparams: Any) -> LearnerSettings:
