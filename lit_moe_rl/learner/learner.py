@@ -35,6 +35,7 @@ from lit_moe_rl.learner.stats import Stats, add_named
 from lit_moe_rl.parallel.distributed import Collectives
 from lit_moe_rl.policy import load_balancing_loss, token_logprobs
 from lit_moe_rl.routing.record import RouterLogitsCapture, capture_router_logits
+from lit_moe_rl.routing.replay import checkpointing_active
 
 Phase = Literal["old", "update", "ref", "fused"]
 """Which forward a context wraps: the π_old pass, an update, the reference, or ``fused``: the single update
@@ -216,7 +217,7 @@ class Learner:
         """Why prompts are not shared (``None``: they are), as the run summary says it."""
         if self.settings.shared_prefix == "off":
             return "model.shared_prefix off"
-        if any(getattr(m, "gradient_checkpointing", False) is True for m in self.policy.modules()):
+        if checkpointing_active(self.policy):
             return "gradient checkpointing"
         if self.compiled is not None:
             return "torch_compile"

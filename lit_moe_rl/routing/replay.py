@@ -47,7 +47,9 @@ if TYPE_CHECKING:
 __all__ = ["RouteReplayer", "replay_routes"]
 
 
-def _checkpointing_active(model: nn.Module) -> bool:
+def checkpointing_active(model: nn.Module) -> bool:
+    """Whether any module of ``model`` recomputes its forward in the backward (HF gradient checkpointing,
+    which applies in training mode only)."""
     return any(getattr(m, "gradient_checkpointing", False) is True and m.training for m in model.modules())
 
 
@@ -140,7 +142,7 @@ class RouteReplayer:
         return on_forward
 
     def model_pre_hook(self, model: nn.Module):
-        checkpointing = _checkpointing_active(model)
+        checkpointing = checkpointing_active(model)
 
         def on_forward(_module, _args):
             if not in_backward_recompute():
