@@ -11,7 +11,7 @@ Compared: the policy's parameter shapes (whatever ``model.pretrained`` / ``model
 ``model.dtype``, ``model.lora`` and the algorithm (``model.algorithm``'s class and settings,
 ``model.correction`` and its arguments). Accepted on purpose (they may change between a run and its
 resume, and the config's values are used): ``warmup_steps``, ``grad_clip``, batching and memory (``mini_batches``, ``micro_batch_size``,
-``logprob_chunk_size``, ``gradient_checkpointing``, ``trim_padding``, ``shared_prefix``,
+``logprob_chunk_size``, ``gradient_checkpointing``, ``trim_padding``, ``shared_prefix``, ``skip_padding``,
 ``old_logp_pass``), kernels
 (``torch_compile``, ``experts_implementation``), and the
 *path* of ``model.pretrained`` (a moved folder holds the same model; its shapes are compared).

@@ -16,6 +16,10 @@ differ in the order of the ``K`` additions into a token's hidden-state gradient 
 The grouped matmul itself is transformers' own dispatch (``torch.nn.functional.grouped_mm`` where the
 device and dtype have it, its looped fallback otherwise, and under ``torch.compile``).
 
+Inside :func:`real_tokens_only` (the trainer's forwards, :func:`lit_moe_rl.policy.token_logprobs`) the
+kernel skips padding tokens: a GRPO micro-batch pads every response to its longest (about 30% of
+the response tokens at ``bench/vs_trl.py``'s shape), and the experts are most of a training forward.
+
 ``auto`` (the default) switches a policy whose experts use ``grouped_mm`` to this kernel and leaves
 any other choice (a checkpoint's own ``experts_implementation``, a family outside the interface)
 alone; any other value is handed to transformers' ``set_experts_implementation`` (``eager``,
@@ -25,7 +29,10 @@ and training use the same one.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -38,6 +45,7 @@ __all__ = [
     "SETTING",
     "apply_experts_implementation",
     "check_experts_implementation",
+    "real_tokens_only",
     "scatter_free_experts_forward",
 ]
 
@@ -56,6 +64,43 @@ def _grouped_linear() -> Any:
     return grouped_linear
 
 
+_REAL_TOKENS: contextvars.ContextVar[tuple[int, Tensor] | None] = contextvars.ContextVar(
+    "lit_moe_rl_real_tokens", default=None
+)
+
+
+@contextlib.contextmanager
+def real_tokens_only(attention_mask: Tensor | None) -> Iterator[None]:
+    """Within, :func:`scatter_free_experts_forward` computes the experts only for the tokens where
+    ``attention_mask [B, S]`` (the one decoder call's ``B x S`` tokens) is 1; padding tokens get a zero
+    experts output. ``None``: every token, as outside.
+
+    Exact for every real token: a padding token's hidden state reaches no real token (its key is masked
+    in every attention, and a response's right padding comes after it) and no loss, so what the experts
+    add to it changes nothing, forward or backward. The router still runs on every token (R3 replay,
+    routes, router logits and the aux loss see the same ``[B, S]`` layout). A call whose token count is
+    not ``B x S`` (another forward) computes every token."""
+    keep = None
+    if attention_mask is not None:
+        where = attention_mask.reshape(-1).nonzero().squeeze(-1)
+        keep = None if where.numel() == attention_mask.numel() else (attention_mask.numel(), where)
+    token = _REAL_TOKENS.set(keep)
+    try:
+        yield
+    finally:
+        _REAL_TOKENS.reset(token)
+
+
+def _real_token_rows(num_tokens: int) -> Tensor | None:
+    """The rows of the real tokens when this call is the one :func:`real_tokens_only` masks, else None
+    (always under ``torch.compile``: reading the context would break the graph, and the learner's
+    compiled update computes every token)."""
+    if torch.compiler.is_compiling():
+        return None
+    keep = _REAL_TOKENS.get()
+    return keep[1] if keep is not None and keep[0] == num_tokens else None
+
+
 def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
     """``x[index]`` for a 1-D ``index``, as a gather whose backward is a scatter-add, not ``index_put_``."""
     return x.index_select(0, index)
@@ -72,6 +117,19 @@ def scatter_free_experts_forward(
         from transformers.integrations.moe import grouped_mm_experts_forward
 
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    real = _real_token_rows(hidden_states.shape[0])
+    if real is not None:  # padding tokens get no experts (real_tokens_only)
+        real = real.to(hidden_states.device)
+        rows = (_gather_rows(t, real) for t in (hidden_states, top_k_index, top_k_weights))
+        out = _routed_experts(self, *rows)
+        return out.new_zeros(hidden_states.shape).index_copy(0, real, out)
+    return _routed_experts(self, hidden_states, top_k_index, top_k_weights)
+
+
+def _routed_experts(
+    self: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor
+) -> Tensor:
+    """:func:`scatter_free_experts_forward` on every token it is given."""
     grouped_linear = _grouped_linear()
     num_tokens, hidden_dim = hidden_states.shape
     top_k = top_k_index.size(-1)

@@ -53,6 +53,7 @@ class MoERLModule(L.LightningModule):
         old_logp_pass: Literal["auto", "always"] = "auto",
         trim_padding: bool = True,
         shared_prefix: Literal["auto", "off"] | bool = "auto",
+        skip_padding: bool = True,
         compute_dtype: Literal["bfloat16", "float16"] | None = None,
         rollout_weights: Literal["resident", "unshard"] = "resident",
         offload_optimizer: bool = False,
@@ -88,6 +89,10 @@ class MoERLModule(L.LightningModule):
                 off under gradient checkpointing, ``torch_compile`` or the router aux loss; ``true`` (YAML's
                 ``on``) is ``auto``. ``off`` (or ``false``, which is how YAML reads an unquoted off): every
                 row runs its prompt.
+            skip_padding: The experts compute only real tokens, not the padding of left-padded prompts
+                and right-padded responses (exact: no real token sees a padding token;
+                lit_moe_rl/experts.py); needs ``experts_implementation`` ``lit_grouped_mm``, off under
+                gradient checkpointing or ``torch_compile``. ``false``: every token.
             track_router_shift: Log RSPO's router shift (``rspo/*``) for any algorithm (RouterShiftCallback).
             compute_dtype: FSDP2 mixed precision: fp32 sharded weights and AdamW state, compute in this dtype.
             rollout_weights: Under FSDP2: ``resident`` full copy to generate with, or ``unshard`` per rollout.

@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
 from lit_moe_rl.errors import describe
-from lit_moe_rl.experts import apply_experts_implementation
+from lit_moe_rl.experts import apply_experts_implementation, real_tokens_only
 
 if TYPE_CHECKING:
     from lit_moe_rl.learner.prefix import SharedPrefix
@@ -306,6 +306,7 @@ def token_logprobs(
     chunk_size: int | None = None,
     with_entropy: bool = False,
     prefix: SharedPrefix | None = None,
+    skip_padding: bool = False,
     **forward_kwargs: Any,
 ) -> tuple[Tensor, Tensor | None, Any]:
     """Log-probs ``[N, R]`` (and entropies) of the response tokens ``input_ids[:, prompt_len:]``.
@@ -317,22 +318,27 @@ def token_logprobs(
     grad each chunk is checkpointed, so at most one chunk of fp32 logits ``[chunk_size, V]`` is alive in the
     forward and again in the backward, whatever the batch size and response length. Logits are
     divided by ``temperature`` so that the trainer scores the distribution the engine sampled from.
+    ``skip_padding``: the experts compute no padding token (:func:`lit_moe_rl.experts.real_tokens_only`;
+    not under gradient checkpointing, whose recomputation runs outside this call).
     Returns ``(logp, entropy or None, decoder outputs)``.
     """
+    if skip_padding and torch.is_grad_enabled():
+        _require_no_checkpointing(model)
     decoder = model.get_decoder()
     head = model.get_output_embeddings()
     if prefix is None:
-        out = decoder(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            use_cache=False,
-            **forward_kwargs,
-        )
+        with real_tokens_only(attention_mask if skip_padding else None):
+            out = decoder(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask),
+                use_cache=False,
+                **forward_kwargs,
+            )
         hidden = out.last_hidden_state[:, prompt_len - 1 : -1]  # [N, R, H]: positions predicting the response
     else:
         hidden, out = _shared_prefix_hidden(
-            decoder, model.config, input_ids, attention_mask, prefix, forward_kwargs
+            decoder, model.config, input_ids, attention_mask, prefix, forward_kwargs, skip_padding
         )
     targets = input_ids[:, prompt_len:]  # [N, R]
     where = attention_mask[:, prompt_len:].reshape(-1).nonzero().squeeze(-1)  # [n] real response tokens
@@ -353,6 +359,15 @@ def token_logprobs(
     return logp, entropy, out
 
 
+def _require_no_checkpointing(model: nn.Module) -> None:
+    """Skipped padding and gradient checkpointing do not mix: the backward recomputes each layer outside
+    the forward that said which tokens are padding (the recomputation would save other tensors)."""
+    from lit_moe_rl.routing.replay import checkpointing_active
+
+    if checkpointing_active(model):
+        raise ValueError("token_logprobs: skip_padding under gradient checkpointing; pass skip_padding=False")
+
+
 def cache_kwarg(decoder: nn.Module) -> str:
     """Name of the decoder's KV-cache argument (``cache`` since transformers 5.2x, ``past_key_values`` before)."""
     params = inspect.signature(decoder.forward).parameters
@@ -366,6 +381,7 @@ def _shared_prefix_hidden(
     attention_mask: Tensor,
     prefix: SharedPrefix,
     forward_kwargs: dict[str, Any],
+    skip_padding: bool,
 ) -> tuple[Tensor, Any]:
     """Hidden states ``[N, R, H]`` at the positions predicting the response, the prompts run once.
 
@@ -379,15 +395,17 @@ def _shared_prefix_hidden(
     prompt_pos, response_pos = prefix.split(positions)
     kwarg = cache_kwarg(decoder)
     cache = DynamicCache(config=config)
-    prompt_out = decoder(
-        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_pos, use_cache=True,
-        **{kwarg: cache}, **forward_kwargs,
-    )  # fmt: skip
+    with real_tokens_only(prompt_mask if skip_padding else None):
+        prompt_out = decoder(
+            input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_pos, use_cache=True,
+            **{kwarg: cache}, **forward_kwargs,
+        )  # fmt: skip
     cache.batch_select_indices(prefix.inverse.to(input_ids.device))
-    out = decoder(
-        input_ids=response_ids, attention_mask=attention_mask, position_ids=response_pos, use_cache=True,
-        **{kwarg: cache}, **forward_kwargs,
-    )  # fmt: skip
+    with real_tokens_only(attention_mask[:, prefix.prompt_len :] if skip_padding else None):
+        out = decoder(
+            input_ids=response_ids, attention_mask=attention_mask, position_ids=response_pos, use_cache=True,
+            **{kwarg: cache}, **forward_kwargs,
+        )  # fmt: skip
     last_prompt = prefix.expand(prompt_out.last_hidden_state[:, -1:])  # [N, 1, H]
     return torch.cat([last_prompt, out.last_hidden_state[:, :-1]], dim=1), out
 

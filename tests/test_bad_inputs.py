@@ -87,6 +87,7 @@ SETTINGS_CASES = [
         "model.experts_implementation: unknown 'fastest'; choose one of auto",
     ),
     (["--model.shared_prefix=maybe"], "model.shared_prefix: expected one of 'auto', 'off'"),
+    (["--model.skip_padding=maybe"], "model.skip_padding: expected bool, got 'maybe'"),
     (["--trainer.accelerator=gpu"], "trainer.accelerator: 'gpu' but this machine has no CUDA GPU"),
     (["--rollout.reward=no_such_module:fn"], "rollout.reward: cannot import 'no_such_module:fn'"),
 ]

@@ -25,7 +25,8 @@ def test_summary_of_an_r3_run_has_routing_numbers_and_the_log_folder(tmp_path, c
     assert "skipped updates: 0" in text
     threads = torch.get_num_threads()
     compute = (
-        f"compute: {threads} CPU thread(s), experts lit_grouped_mm, torch_compile off, shared prompts on"
+        f"compute: {threads} CPU thread(s), experts lit_grouped_mm, torch_compile off, shared prompts on, "
+        "padding skipped on"
     )
     assert compute in text
     assert "failed reward calls: 0 of 24 (scored 0)" in text  # 8 validation + 2 steps x 8 completions
@@ -51,7 +52,9 @@ def test_summary_counts_failed_reward_calls_and_has_no_routing_line_without_r3(t
 def test_summary_says_why_prompts_are_not_shared(tmp_path, caplog):
     caplog.set_level(logging.INFO)
     run_fit(tmp_path, "--model.gradient_checkpointing=true")
-    assert "shared prompts off (gradient checkpointing)" in _summary(caplog)
+    text = _summary(caplog)
+    assert "shared prompts off (gradient checkpointing)" in text
+    assert "padding skipped off (gradient checkpointing)" in text
 
 
 def fail_half(completion: str, sample: dict) -> float:

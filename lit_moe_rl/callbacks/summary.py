@@ -157,7 +157,8 @@ class RunSummary(Callback):
 def compute_line(pl_module: L.LightningModule) -> str:
     """How this run computed: torch's CPU threads (``--num_threads``), the experts kernel
     (``model.experts_implementation``), whether the update was compiled (``model.torch_compile``) and
-    whether rows ran their shared prompt once (``model.shared_prefix``, and why not)."""
+    whether rows ran their shared prompt once (``model.shared_prefix``, and why not) and whether the
+    experts skipped padding tokens (:func:`lit_moe_rl.experts.real_tokens_only`, and why not)."""
     from lit_moe_rl.experts import current_implementation
 
     policy = getattr(pl_module, "policy", None)
@@ -165,7 +166,9 @@ def compute_line(pl_module: L.LightningModule) -> str:
     compiled = bool(pl_module.hparams.get("torch_compile", False))
     learner = getattr(pl_module, "learner", None)
     off = learner.shared_prefix_off_reason() if learner is not None else "no learner"
+    pads = learner.padding_skip_off_reason() if learner is not None else "no learner"
     return (
         f"compute: {torch.get_num_threads()} CPU thread(s), experts {experts or 'n/a (no experts interface)'}, "
-        f"torch_compile {'on' if compiled else 'off'}, shared prompts {'on' if off is None else f'off ({off})'}"
+        f"torch_compile {'on' if compiled else 'off'}, shared prompts {'on' if off is None else f'off ({off})'}, "
+        f"padding skipped {'on' if pads is None else f'off ({pads})'}"
     )

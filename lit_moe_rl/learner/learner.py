@@ -27,6 +27,7 @@ from torch import Tensor
 from lit_moe_rl.algorithms import Algorithm
 from lit_moe_rl.batch import Rollout
 from lit_moe_rl.compile import compiled_policy
+from lit_moe_rl.experts import KERNEL, current_implementation
 from lit_moe_rl.learner import old_pass, update
 from lit_moe_rl.learner.batching import micro_plan, trim_padding
 from lit_moe_rl.learner.prefix import SharedPrefix
@@ -156,6 +157,7 @@ class Learner:
             chunk_size=self.settings.logprob_chunk_size,
             with_entropy=with_entropy,
             prefix=micro.shared_prefix,
+            skip_padding=self.skips_padding,
             **extra,
         )
 
@@ -223,6 +225,27 @@ class Learner:
             return "torch_compile"
         if self.aux_loss is not None:
             return "router aux loss"
+        return None
+
+    @property
+    def skips_padding(self) -> bool:
+        """Whether the experts skip padding tokens (:func:`lit_moe_rl.experts.real_tokens_only`)."""
+        return self.padding_skip_off_reason() is None
+
+    def padding_skip_off_reason(self) -> str | None:
+        """Why the experts compute padding tokens (``None``: they skip them), as the run summary says it.
+
+        Only this project's experts kernel skips; gradient checkpointing recomputes a layer in the
+        backward, outside the forward that says which tokens are padding; the compiled update would
+        recompile for every count of real tokens."""
+        if not self.settings.skip_padding:
+            return "model.skip_padding false"
+        if current_implementation(self.policy) != KERNEL:
+            return f"experts {current_implementation(self.policy) or 'n/a'}"
+        if checkpointing_active(self.policy):
+            return "gradient checkpointing"
+        if self.compiled is not None:
+            return "torch_compile"
         return None
 
     def micro_batch(self, rollout: Rollout, rows: Tensor) -> Rollout:

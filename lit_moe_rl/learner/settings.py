@@ -22,6 +22,7 @@ class LearnerSettings:
     old_logp_pass: Literal["auto", "always"] = "auto"
     trim_padding: bool = True
     shared_prefix: Literal["auto", "off"] | bool = "auto"  # YAML reads an unquoted off as false
+    skip_padding: bool = True
     track_router_shift: bool = False
     torch_compile: bool | dict[str, Any] = False
 
