@@ -68,8 +68,8 @@ def batch(prompts: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return ids[order], mask[order]
 
 
-def logprobs_and_grads(model, ids, mask, prefix):
-    logp, entropy, _ = token_logprobs(model, ids, mask, P, with_entropy=True, prefix=prefix)
+def logprobs_and_grads(model, ids, mask, prefix, **kwargs):
+    logp, entropy, _ = token_logprobs(model, ids, mask, P, with_entropy=True, prefix=prefix, **kwargs)
     (logp * torch.linspace(0.5, 1.5, logp.numel()).view_as(logp)).sum().backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
@@ -95,11 +95,16 @@ def test_shared_prompt_forward_equals_the_single_forward(family):
     assert tokens == [ids.numel(), 3 * P, len(ids) * R]  # each prompt ran once
     response = mask[:, P:].bool()
     assert single[0][response].lt(0).all() and shared[0][~response].eq(0).all()
-    torch.testing.assert_close(shared[0], single[0], rtol=0, atol=5e-6)
-    torch.testing.assert_close(shared[1], single[1], rtol=0, atol=5e-6)
-    assert shared[2].keys() == single[2].keys()
-    for name, grad in single[2].items():
-        torch.testing.assert_close(shared[2][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_training(shared, single)
+
+
+def assert_same_training(got, want) -> None:
+    """Log-probs and entropies to 5e-6, every parameter's gradient to 1e-4 relative (float rounding)."""
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=5e-6)
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=5e-6)
+    assert got[2].keys() == want[2].keys()
+    for name, grad in want[2].items():
+        torch.testing.assert_close(got[2][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_router_capture_and_recording_join_the_two_forwards():
@@ -125,13 +130,18 @@ def test_router_capture_and_recording_join_the_two_forwards():
     assert torch.equal(topk_b, topk_a) and torch.equal(routes_b, routes_a)
 
 
-def test_learner_turns_it_off_where_the_cache_cannot_be_used():
+def learner_of(**settings):
+    """The learner of a tiny Qwen3-MoE module built with ``settings`` (``model.*``)."""
     from lit_moe_rl.module import MoERLModule
 
+    module = MoERLModule(config={"family": "qwen3_moe"}, **settings)
+    module.configure_model()
+    return module.learner
+
+
+def test_learner_turns_it_off_where_the_cache_cannot_be_used():
     def reason(**settings) -> str | None:
-        module = MoERLModule(config={"family": "qwen3_moe"}, **settings)
-        module.configure_model()
-        return module.learner.shared_prefix_off_reason()
+        return learner_of(**settings).shared_prefix_off_reason()
 
     assert reason() is None
     assert reason(shared_prefix="off") == "model.shared_prefix off"

@@ -12,7 +12,7 @@ from lit_moe_rl.experts import current_implementation, real_tokens_only, scatter
 from lit_moe_rl.learner.prefix import SharedPrefix
 from lit_moe_rl.policy import token_logprobs
 from lit_moe_rl.tiny import FAMILIES
-from tests.test_shared_prefix import P, batch, build
+from tests.test_shared_prefix import P, assert_same_training, batch, build, learner_of, logprobs_and_grads
 
 
 def experts_of(model: torch.nn.Module) -> torch.nn.Module:
@@ -38,16 +38,6 @@ def test_padding_tokens_get_a_zero_experts_output_and_real_tokens_their_own():
     assert experts_module._REAL_TOKENS.get() is None  # the context is left as found
 
 
-def logprobs_and_grads(model, ids, mask, prefix, skip):
-    logp, entropy, _ = token_logprobs(
-        model, ids, mask, P, with_entropy=True, prefix=prefix, skip_padding=skip
-    )
-    (logp * torch.linspace(0.5, 1.5, logp.numel()).view_as(logp)).sum().backward()
-    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return logp.detach(), entropy, grads
-
-
 @pytest.mark.parametrize("shared", [False, True], ids=["one_forward", "shared_prompts"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_skipping_padding_changes_no_logprob_or_gradient(family, shared, monkeypatch):
@@ -62,20 +52,16 @@ def test_skipping_padding_changes_no_logprob_or_gradient(family, shared, monkeyp
     monkeypatch.setattr(
         experts_module, "_routed_experts", lambda self, h, *a: fed.append(h.shape[0]) or routed(self, h, *a)
     )
-    every = logprobs_and_grads(model, ids, mask, prefix, skip=False)
+    every = logprobs_and_grads(model, ids, mask, prefix, skip_padding=False)
     fed_every, fed[:] = list(fed), []
-    real = logprobs_and_grads(model, ids, mask, prefix, skip=True)
+    real = logprobs_and_grads(model, ids, mask, prefix, skip_padding=True)
     # the prompt forward's [U, P] and the responses' [n, R], or the one forward's [n, P + R]
     calls = [prefix.split(mask)[0], mask[:, P:]] if shared else [mask]
     per_layer = len(fed_every) // len(calls)  # MoE layers (DeepSeek-V3's first layer is dense)
     assert fed_every == [int(c.numel()) for c in calls for _ in range(per_layer)]
     assert fed == [int(c.sum()) for c in calls for _ in range(per_layer)]
     assert sum(fed) < sum(fed_every)
-    torch.testing.assert_close(real[0], every[0], rtol=0, atol=5e-6)
-    torch.testing.assert_close(real[1], every[1], rtol=0, atol=5e-6)
-    assert real[2].keys() == every[2].keys()
-    for name, grad in every[2].items():
-        torch.testing.assert_close(real[2][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_training(real, every)
 
 
 def test_gradient_checkpointing_is_refused_in_one_line():
@@ -90,12 +76,8 @@ def test_gradient_checkpointing_is_refused_in_one_line():
 
 
 def test_learner_skips_padding_unless_it_cannot():
-    from lit_moe_rl.module import MoERLModule
-
     def reason(**settings) -> str | None:
-        module = MoERLModule(config={"family": "qwen3_moe"}, **settings)
-        module.configure_model()
-        return module.learner.padding_skip_off_reason()
+        return learner_of(**settings).padding_skip_off_reason()
 
     assert reason() is None
     assert reason(shared_prefix="off") is None  # one forward skips its padding too
