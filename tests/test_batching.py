@@ -7,7 +7,7 @@ import torch
 
 from lit_moe_rl.batch import Rollout
 from lit_moe_rl.learner import learner as learner_lib
-from lit_moe_rl.learner.batching import micro_plan, pad_columns, scatter_rows, trim_padding
+from lit_moe_rl.learner.batching import forward_tokens, micro_plan, pad_columns, scatter_rows, trim_padding
 from lit_moe_rl.parallel.distributed import Collectives
 from tests.helpers import run_fit, train_rows
 from tests.test_distributed_e2e import KEYS
@@ -45,6 +45,31 @@ def test_plan_groups_rows_by_length_and_scatter_restores_the_order():
     parts = [(rows, rows.float().view(-1, 1).expand(-1, 2)) for rows, _ in plan]
     assert scatter_rows(parts, 4, 3).tolist() == [[r, r, 0.0] for r in (0.0, 1.0, 2.0, 3.0)]
     assert pad_columns(torch.ones(1, 1), 3).tolist() == [[1.0, 0.0, 0.0]]
+
+
+def test_plan_keeps_groups_together_where_that_runs_fewer_tokens():
+    """Four groups of two rows, micro-batches of two. By length every micro-batch holds two groups' rows:
+    8 prompt runs and responses padded to 2, 4, 6, 8. By group: 4 prompt runs, padded to 5, 6, 7, 8
+    (groups by their longest). Grouped wins when 4 P + 52 < 8 P + 40, i.e. P > 3."""
+    lengths = torch.tensor([1, 8, 2, 7, 3, 6, 4, 5])
+    groups = torch.arange(8) // 2
+    by_length, by_group = [[0, 2], [4, 6], [7, 5], [3, 1]], [[6, 7], [4, 5], [2, 3], [0, 1]]
+    for prompt_len, want in ((10, by_group), (2, by_length), (3, by_length)):  # P = 3: a tie keeps length
+        plan = micro_plan(
+            torch.arange(8), 2, Collectives(), lengths=lengths, groups=groups, prompt_len=prompt_len
+        )
+        assert [rows.tolist() for rows, _ in plan] == want, prompt_len
+    assert forward_tokens(torch.tensor([0, 2, 4, 6, 7, 5, 3, 1]), lengths, groups, 10, 2) == 8 * 10 + 40
+    assert forward_tokens(torch.tensor([6, 7, 4, 5, 2, 3, 0, 1]), lengths, groups, 10, 2) == 4 * 10 + 52
+    # a mini-batch's rows (here groups 1 and 3 only) are planned among themselves
+    plan = micro_plan(
+        torch.tensor([2, 3, 6, 7]), 2, Collectives(), lengths=lengths, groups=groups, prompt_len=10
+    )
+    assert [rows.tolist() for rows, _ in plan] == [[6, 7], [2, 3]]
+    plan = micro_plan(
+        torch.tensor([2, 3, 6, 7]), 2, Collectives(), lengths=lengths, groups=None, prompt_len=10
+    )
+    assert [rows.tolist() for rows, _ in plan] == [[2, 6], [7, 3]]  # without groups: by length
 
 
 @pytest.mark.parametrize(

@@ -113,9 +113,14 @@ def test_fsdp2_two_ranks_with_r3_and_rspo_equal_one_process(tmp_path):
     """FSDP2 (fully_shard per decoder layer) on CPU: generation runs on the full rollout copy (a bf16
     engine), R3 records its routes there and replays them per rank in the sharded forward; RSPO's
     capture runs through the sharded routers; the reference model is sharded like the policy."""
+    # One micro-batch per rank, as in the test above: with micro-batches of 3 each run plans its own rows
+    # (by length or by GRPO group, batching.micro_plan), so a shared prompt's gradient is summed in
+    # another order, and AdamW's first step turns that rounding into a visible step on embedding rows
+    # whose gradient cancels to ~eps.
     extra = [
         *R3, "--model.algorithm=lit_moe_rl.algorithms.RSPO", "--rollout.engine.dtype=bfloat16",
         "--model.algorithm.kl_coef=0.05", "--trainer.callbacks+=lit_moe_rl.callbacks.ReferenceKLCallback",
+        "--model.micro_batch_size=16",
     ]  # fmt: skip
     export = [
         "--trainer.callbacks+=lit_moe_rl.callbacks.HFExportCallback",

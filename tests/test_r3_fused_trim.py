@@ -214,10 +214,13 @@ def test_shared_prompts_replay_every_rows_own_routes(rollout, mode, settings):
     plain = train_step(rollout, mode, shared_prefix="off", **settings)
     assert shared["prompt_calls"] == len(shared["widths"]) > 0  # every forward ran its prompts once first
     assert plain["prompt_calls"] == 0
-    assert shared["widths"] == plain["widths"]
+    # the same number of forwards; with shared prompts the plan may keep GRPO groups together
+    # (batching.micro_plan), so the micro-batches and their trimmed widths may differ
+    assert len(shared["widths"]) == len(plain["widths"])
     torch.testing.assert_close(shared["old_logp"], plain["old_logp"], rtol=1e-5, atol=1e-6)
     keys = [k for k in plain["metrics"] if k.startswith(("routing/", "rspo/", "mismatch/"))]
     assert set(keys) <= set(shared["metrics"])
-    assert_same_update(shared, plain, LOSS_KEYS + keys)
+    # routing/fallback_tokens counts the -1 routes in the columns each micro-batch keeps: it follows the plan
+    assert_same_update(shared, plain, LOSS_KEYS + [k for k in keys if k != "routing/fallback_tokens"])
     if mode == "R3":
         assert shared["metrics"]["routing/rollout_train_router_disagreement"] == 0.0

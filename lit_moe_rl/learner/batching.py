@@ -6,7 +6,11 @@ forward runs, its outputs are discarded and its loss is multiplied by 0.
 
 Speed (``model.trim_padding``): rows are grouped by response length (sorted) before they are cut, and
 each micro-batch drops the response columns past its longest response (and the routes replayed at
-them: :func:`trim_padding`). The loss normalisers are the mini-batch's counts, so neither changes the
+them: :func:`trim_padding`). With shared prompts (``model.shared_prefix``) a micro-batch runs each of its
+distinct prompts once, so cutting by length, which scatters a GRPO group over the micro-batches, runs a
+prompt once per micro-batch that holds one of its rows: the plan then keeps groups together instead
+(:func:`group_major_key`) wherever that runs fewer tokens (:func:`forward_tokens`): long prompts and
+responses of similar lengths. The loss normalisers are the mini-batch's counts, so no order changes the
 objective: only float rounding differs.
 """
 
@@ -28,18 +32,53 @@ def micro_plan(
     *,
     fallback: Tensor | None = None,
     lengths: Tensor | None = None,
+    groups: Tensor | None = None,
+    prompt_len: int = 0,
 ) -> list[tuple[Tensor, bool]]:
-    """``[(micro_rows, real)]``: ``rows`` in chunks of ``micro_batch_size`` (sorted by ``lengths`` when
-    given), padded to the largest chunk count over ranks. ``fallback`` rows stand in when ``rows`` is
-    empty on this rank."""
+    """``[(micro_rows, real)]``: ``rows`` in chunks of ``micro_batch_size``, padded to the largest chunk
+    count over ranks. ``fallback`` rows stand in when ``rows`` is empty on this rank.
+
+    With ``lengths [N]`` (response lengths) the rows are sorted by length; with ``groups [N]`` too (the
+    rows' prompts, run once per micro-batch with ``prompt_len`` columns) they are kept in groups instead
+    when that order runs fewer tokens (:func:`forward_tokens`)."""
     if lengths is not None and len(rows):
-        rows = rows[torch.argsort(lengths[rows.to(lengths.device)].cpu(), stable=True)]
+        lengths = lengths.cpu()[rows.cpu()]
+        order = torch.argsort(lengths, stable=True)
+        if groups is not None:
+            row_groups = groups.cpu()[rows.cpu()]
+            grouped = torch.argsort(group_major_key(lengths, row_groups), stable=True)
+            tokens = [
+                forward_tokens(o, lengths, row_groups, prompt_len, micro_batch_size) for o in (order, grouped)
+            ]
+            order = grouped if tokens[1] < tokens[0] else order
+        rows = rows[order.to(rows.device)]
     chunks = list(rows.split(micro_batch_size)) if len(rows) else []
     count = collectives.max(len(chunks))
     if len(chunks) == count:
         return [(chunk, True) for chunk in chunks]
     pad = chunks[0] if chunks else (fallback if fallback is not None else rows)[:1]
     return [(chunk, True) for chunk in chunks] + [(pad, False)] * (count - len(chunks))
+
+
+def group_major_key(lengths: Tensor, groups: Tensor) -> Tensor:
+    """A sort key ``[N]`` that keeps each group's rows together: groups by their longest response, then
+    by group, each group's rows by length (so a micro-batch holds whole groups of similar lengths)."""
+    longest = torch.zeros(int(groups.max()) + 1, dtype=lengths.dtype).scatter_reduce(
+        0, groups, lengths, "amax"
+    )
+    return (longest[groups] * len(longest) + groups) * (int(lengths.max()) + 1) + lengths
+
+
+def forward_tokens(
+    order: Tensor, lengths: Tensor, groups: Tensor, prompt_len: int, micro_batch_size: int
+) -> int:
+    """Tokens the forwards of the micro-batches cut from ``order`` run with shared prompts: each distinct
+    prompt once per micro-batch (``prompt_len`` columns) and every row's response padded to the
+    micro-batch's longest."""
+    total = 0
+    for chunk in order.split(micro_batch_size):
+        total += len(torch.unique(groups[chunk])) * prompt_len + len(chunk) * int(lengths[chunk].max())
+    return total
 
 
 def trim_padding(micro: Rollout) -> Rollout:

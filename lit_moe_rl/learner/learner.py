@@ -261,13 +261,17 @@ class Learner:
         return micro
 
     def micro_plan(self, rollout: Rollout, rows: Tensor) -> list[tuple[Tensor, bool]]:
-        """``rows`` cut into micro-batches, padded to the same count on every rank."""
+        """``rows`` cut into micro-batches, padded to the same count on every rank; with shared prompts
+        GRPO groups stay together where that runs fewer tokens (:func:`~.batching.micro_plan`)."""
+        grouped = self.trims_padding and self.shares_prefix and rollout.group_size > 0
         return micro_plan(
             rows,
             self.settings.micro_batch_size,
             self.collectives,
             fallback=torch.arange(rollout.num_sequences),
             lengths=self.micro_lengths(rollout),
+            groups=torch.arange(rollout.num_sequences) // max(rollout.group_size, 1) if grouped else None,
+            prompt_len=rollout.prompt_len,
         )
 
     # ------------------------------------------------------------------ the step
