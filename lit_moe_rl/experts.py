@@ -64,6 +64,11 @@ def _grouped_linear() -> Any:
     return grouped_linear
 
 
+_GROUPED_LINEAR: Any = None
+""":func:`_grouped_linear`, kept by :func:`register` for the experts call: a plain global, which
+``torch.compile`` reads without the warning it gives a call to a cached function."""
+
+
 _REAL_TOKENS: contextvars.ContextVar[tuple[int, Tensor] | None] = contextvars.ContextVar(
     "lit_moe_rl_real_tokens", default=None
 )
@@ -130,7 +135,7 @@ def _routed_experts(
     self: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor
 ) -> Tensor:
     """:func:`scatter_free_experts_forward` on every token it is given."""
-    grouped_linear = _grouped_linear()
+    grouped_linear = _GROUPED_LINEAR or _grouped_linear()
     num_tokens, hidden_dim = hidden_states.shape
     top_k = top_k_index.size(-1)
     expert_ids_g, perm = torch.sort(top_k_index.reshape(-1))  # (S,): the pairs grouped by expert
@@ -161,8 +166,10 @@ def _routed_experts(
 def register() -> bool:
     """Register :data:`KERNEL` with transformers' experts interface (idempotent); False where this
     transformers has no grouped linear to build it on."""
+    global _GROUPED_LINEAR
     if _grouped_linear() is None:
         return False
+    _GROUPED_LINEAR = _grouped_linear()
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
     if KERNEL not in ALL_EXPERTS_FUNCTIONS.valid_keys():

@@ -91,8 +91,9 @@ class MoERLModule(L.LightningModule):
                 row runs its prompt.
             skip_padding: The experts compute only real tokens, not the padding of left-padded prompts
                 and right-padded responses (exact: no real token sees a padding token;
-                lit_moe_rl/experts.py); needs ``experts_implementation`` ``lit_grouped_mm``, off under
-                gradient checkpointing or ``torch_compile``. ``false``: every token.
+                lit_moe_rl/experts.py); needs the ``lit_grouped_mm`` experts kernel (what the default
+                ``experts_implementation: auto`` picks), off under gradient checkpointing or
+                ``torch_compile``. ``false``: every token.
             track_router_shift: Log RSPO's router shift (``rspo/*``) for any algorithm (RouterShiftCallback).
             compute_dtype: FSDP2 mixed precision: fp32 sharded weights and AdamW state, compute in this dtype.
             rollout_weights: Under FSDP2: ``resident`` full copy to generate with, or ``unshard`` per rollout.

@@ -93,8 +93,7 @@ class ReferenceKLCallback(Callback):
                 temperature=micro.temperature,
                 chunk_size=learner.settings.logprob_chunk_size,
                 prefix=micro.shared_prefix,
-                # no grad (nothing is recomputed) and the ``ref`` phase is never compiled: only the setting
-                skip_padding=learner.settings.skip_padding,
+                skip_padding=learner.skips_padding,  # as the run summary's compute: line says
             )
         return logp
 
