@@ -53,6 +53,20 @@ def test_a_loaded_policy_uses_the_kernel_and_a_named_one_replaces_it():
     assert apply_experts_implementation(model, "auto") == "eager"  # auto leaves a non-default choice alone
 
 
+def test_the_reference_model_gets_the_policys_kernel():
+    """``initial_policy`` (the reference of a resumed or sharded run) runs the kernel the policy runs: under
+    rank-0 loading a rank that builds a skeleton got transformers' ``grouped_mm``, so π_ref skipped
+    padding on one rank and not on the other (tests/test_unshard.py's CLI test found it)."""
+    from lit_moe_rl.experts import current_implementation
+
+    for kernel in ("eager", KERNEL):
+        module = MoERLModule(config={"family": "qwen3_moe"}, experts_implementation=kernel)
+        module.configure_model()
+        assert (
+            current_implementation(module.policy) == current_implementation(module.initial_policy()) == kernel
+        )
+
+
 def test_an_unknown_kernel_is_one_line():
     model, _ = load_policy(config={"family": "qwen3_moe"})
     with pytest.raises(ValueError, match=r"^model\.experts_implementation: 'fastest' was refused: ") as err:

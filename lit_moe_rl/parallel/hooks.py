@@ -141,7 +141,9 @@ def policy_loader(hp: Any, mesh: Any) -> tuple[Any, bool]:
 
 def initial_policy(module: MoERLModule) -> nn.Module:
     """The policy ``module``'s run started from (same ``model.*`` source and seed), without LoRA, on its
-    device, sharded like its policy (FSDP2, rank-0 loading): the reference of a resumed or sharded run."""
+    device, sharded like its policy (FSDP2, rank-0 loading), with the policy's experts kernel on every rank
+    (a rank that loads a skeleton gets none from the checkpoint): the reference of a resumed or sharded run."""
+    from lit_moe_rl.experts import apply_experts_implementation
     from lit_moe_rl.parallel.sharding import data_parallel_mesh
 
     hp, seed, device, mesh = module.hparams, module.init_seed, module.device, data_parallel_mesh(module)
@@ -149,6 +151,7 @@ def initial_policy(module: MoERLModule) -> nn.Module:
     policy, _ = loader(
         hp["pretrained"], hp["config"], dtype=hp["dtype"], tokenizer=hp["tokenizer"], seed=seed
     )
+    apply_experts_implementation(policy, hp.get("experts_implementation", "auto"))
     policy.config.use_cache = False
     if not rank0:
         policy.to(device)
