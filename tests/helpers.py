@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import glob
 import os
+import signal
 from pathlib import Path
 
 from lit_moe_rl.cli import main
@@ -94,3 +95,10 @@ def peak_rss_mib(script: str) -> list[float]:
     )
     assert out.returncode == 0, out.stderr[-2000:]
     return [float(line.split()[1]) for line in out.stdout.strip().splitlines()]
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` of a child that must take Ctrl-C: SIGINT back to its default action. A test suite
+    started as a background job of a non-interactive shell (``cmd &``) inherits SIGINT ignored, and a
+    Python started with SIGINT ignored never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

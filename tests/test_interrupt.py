@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from tests.helpers import ROOT, TINY_ARGS, latest_metrics, read_metrics
+from tests.helpers import ROOT, TINY_ARGS, default_sigint, latest_metrics, read_metrics
 
 SIGNAL_AT = 17  # reward calls: 8 for the step-0 validation, 8 per step: the 17th is step 2's first
 
@@ -44,7 +44,9 @@ def _run(args: list[str], signame: str = "", **more_env: str) -> subprocess.Comp
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", SIGNAL_SELF=signame)
     env.update(more_env)
     command = [sys.executable, "-m", "lit_moe_rl.cli", *args]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, preexec_fn=default_sigint
+    )
 
 
 def test_sigterm_saves_last_prints_the_summary_and_a_resume_command_that_works(tmp_path):

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from lit_moe_rl.cli import main
-from tests.helpers import ROOT, TINY_ARGS
+from tests.helpers import ROOT, TINY_ARGS, default_sigint
 from tests.test_distributed import free_port
 
 
@@ -50,7 +50,9 @@ def test_ctrl_c_while_waiting_for_a_missing_node_ends_the_run_at_once(tmp_path):
         f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
         '--model.config={"family": "qwen3_moe"}',
     ]  # fmt: skip
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        args, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint
+    )
     try:
         lines = []
         for line in proc.stderr:  # wait until it sits in the rendezvous
