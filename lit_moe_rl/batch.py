@@ -73,6 +73,10 @@ class Rollout:
     def response_len(self) -> int:
         return self.response_mask.shape[1]
 
+    def group_of(self, rows: Tensor) -> Tensor:
+        """The GRPO group of each of this rollout's rows ``rows`` (rows ``[g*G, (g+1)*G)`` are group ``g``)."""
+        return rows // max(self.group_size, 1)
+
     def require(self, name: str, provider: str) -> Tensor:
         """Return field ``name`` or fail naming the callback that should have set it."""
         value = getattr(self, name)

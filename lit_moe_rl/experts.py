@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -53,20 +52,21 @@ KERNEL = "lit_grouped_mm"
 SETTING = "model.experts_implementation"
 
 
-@functools.cache
+_GROUPED_LINEAR: Any = None  # transformers' grouped linear, once looked up (_grouped_linear)
+
+
 def _grouped_linear() -> Any:
     """Transformers' grouped linear (its kernel dispatch and fallbacks), or None where it has none; looked
-    up once, not in every experts call."""
-    try:
-        from transformers.integrations.moe import _grouped_linear as grouped_linear
-    except ImportError:
-        return None
-    return grouped_linear
-
-
-_GROUPED_LINEAR: Any = None
-""":func:`_grouped_linear`, kept by :func:`register` for the experts call: a plain global, which
-``torch.compile`` reads without the warning it gives a call to a cached function."""
+    up once, not in every experts call. A plain global, not ``functools.cache``: ``torch.compile`` warns
+    about a call to a cached function inside a compiled region."""
+    global _GROUPED_LINEAR
+    if _GROUPED_LINEAR is None:
+        try:
+            from transformers.integrations.moe import _grouped_linear as grouped_linear
+        except ImportError:
+            return None
+        _GROUPED_LINEAR = grouped_linear
+    return _GROUPED_LINEAR
 
 
 _REAL_TOKENS: contextvars.ContextVar[tuple[int, Tensor] | None] = contextvars.ContextVar(
@@ -135,7 +135,7 @@ def _routed_experts(
     self: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor
 ) -> Tensor:
     """:func:`scatter_free_experts_forward` on every token it is given."""
-    grouped_linear = _GROUPED_LINEAR or _grouped_linear()
+    grouped_linear = _grouped_linear()
     num_tokens, hidden_dim = hidden_states.shape
     top_k = top_k_index.size(-1)
     expert_ids_g, perm = torch.sort(top_k_index.reshape(-1))  # (S,): the pairs grouped by expert
@@ -166,10 +166,8 @@ def _routed_experts(
 def register() -> bool:
     """Register :data:`KERNEL` with transformers' experts interface (idempotent); False where this
     transformers has no grouped linear to build it on."""
-    global _GROUPED_LINEAR
     if _grouped_linear() is None:
         return False
-    _GROUPED_LINEAR = _grouped_linear()
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
     if KERNEL not in ALL_EXPERTS_FUNCTIONS.valid_keys():

@@ -240,8 +240,8 @@ class Learner:
         recompile for every count of real tokens."""
         if not self.settings.skip_padding:
             return "model.skip_padding false"
-        if current_implementation(self.policy) != KERNEL:
-            return f"experts {current_implementation(self.policy) or 'n/a'}"
+        if (kernel := current_implementation(self.policy)) != KERNEL:
+            return f"experts {kernel or 'n/a'}"
         if checkpointing_active(self.policy):
             return "gradient checkpointing"
         if self.compiled is not None:
@@ -254,7 +254,7 @@ class Learner:
         micro = rollout.select(rows)
         micro = trim_padding(micro) if self.trims_padding else micro
         if self.shares_prefix:
-            groups = None if micro.rows is None else micro.rows // max(micro.group_size, 1)
+            groups = None if micro.rows is None else rollout.group_of(micro.rows)
             micro.shared_prefix = SharedPrefix.find(
                 micro.input_ids, micro.attention_mask, micro.prompt_len, groups=groups
             )
@@ -263,14 +263,15 @@ class Learner:
     def micro_plan(self, rollout: Rollout, rows: Tensor) -> list[tuple[Tensor, bool]]:
         """``rows`` cut into micro-batches, padded to the same count on every rank; with shared prompts
         GRPO groups stay together where that runs fewer tokens (:func:`~.batching.micro_plan`)."""
-        grouped = self.trims_padding and self.shares_prefix and rollout.group_size > 0
+        every = torch.arange(rollout.num_sequences)
+        grouped = self.trims_padding and self.shares_prefix
         return micro_plan(
             rows,
             self.settings.micro_batch_size,
             self.collectives,
-            fallback=torch.arange(rollout.num_sequences),
+            fallback=every,
             lengths=self.micro_lengths(rollout),
-            groups=torch.arange(rollout.num_sequences) // max(rollout.group_size, 1) if grouped else None,
+            groups=rollout.group_of(every) if grouped else None,
             prompt_len=rollout.prompt_len,
         )
 
