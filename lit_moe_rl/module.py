@@ -174,6 +174,11 @@ class MoERLModule(L.LightningModule):
                 "algorithm.kl_coef: > 0 needs a reference model: add lit_moe_rl.callbacks.ReferenceKLCallback"
             )
 
+    @property
+    def optimizer_steps_per_batch(self) -> int:
+        """Optimizer steps one rollout takes (``mini_batches``): ``global_step`` advances by this per batch."""
+        return self.learner.settings.mini_batches
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if (rollout := batch.get("rollout")) is None:
             raise RuntimeError("batch has no 'rollout': add lit_moe_rl.callbacks.RolloutCallback")

@@ -14,11 +14,12 @@ from typing import Any
 
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from lit_moe_rl.checkpoint import recover
 from lit_moe_rl.cli import checks as cli_checks
+from lit_moe_rl.cli.progress import RunProgressBar
 from lit_moe_rl.cli.run_config import VersionedConfig
 from lit_moe_rl.cli.threads import apply_num_threads, thread_count
 from lit_moe_rl.errors import SettingsError, first_line, parse_error
@@ -158,6 +159,6 @@ def callbacks_of(config: dict) -> list:
 
 
 def rich_progress_bar(config: dict) -> list[ProgressBar]:
-    """Lightning's rich progress bar unless the user chose a bar or turned it off."""
+    """:class:`~lit_moe_rl.cli.progress.RunProgressBar` unless the user chose a bar or turned it off."""
     chosen = [c for c in callbacks_of(config) if isinstance(c, ProgressBar)]
-    return [] if chosen or config.get("enable_progress_bar") is False else [RichProgressBar()]
+    return [] if chosen or config.get("enable_progress_bar") is False else [RunProgressBar()]
