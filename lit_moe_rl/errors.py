@@ -25,6 +25,7 @@ _INVALID_CHOICE = re.compile(r"invalid choice: '([^']*)' \(choose from (.*)\)")
 _NOT_ACCEPTED = re.compile(r"Option '([^']+)' is not accepted")
 _NOT_IN_SUBCOMMAND = re.compile(r"Subcommand '\w+' does not accept option '([^']+)'")
 _WRONG_TYPE = re.compile(r"^Expected a <class '(\w+)'>\. Got value: (.*)$")
+_EXPECTED = {"bool": "true or false", "float": "a finite float"}  # jsonargparse refuses nan and inf
 _ABSTRACT = re.compile(r"Expected an instantiatable class, but (\S*) ?is abstract")
 _LITERAL = re.compile(r"Expected a typing\.Literal\[(.*?)\](?:\. Got value: (.*))?$")
 
@@ -127,7 +128,7 @@ def one_line(message: str) -> str:
         text = f"expected one of {literal.group(1)}{got}"
     wrong_type = _WRONG_TYPE.search(text)
     if wrong_type:
-        text = f"expected {wrong_type.group(1)}, got {wrong_type.group(2)!r}"
+        text = f"expected {_EXPECTED.get(wrong_type.group(1), wrong_type.group(1))}, got {wrong_type.group(2)!r}"
     if keys and not re.match(r"^[\w.\[\]/]+: ", text):
         text = f"{'.'.join(keys)}: {text}"
     return text

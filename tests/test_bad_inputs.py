@@ -87,7 +87,7 @@ SETTINGS_CASES = [
         "model.experts_implementation: unknown 'fastest'; choose one of auto",
     ),
     (["--model.shared_prefix=maybe"], "model.shared_prefix: expected one of 'auto', 'off'"),
-    (["--model.skip_padding=maybe"], "model.skip_padding: expected bool, got 'maybe'"),
+    (["--model.skip_padding=maybe"], "model.skip_padding: expected true or false, got 'maybe'"),
     (["--trainer.accelerator=gpu"], "trainer.accelerator: 'gpu' but this machine has no CUDA GPU"),
     (["--rollout.reward=no_such_module:fn"], "rollout.reward: cannot import 'no_such_module:fn'"),
 ]
@@ -132,6 +132,8 @@ def test_bad_callback_snippet_file_names_it(capsys, tmp_path):
 @pytest.mark.parametrize(("extra", "needle"), [
     (["--trainer.max_steps=abc"], "trainer.max_steps: expected int, got 'abc'"),
     (["--data.batch_size=1.5"], "data.batch_size: expected int, got '1.5'"),
+    (["--model.router_lr_scale=nan"], "model.router_lr_scale: expected a finite float, got 'nan'"),
+    (["--model.trim_padding=1"], "model.trim_padding: expected true or false, got '1'"),
     (["--trainer.strategy=nope"], "trainer.strategy: You selected an invalid strategy name"),
     (["--trainer.devices=0"], "trainer.devices: Trainer(devices='0') value is not a valid input"),
     ([], "choose a subcommand: fit, validate or sft"),
