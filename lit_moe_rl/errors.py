@@ -128,7 +128,8 @@ def one_line(message: str) -> str:
         text = f"expected one of {literal.group(1)}{got}"
     wrong_type = _WRONG_TYPE.search(text)
     if wrong_type:
-        text = f"expected {_EXPECTED.get(wrong_type.group(1), wrong_type.group(1))}, got {wrong_type.group(2)!r}"
+        expected, got = wrong_type.groups()
+        text = f"expected {_EXPECTED.get(expected, expected)}, got {got!r}"
     if keys and not re.match(r"^[\w.\[\]/]+: ", text):
         text = f"{'.'.join(keys)}: {text}"
     return text
