@@ -2,7 +2,9 @@
 
 Besides the reward: the log folder, the run's time and steps, skipped updates (non-finite loss or
 gradient), failed reward calls, and for runs that measure routing (R3 replay, RSPO / router-shift
-tracking) the run means of the headline routing numbers (:data:`HEADLINE`).
+tracking) the run means of the headline routing numbers (:data:`HEADLINE`). A resumed run's held-out
+rewards, steps and skipped updates are the whole run's (from the checkpoint); its wall time, reward-call
+counts and routing means are the session's, and the summary says "since resuming" where that matters.
 
 Under several processes every figure is the whole run's: the held-out reward and the reward-call
 counts are summed over ranks before they are printed or logged (each rank scores its own share).
@@ -49,6 +51,7 @@ class RunSummary(Callback):
         self.history: list[tuple[int, float]] = []
         self._sums = torch.zeros(2, dtype=torch.float64)
         self._t0 = 0.0
+        self.first_step = 0  # the optimizer step this session started at (> 0: resumed from a checkpoint)
         self.headline: dict[str, list[float]] = {}
         self.command: list[str] | None = None  # the command line, for the resume hint (set by the CLI)
 
@@ -62,6 +65,10 @@ class RunSummary(Callback):
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._t0 = time.perf_counter()
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.first_step = trainer.global_step  # restored by now
 
     @override
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -119,7 +126,8 @@ class RunSummary(Callback):
         )
         if tracker is not None:
             failed, calls = global_sums([tracker.failed, tracker.calls], pl_module.device)
-            lines.append(f"failed reward calls: {failed:.0f} of {calls:.0f} (scored 0)")
+            since = " since resuming" if self.first_step else ""  # the callback's counts are this session's
+            lines.append(f"failed reward calls: {failed:.0f} of {calls:.0f}{since} (scored 0)")
         routing = {k: v for k, v in self.headline.items() if not k.startswith("mismatch/")}
         if routing:
             shown = {**{k: v for k, v in self.headline.items() if k.startswith("mismatch/")}, **routing}
@@ -142,7 +150,13 @@ class RunSummary(Callback):
             ]
         else:
             lines.append("val/reward: no validation ran")
-        lines.append(f"optimizer steps: {steps}   wall time: {seconds:.1f} s")
+        if self.first_step:
+            lines.append(
+                f"optimizer steps: {steps} ({steps - self.first_step} after resuming at step {self.first_step})"
+                f"   wall time: {seconds:.1f} s since resuming"
+            )
+        else:
+            lines.append(f"optimizer steps: {steps}   wall time: {seconds:.1f} s")
         return "\n".join(lines)
 
     @override
