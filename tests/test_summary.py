@@ -121,10 +121,12 @@ def test_last_checkpoint_holds_the_final_steps_validation(tmp_path):
 
 def test_resumed_summary_says_which_figures_are_since_resuming(tmp_path, caplog):
     """Steps and the held-out rewards come from the checkpoint; wall time and reward calls are the session's."""
-    run_fit(tmp_path, "--trainer.limit_val_batches=0", steps=2)
+    r3 = ["--trainer.callbacks+=lit_moe_rl.callbacks.routing_replay.RoutingReplayCallback"]
+    run_fit(tmp_path, "--trainer.limit_val_batches=0", *r3, steps=2)
     caplog.set_level(logging.INFO)
-    run_fit(tmp_path, "--trainer.limit_val_batches=0", "--ckpt_path=last", steps=5)
+    run_fit(tmp_path, "--trainer.limit_val_batches=0", *r3, "--ckpt_path=last", steps=5)
     text = _summary(caplog)
+    assert "routing (mean since resuming): " in text
     assert "optimizer steps: 5 (3 after resuming at step 2)   wall time: " in text
     assert " s since resuming" in text
     assert "failed reward calls: 0 of 24 since resuming (scored 0)" in text  # 3 steps x 8 completions

@@ -132,7 +132,8 @@ class RunSummary(Callback):
         if routing:
             shown = {**{k: v for k, v in self.headline.items() if k.startswith("mismatch/")}, **routing}
             lines.append(
-                "routing (run mean): " + "   ".join(f"{k} {sum(v) / len(v):.4g}" for k, v in shown.items())
+                f"routing ({'mean since resuming' if self.first_step else 'run mean'}): "
+                + "   ".join(f"{k} {sum(v) / len(v):.4g}" for k, v in shown.items())
             )
         lines.append(compute_line(pl_module))
         lines.append(f"logs: {trainer.log_dir or trainer.default_root_dir}")
