@@ -7,7 +7,14 @@ import torch
 
 from lit_moe_rl.batch import Rollout
 from lit_moe_rl.learner import learner as learner_lib
-from lit_moe_rl.learner.batching import forward_tokens, micro_plan, pad_columns, scatter_rows, trim_padding
+from lit_moe_rl.learner.batching import (
+    forward_tokens,
+    micro_plan,
+    pad_columns,
+    response_widths,
+    scatter_rows,
+    trim_padding,
+)
 from lit_moe_rl.parallel.distributed import Collectives
 from tests.helpers import run_fit, train_rows
 from tests.test_distributed_e2e import KEYS
@@ -36,6 +43,18 @@ def test_trim_drops_only_columns_past_the_longest_response():
     assert micro.old_topk.shape == (2, 2, 2, 1) and micro.rewards.shape == (2,)
     full = _rollout().select(torch.tensor([2, 0]))
     assert trim_padding(full) is full  # nothing to drop
+
+
+def test_widths_count_the_columns_trimming_keeps_observations_included():
+    """Row 0 is a multi-turn row: sampled 1, observation 0 0 (attended, not in the response mask), sampled 1;
+    row 1 sampled one token; row 2 none. The widths are what trim_padding keeps, not the sampled counts."""
+    rollout = _rollout()
+    rollout.response_mask = torch.tensor([[1, 0, 0, 1], [1, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    response_attended = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0]])
+    rollout.attention_mask = torch.cat([torch.ones(3, 2, dtype=torch.long), response_attended], dim=1)
+    assert response_widths(rollout).tolist() == [4, 1, 0]
+    assert rollout.response_mask.sum(-1).tolist() == [2, 1, 0]  # the sampled counts would rank row 0 too low
+    assert trim_padding(rollout.select(torch.tensor([0]))).response_len == 4
 
 
 def test_plan_groups_rows_by_length_and_scatter_restores_the_order():

@@ -38,7 +38,7 @@ def micro_plan(
     """``[(micro_rows, real)]``: ``rows`` in chunks of ``micro_batch_size``, padded to the largest chunk
     count over ranks. ``fallback`` rows stand in when ``rows`` is empty on this rank.
 
-    With ``lengths [N]`` (response lengths) the rows are sorted by length; with ``groups [N]`` too (the
+    With ``lengths [N]`` (the rows' response widths, :func:`response_widths`) the rows are sorted by length; with ``groups [N]`` too (the
     rows' prompts, run once per micro-batch with ``prompt_len`` columns) they are kept in groups instead
     when that order runs fewer tokens (:func:`forward_tokens`)."""
     if lengths is not None and len(rows):
@@ -79,6 +79,15 @@ def forward_tokens(
     for chunk in order.split(micro_batch_size):
         total += len(torch.unique(groups[chunk])) * prompt_len + len(chunk) * int(lengths[chunk].max())
     return total
+
+
+def response_widths(rollout: Rollout) -> Tensor:
+    """The response columns ``[N]`` each row keeps under :func:`trim_padding`: its last attended response
+    column + 1 (sampled tokens and, in a multi-turn rollout, observations, which the response mask
+    leaves out; 0 where none)."""
+    attended = rollout.attention_mask[:, rollout.prompt_len :].bool()
+    columns = torch.arange(1, attended.shape[1] + 1, device=attended.device)
+    return torch.where(attended, columns, 0).amax(-1)
 
 
 def trim_padding(micro: Rollout) -> Rollout:

@@ -29,7 +29,7 @@ from lit_moe_rl.batch import Rollout
 from lit_moe_rl.compile import compiled_policy
 from lit_moe_rl.experts import KERNEL, current_implementation
 from lit_moe_rl.learner import old_pass, update
-from lit_moe_rl.learner.batching import micro_plan, trim_padding
+from lit_moe_rl.learner.batching import micro_plan, response_widths, trim_padding
 from lit_moe_rl.learner.prefix import SharedPrefix
 from lit_moe_rl.learner.settings import LearnerSettings
 from lit_moe_rl.learner.stats import Stats, add_named
@@ -203,8 +203,9 @@ class Learner:
         return self.settings.trim_padding
 
     def micro_lengths(self, rollout: Rollout) -> Tensor | None:
-        """Response lengths ``[N]`` to group micro-batches by, or None to keep the given order."""
-        return rollout.response_mask.sum(-1) if self.trims_padding else None
+        """Response widths ``[N]`` to group micro-batches by (:func:`~.batching.response_widths`: the
+        columns a trimmed micro-batch keeps), or None to keep the given order."""
+        return response_widths(rollout) if self.trims_padding else None
 
     @property
     def shares_prefix(self) -> bool:
