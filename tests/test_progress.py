@@ -11,15 +11,21 @@ import torch
 from lit_moe_rl.cli.progress import RunProgressBar
 from tests.helpers import run_fit
 
+RL = SimpleNamespace(automatic_optimization=False, optimizer_steps_per_batch=4)
 
-def bar_on(**trainer) -> RunProgressBar:
+
+def bar_on(done: int = 0, **trainer) -> RunProgressBar:
+    """The bar on a trainer whose current epoch has run ``done`` batches."""
     bar = RunProgressBar()
+    progress = SimpleNamespace(current=SimpleNamespace(processed=done))
     defaults = dict(
         max_epochs=-1,
         max_steps=10,
         global_step=0,
+        accumulate_grad_batches=1,
         num_training_batches=math.inf,
-        lightning_module=SimpleNamespace(optimizer_steps_per_batch=4),
+        lightning_module=RL,
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)),
         callback_metrics={},
         progress_bar_metrics={},
         loggers=[],
@@ -29,18 +35,30 @@ def bar_on(**trainer) -> RunProgressBar:
 
 
 @pytest.mark.parametrize(
-    ("trainer", "total"),
+    ("done", "trainer", "total"),
     [
-        ({}, 3),  # 10 steps at 4 per rollout: rollouts 1-3 reach step 12 >= 10
-        ({"global_step": 4}, 2),  # resumed after one rollout: 6 steps left
-        ({"global_step": 8}, 1),
-        ({"num_training_batches": 2}, 2),  # the data ends first
-        ({"lightning_module": SimpleNamespace()}, 10),  # a module that does not say: one step a batch
-        ({"max_epochs": 3, "max_steps": -1, "num_training_batches": 7}, 7),  # epochs: Lightning's count
+        (0, {}, 3),  # 10 steps at 4 per rollout: rollouts 1-3 reach step 12 >= 10
+        (1, {"global_step": 4}, 3),  # resumed after one rollout: it counts on from 1, 2 rollouts left
+        (0, {"global_step": 4}, 2),  # a new epoch after one rollout
+        (2, {"global_step": 8}, 3),
+        (0, {"num_training_batches": 2}, 2),  # the data ends first
+        (0, {"lightning_module": SimpleNamespace(automatic_optimization=False)}, 10),  # one step a batch
+        (3, {"lightning_module": SimpleNamespace(automatic_optimization=True), "accumulate_grad_batches": 2,
+             "global_step": 1}, 21),  # SFT: 2 batches a step; the 3rd batch of the 2nd step is running
+        (0, {"max_epochs": 3, "max_steps": -1, "num_training_batches": 7}, 7),  # epochs: Lightning's count
     ],
-)
-def test_total_counts_rollouts_to_max_steps(trainer, total):
-    assert bar_on(**trainer).total_train_batches == total
+)  # fmt: skip
+def test_total_counts_this_epochs_batches_to_max_steps(done, trainer, total):
+    assert bar_on(done, **trainer).total_train_batches == total
+
+
+def test_description_names_the_epoch_only_when_the_run_spans_several():
+    assert bar_on()._get_train_description(0).rstrip() == "Training"
+    assert bar_on(num_training_batches=2)._get_train_description(0).rstrip() == "Training (epoch 0)"
+    assert (
+        bar_on(global_step=8)._get_train_description(1).rstrip() == "Training (epoch 1)"
+    )  # the last of several
+    assert bar_on(max_epochs=3, max_steps=-1)._get_train_description(1).rstrip() == "Epoch 1/2"  # Lightning's
 
 
 def test_metrics_show_the_training_reward_first_and_no_version():
@@ -50,13 +68,21 @@ def test_metrics_show_the_training_reward_first_and_no_version():
         loggers=[SimpleNamespace(version=3)],
     )
     assert bar.get_metrics(bar.trainer, None) == {"reward": 0.25, "val/reward": 0.5}
-    assert bar._get_train_description(0) == "Training"
 
 
-def test_cli_bar_ends_at_max_steps_with_mini_batches(tmp_path, capsys):
-    """4 optimizer steps at 2 mini-batches a rollout: the bar reads 2/2 at the end, not 2/4 or ``Epoch 0/-2``."""
-    run_fit(tmp_path, "--trainer.enable_progress_bar=true", "--model.mini_batches=2", steps=4)
+def _bar_line(capsys) -> str:
     bar = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Training")]
     assert bar, "no progress bar printed"
-    assert " 2/2 " in bar[-1] and "reward: " in bar[-1]
-    assert "Epoch" not in bar[-1] and "v_num" not in bar[-1]
+    return bar[-1]
+
+
+def test_cli_bar_ends_at_max_steps_with_mini_batches_and_after_a_resume(tmp_path, capsys):
+    """4 optimizer steps at 2 mini-batches a rollout: the bar reads 2/2 at the end, not 2/4 or ``Epoch 0/-2``;
+    resumed to 8 steps in the same epoch, it counts on from the checkpoint's 2 rollouts to 4/4 (not 4/2)."""
+    bar = ["--trainer.enable_progress_bar=true", "--model.mini_batches=2", "--trainer.limit_val_batches=0"]
+    run_fit(tmp_path, *bar, steps=4)
+    line = _bar_line(capsys)
+    assert " 2/2 " in line and "reward: " in line
+    assert "Epoch" not in line and "v_num" not in line and "(epoch" not in line
+    run_fit(tmp_path, *bar, "--ckpt_path=last", steps=8)
+    assert " 4/4 " in _bar_line(capsys)

@@ -3,8 +3,10 @@
 Lightning's bar, under ``max_steps``, reads ``Epoch 0/-2`` (``max_epochs`` is -1 then), shows the logger's
 version as ``v_num: 0.000``, and counts batches against the optimizer steps left: a run with
 ``model.mini_batches: 4`` takes 4 optimizer steps per rollout, so its bar stopped at a quarter of its
-length. :class:`RunProgressBar` says ``Training``, counts rollouts to the end of the run, and shows the
-latest rollout's mean reward (``reward/mean``) beside the held-out ``val/reward``.
+length, and a run resumed in the middle of an epoch (whose batch count goes on from the checkpoint's)
+ran past its end. :class:`RunProgressBar` counts the epoch's batches to the end of the run, says
+``Training`` (with the epoch when the run spans several), and shows the latest rollout's mean reward
+(``reward/mean``) beside the held-out ``val/reward``. Runs bounded by ``max_epochs`` keep Lightning's count.
 """
 
 from __future__ import annotations
@@ -23,19 +25,36 @@ SHOWN = {"reward/mean": "reward"}
 class RunProgressBar(RichProgressBar):
     """:class:`~lightning.pytorch.callbacks.RichProgressBar` for runs that end at ``trainer.max_steps``."""
 
-    def _get_train_description(self, current_epoch: int) -> str:
-        return "Training"
+    def _by_steps(self) -> bool:
+        trainer = self.trainer
+        return trainer.max_epochs == -1 and trainer.max_steps is not None and trainer.max_steps > 0
+
+    def _batches_to_the_end(self) -> int:
+        """This epoch's batch count when the run reaches ``max_steps``: the batches it has run (a resumed
+        run goes on counting from the checkpoint's) and those the optimizer steps left take. A batch is
+        the module's ``optimizer_steps_per_batch`` steps under manual optimisation (1 where it does not
+        say), and ``1 / accumulate_grad_batches`` of a step under Lightning's automatic optimisation."""
+        trainer = self.trainer
+        steps_left = trainer.max_steps - trainer.global_step
+        module = trainer.lightning_module
+        if module.automatic_optimization:
+            batches_left = steps_left * trainer.accumulate_grad_batches
+        else:
+            batches_left = math.ceil(steps_left / getattr(module, "optimizer_steps_per_batch", 1))
+        return trainer.fit_loop.epoch_loop.batch_progress.current.processed + batches_left
 
     @property
     def total_train_batches(self) -> int | float:
-        """The batches left to ``max_steps``: a batch takes the module's ``optimizer_steps_per_batch``
-        optimizer steps (1 where the module does not say)."""
-        trainer = self.trainer
-        if not (trainer.max_epochs == -1 and trainer.max_steps is not None and trainer.max_steps > 0):
-            return trainer.num_training_batches
-        per_batch = getattr(trainer.lightning_module, "optimizer_steps_per_batch", 1)
-        remaining = math.ceil((trainer.max_steps - trainer.global_step) / per_batch)
-        return min(trainer.num_training_batches, remaining)
+        if not self._by_steps():
+            return super().total_train_batches
+        return min(self.trainer.num_training_batches, self._batches_to_the_end())
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if not self._by_steps():
+            return super()._get_train_description(current_epoch)
+        last_epoch = self._batches_to_the_end() <= self.trainer.num_training_batches
+        text = "Training" if last_epoch and current_epoch == 0 else f"Training (epoch {current_epoch})"
+        return f"{text:{len(self.validation_description)}}"  # as Lightning pads: no flicker between bars
 
     def get_metrics(self, trainer: Any, pl_module: Any) -> dict[str, Any]:
         """The training reward first, then what the module logged with ``prog_bar=True``; no ``v_num``."""
