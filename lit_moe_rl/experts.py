@@ -82,9 +82,11 @@ def real_tokens_only(attention_mask: Tensor | None) -> Iterator[None]:
 
     Exact for every real token: a padding token's hidden state reaches no real token (its key is masked
     in every attention, and a response's right padding comes after it) and no loss, so what the experts
-    add to it changes nothing, forward or backward. The router still runs on every token (R3 replay,
-    routes, router logits and the aux loss see the same ``[B, S]`` layout). A call whose token count is
-    not ``B x S`` (another forward) computes every token."""
+    add to it changes nothing, forward or backward. The router still runs on every token, so R3 replay,
+    routes, router logits and the aux loss see the same ``[B, S]`` layout; their values at padding
+    positions differ after the first MoE layer, and every reader masks padding (the aux loss takes the
+    attention mask; routing and RSPO metrics read real tokens). A call whose token count is not ``B x S``
+    (another forward) computes every token."""
     keep = None
     if attention_mask is not None:
         where = attention_mask.reshape(-1).nonzero().squeeze(-1)
@@ -116,8 +118,9 @@ def scatter_free_experts_forward(
 ) -> Tensor:
     """The routed experts' output ``sum_k w_k * E_{i_k}(x)`` for each token (the MoE layer's sum over
     its top-``K`` experts), as transformers' ``grouped_mm_experts_forward`` computes it, with row moves
-    as permutation gathers (module docstring). ``hidden_states`` is ``[T, H]``, ``top_k_index`` and
-    ``top_k_weights`` are ``[T, K]``; called as a method of the experts module."""
+    as permutation gathers (module docstring); inside :func:`real_tokens_only`, zeros for padding tokens.
+    ``hidden_states`` is ``[T, H]``, ``top_k_index`` and ``top_k_weights`` are ``[T, K]``; called as a
+    method of the experts module."""
     if getattr(self, "_is_expert_parallel", False):  # other ranks' experts are sentinel rows there
         from transformers.integrations.moe import grouped_mm_experts_forward
 

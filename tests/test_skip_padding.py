@@ -84,6 +84,9 @@ def test_learner_skips_padding_unless_it_cannot():
     assert reason(skip_padding=False) == "model.skip_padding false"
     assert reason(gradient_checkpointing=True) == "gradient checkpointing"
     assert reason(experts_implementation="grouped_mm") == "experts grouped_mm"
+    learner = learner_of()
+    next(m for m in learner.policy.modules() if hasattr(m, "gate_up_proj"))._is_expert_parallel = True
+    assert learner.padding_skip_off_reason() == "expert parallel"  # the kernel hands them to transformers'
 
 
 def test_a_fit_step_trains_as_with_every_token(tmp_path, monkeypatch):

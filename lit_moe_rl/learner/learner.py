@@ -236,9 +236,9 @@ class Learner:
     def padding_skip_off_reason(self) -> str | None:
         """Why the experts compute padding tokens (``None``: they skip them), as the run summary says it.
 
-        Only this project's experts kernel skips; gradient checkpointing recomputes a layer in the
-        backward, outside the forward that says which tokens are padding; the compiled update would
-        recompile for every count of real tokens."""
+        Only this project's experts kernel skips, and not for expert-parallel experts; gradient
+        checkpointing recomputes a layer in the backward, outside the forward that says which tokens are
+        padding; the compiled update would recompile for every count of real tokens."""
         if not self.settings.skip_padding:
             return "model.skip_padding false"
         if (kernel := current_implementation(self.policy)) != KERNEL:
@@ -247,6 +247,8 @@ class Learner:
             return "gradient checkpointing"
         if self.compiled is not None:
             return "torch_compile"
+        if any(getattr(m, "_is_expert_parallel", False) for m in self.policy.modules()):
+            return "expert parallel"  # the kernel hands those experts to transformers' own
         return None
 
     def micro_batch(self, rollout: Rollout, rows: Tensor) -> Rollout:

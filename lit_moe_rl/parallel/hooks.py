@@ -142,7 +142,8 @@ def policy_loader(hp: Any, mesh: Any) -> tuple[Any, bool]:
 def initial_policy(module: MoERLModule) -> nn.Module:
     """The policy ``module``'s run started from (same ``model.*`` source and seed), without LoRA, on its
     device, sharded like its policy (FSDP2, rank-0 loading), with the policy's experts kernel on every rank
-    (a rank that loads a skeleton gets none from the checkpoint): the reference of a resumed or sharded run."""
+    (a rank that builds a skeleton under rank-0 loading would otherwise run transformers' default kernel):
+    the reference of a resumed or sharded run."""
     from lit_moe_rl.experts import apply_experts_implementation
     from lit_moe_rl.parallel.sharding import data_parallel_mesh
 
