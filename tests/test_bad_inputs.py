@@ -149,6 +149,19 @@ def test_unknown_key_in_a_config_file_names_the_file(capsys, tmp_path):
     assert "model.lrr: unknown setting (did you mean model.lr" in line and f"(in --config {cfg})" in line
 
 
+def test_a_typo_on_the_command_line_is_named_as_typed_not_blamed_on_the_config(capsys, tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("model:\n  algorithm: lit_moe_rl.algorithms.GRPO\n")
+    line = _error(capsys, tmp_path, f"--config={cfg}", "--model.algorithm.clip_lo=0.1")
+    assert "model.algorithm.clip_lo: not a parameter of lit_moe_rl.algorithms.GRPO" in line
+    assert "(did you mean clip_low" in line and "--config" not in line
+    cfg.write_text(
+        "model:\n  algorithm:\n    class_path: lit_moe_rl.algorithms.GRPO\n    init_args: {clip_lo: 0.1}\n"
+    )
+    line = _error(capsys, tmp_path, f"--config={cfg}")
+    assert "model.algorithm.init_args.clip_lo: not a parameter" in line and f"(in --config {cfg})" in line
+
+
 def test_missing_config_file(capsys, tmp_path):
     assert "--config /nope.yaml: no such file" in _error(capsys, tmp_path, "--config=/nope.yaml")
 
@@ -227,12 +240,14 @@ def test_countdown_reward_on_rows_without_its_fields_stops_before_training(capsy
     assert "rollout.reward: all " in line and "KeyError" in line and "'numbers'" in line
 
 
-def test_help_lists_sft_and_no_test(capsys):
+def test_help_names_the_tool_and_lists_sft_and_plan_and_no_test(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    assert "sft" in out and "Supervised warm start" in out
+    assert "sft" in out and "Supervised warm start" in out and "plan" in out
+    assert out.startswith("usage: lit-moe-rl ") and "Lightning Trainer command line tool" not in out
+    assert "configs/quickstart.yaml" in out  # the description says how to start
     assert "test" not in out.split("subcommands", 1)[-1].split("\n\n")[0].replace("attest", "")
 
 

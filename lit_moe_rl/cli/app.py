@@ -49,6 +49,10 @@ DEFAULT_CALLBACKS = [
     },
 ]
 
+DESCRIPTION = (
+    "RL of Mixture-of-Experts language models with PyTorch Lightning: GRPO and its family (DAPO, Dr. GRPO, "
+    "GSPO, GMPO), RSPO, R3 routing replay. Quickstart: lit-moe-rl fit --config configs/quickstart.yaml"
+)
 SFT_HELP = "Supervised warm start of a small model before RL (lit-moe-rl sft --help)."
 PLAN_HELP = "Per-GPU and per-node memory of a config, and whether it fits (lit-moe-rl plan --help)."
 REMOVED = {
@@ -197,7 +201,13 @@ def _run(args: list[str] | None) -> None:
         SFTCLI(SFTModule, PromptDataModule, args=["fit", *argv[1:]], trainer_defaults=SFTCLI.TRAINER_DEFAULTS)
         return
     try:
-        MoERLCLI(MoERLModule, PromptDataModule, args=args, trainer_defaults=TRAINER_DEFAULTS)
+        MoERLCLI(
+            MoERLModule,
+            PromptDataModule,
+            args=args,
+            trainer_defaults=TRAINER_DEFAULTS,
+            parser_kwargs={"prog": "lit-moe-rl", "description": DESCRIPTION},
+        )
     except SIGTERMException:  # Lightning's SystemExit(None) would exit 0: a stopped run is not a finished one
         raise SystemExit(128 + signal.SIGTERM) from None
     finally:

@@ -65,7 +65,7 @@ class OneLineCLI(LightningCLI):
         except ArgumentError as err:
             sub = self._subcommand_parser_for(argv)
             message = parse_error(str(err.message or err), known_keys(sub), subclass_paths(sub))
-            raise SettingsError(message + _in_config_file(message, argv)) from None
+            raise SettingsError(where_set(message, argv)) from None
 
     def _subcommand_parser_for(self, argv: list[str]) -> Any:
         parsers = getattr(self, "_subcommand_parsers", {})
@@ -106,13 +106,16 @@ class OneLineCLI(LightningCLI):
         apply_num_threads(config.get("num_threads", 0), "num_threads")
 
 
-def _in_config_file(message: str, argv: list[str]) -> str:
-    """``" (in --config X)"`` when the bad key came from a config file, not the command line."""
+def where_set(message: str, argv: list[str]) -> str:
+    """``message`` said where its key was set: with ``" (in --config X)"`` when it came from a config file;
+    as typed when it came from the command line, which names a class's argument without ``init_args``
+    (``--model.algorithm.clip_lo``, where the message says ``model.algorithm.init_args.clip_lo``)."""
     key = message.split(":", 1)[0]
+    typed = key.replace(".init_args.", ".")
+    if any(arg.split("=", 1)[0] in (f"--{key}", f"--{typed}") for arg in argv):
+        return typed + message[len(key) :]
     files = cli_checks.config_paths(argv)
-    if not files or any(f"--{key}" in arg for arg in argv):
-        return ""
-    return f" (in --config {', '.join(files)})"
+    return message + (f" (in --config {', '.join(files)})" if files else "")
 
 
 TRAINER_SETTINGS = ("strategy", "devices", "precision", "accelerator", "num_nodes", "plugins")
