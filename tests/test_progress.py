@@ -68,6 +68,9 @@ def test_metrics_show_the_training_reward_first_and_no_version():
         loggers=[SimpleNamespace(version=3)],
     )
     assert bar.get_metrics(bar.trainer, None) == {"reward": 0.25, "val/reward": 0.5}
+    bar.trainer.progress_bar_metrics = {}  # Lightning dropped the sanity check's val/reward
+    bar.trainer.callback_metrics = {"reward/mean": torch.tensor(0.5)}
+    assert bar.get_metrics(bar.trainer, None) == {"reward": 0.5, "val/reward": 0.5}  # the baseline stays
 
 
 def _bar_line(capsys) -> str:

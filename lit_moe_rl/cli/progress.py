@@ -25,6 +25,10 @@ SHOWN = {"reward/mean": "reward"}
 class RunProgressBar(RichProgressBar):
     """:class:`~lightning.pytorch.callbacks.RichProgressBar` for runs that end at ``trainer.max_steps``."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._latest: dict[str, Any] = {}  # every metric shown so far, at its latest value
+
     def _by_steps(self) -> bool:
         trainer = self.trainer
         return trainer.max_epochs == -1 and trainer.max_steps is not None and trainer.max_steps > 0
@@ -57,9 +61,12 @@ class RunProgressBar(RichProgressBar):
         return f"{text:{len(self.validation_description)}}"  # as Lightning pads: no flicker between bars
 
     def get_metrics(self, trainer: Any, pl_module: Any) -> dict[str, Any]:
-        """The training reward first, then what the module logged with ``prog_bar=True``; no ``v_num``."""
+        """The training reward first, then what the module logged with ``prog_bar=True``, each at its latest
+        value (Lightning drops the sanity check's ``val/reward``, the baseline, until the next validation);
+        no ``v_num``."""
         logged = trainer.callback_metrics
         shown = {short: float(logged[name]) for name, short in SHOWN.items() if name in logged}
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)
-        return {**shown, **items}
+        self._latest = {**self._latest, **shown, **items}
+        return {**{k: self._latest[k] for k in SHOWN.values() if k in self._latest}, **self._latest}
