@@ -259,3 +259,15 @@ def test_algorithm_help_lists_only_concrete_classes(capsys):
     out = capsys.readouterr().out
     assert "lit_moe_rl.algorithms.GRPO" in out
     assert "lit_moe_rl.algorithms.Algorithm," not in out and "SequenceObjective" not in out
+
+
+def test_a_model_setting_error_is_the_only_line_and_a_good_run_says_its_seed(tmp_path, caplog):
+    """Lightning said ``Seed set to 0`` before the model was built, so a model setting's error came second."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    with pytest.raises(SystemExit):
+        run_fit(tmp_path, "--model.lr=-1")
+    assert not [r for r in caplog.records if "Seed set" in r.getMessage()]
+    run_fit(tmp_path, "--trainer.limit_val_batches=0", steps=1)
+    assert [r.getMessage() for r in caplog.records if "Seed set" in r.getMessage()] == ["Seed set to 0"]

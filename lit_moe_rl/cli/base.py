@@ -7,6 +7,7 @@ checks of :mod:`lit_moe_rl.cli.checks` run before any class is instantiated.
 
 from __future__ import annotations
 
+import logging
 import sys
 from argparse import ArgumentError
 from pathlib import Path
@@ -16,6 +17,7 @@ from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from lit_moe_rl.checkpoint import recover
 from lit_moe_rl.cli import checks as cli_checks
@@ -87,12 +89,28 @@ class OneLineCLI(LightningCLI):
                 return
         super()._parse_ckpt_path()
 
-    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
-        """Build the Trainer; its own configuration errors get the ``trainer.<setting>`` they are about."""
+    def _set_seed(self) -> None:
+        """Lightning's seeding without its ``Seed set to N`` line, which came before any settings error of
+        the model or the data (an error was then two lines); :meth:`_instantiate_trainer` says it."""
+        seed_log = logging.getLogger("lightning.fabric.utilities.seed")
+        level = seed_log.level
+        seed_log.setLevel(logging.WARNING)
         try:
-            return super()._instantiate_trainer(config, callbacks)
+            super()._set_seed()
+        finally:
+            seed_log.setLevel(level)
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
+        """Build the Trainer, the last class built; its own configuration errors get the
+        ``trainer.<setting>`` they are about. Then the seed is said, as Lightning says it."""
+        try:
+            trainer = super()._instantiate_trainer(config, callbacks)
         except (ValueError, TypeError, MisconfigurationException) as err:
             raise SettingsError(trainer_error(str(err), config)) from None
+        seed = self._get(self.config, "seed_everything")
+        if seed is not False:
+            rank_zero_info(f"Seed set to {seed}")
+        return trainer
 
     def before_instantiate_classes(self) -> None:
         """Checks that need the parsed config but no instantiated class (nor a model download)."""
