@@ -29,7 +29,7 @@ def test_summary_of_an_r3_run_has_routing_numbers_and_the_log_folder(tmp_path, c
         "padding skipped on"
     )
     assert compute in text
-    assert "failed reward calls: 0 of 24 (scored 0)" in text  # 8 validation + 2 steps x 8 completions
+    assert "failed reward calls: 0 of 32 (scored 0)" in text  # 8 validation at steps 0 and 2 + 2 steps x 8
     assert "routing/rollout_train_router_disagreement 0 " in text + " "  # replay happened: 0 by construction
     assert "mismatch/train_infer_kl" in text
     assert f"logs: {metrics.parent}" in text
@@ -44,7 +44,7 @@ def test_summary_counts_failed_reward_calls_and_has_no_routing_line_without_r3(t
         "--rollout.reward_workers=1",  # one thread: the call counter below is exact
     )
     text = _summary(caplog)
-    assert "failed reward calls: 12 of 24 (scored 0)" in text
+    assert "failed reward calls: 16 of 32 (scored 0)" in text
     assert "routing (run mean)" not in text
     assert "shared prompts on" in text
 
@@ -130,3 +130,17 @@ def test_resumed_summary_says_which_figures_are_since_resuming(tmp_path, caplog)
     assert "optimizer steps: 5 (3 after resuming at step 2)   wall time: " in text
     assert " s since resuming" in text
     assert "failed reward calls: 0 of 24 since resuming (scored 0)" in text  # 3 steps x 8 completions
+
+
+def test_the_last_step_is_validated_when_the_interval_misses_it(tmp_path):
+    """3 steps, validation once an epoch (32 batches): the sanity check at step 0, then the last step, as verl
+    validates; ``--summary.validate_at_end=false`` leaves Lightning's schedule (step 0 only)."""
+    import csv
+
+    def validated(root, *extra: str) -> list[int]:
+        with open(run_fit(root, *extra, steps=3)) as f:
+            return [int(float(r["step"])) for r in csv.DictReader(f) if r.get("val/reward")]
+
+    assert validated(tmp_path / "end") == [0, 3]
+    assert validated(tmp_path / "off", "--summary.validate_at_end=false") == [0]
+    assert validated(tmp_path / "lands", "--trainer.val_check_interval=3") == [0, 3]  # once, not twice

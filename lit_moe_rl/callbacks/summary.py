@@ -47,7 +47,15 @@ class RunSummary(Callback):
     pre-training baseline: it is logged as ``val/reward`` at step 0, which Lightning itself does not do.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, validate_at_end: bool = True) -> None:
+        """
+        Args:
+            validate_at_end: Validate after the last optimizer step (``trainer.max_steps``) when the
+                validation interval does not land on it, as verl does, so that the run's last
+                ``val/reward`` (and the summary's end) is the policy it ends with. Lightning validates the
+                step on which ``trainer.should_stop`` is set; without validation data nothing runs.
+        """
+        self.validate_at_end = validate_at_end
         self.history: list[tuple[int, float]] = []
         self._sums = torch.zeros(2, dtype=torch.float64)
         self._t0 = 0.0
@@ -61,6 +69,8 @@ class RunSummary(Callback):
             value = trainer.callback_metrics.get(key)
             if value is not None:
                 self.headline.setdefault(key, []).append(float(value))
+        if self.validate_at_end and 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True  # the last step: Lightning validates it, then the run ends as it would
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
