@@ -470,9 +470,19 @@ def prepare_for_rl(model: nn.Module, *, gradient_checkpointing: bool = False) ->
     """Make a loaded policy ready for RL updates: gradient checkpointing when asked, no KV cache, and
     :func:`set_training_mode` (the one mode of every forward); returns how many dropouts were zeroed."""
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     model.config.use_cache = False
     return set_training_mode(model)
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """transformers' non-reentrant activation checkpointing: ``activation_checkpointing_enable``, or its
+    older name ``gradient_checkpointing_enable`` (a deprecated alias that warns in newer transformers)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def build_rl_policy(

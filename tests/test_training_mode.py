@@ -54,8 +54,14 @@ BUILTIN = ["--model.pretrained=builtin:countdown-tiny-moe", "--model.config=null
 
 
 def test_gradient_checkpointing_runs_on_the_fused_path_of_a_model_loaded_from_disk(tmp_path):
+    """... and is turned on without transformers' deprecation warning for its old name."""
+    import warnings
+
     SEEN.clear()
-    run_fit(tmp_path, *BUILTIN, "--model.gradient_checkpointing=true")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_fit(tmp_path, *BUILTIN, "--model.gradient_checkpointing=true")
+    assert not [w for w in caught if "gradient_checkpointing_enable" in str(w.message)]
     forwards = [training for grad, training in SEEN if grad is True]
     assert forwards and all(forwards), SEEN  # training mode: HF's checkpointing recomputes
 
