@@ -162,6 +162,18 @@ def test_a_typo_on_the_command_line_is_named_as_typed_not_blamed_on_the_config(c
     assert "model.algorithm.init_args.clip_lo: not a parameter" in line and f"(in --config {cfg})" in line
 
 
+def test_where_set_names_command_line_keys_appended_or_given_as_a_whole():
+    from lit_moe_rl.cli.base import where_set
+
+    config = ["--config=c.yaml"]
+    assert (
+        where_set("trainer.callbacks: bad", [*config, "--trainer.callbacks+=x"]) == "trainer.callbacks: bad"
+    )
+    assert where_set("model.torch_compile.mode: bad", [*config, "--model.torch_compile={}"]).endswith("bad")
+    assert where_set("model.lr: bad", [*config, "--model.lr", "0.1"]) == "model.lr: bad"
+    assert where_set("model.lr: bad", [*config, "--model.lrr=1"]) == "model.lr: bad (in --config c.yaml)"
+
+
 def test_missing_config_file(capsys, tmp_path):
     assert "--config /nope.yaml: no such file" in _error(capsys, tmp_path, "--config=/nope.yaml")
 
@@ -264,10 +276,13 @@ def test_algorithm_help_lists_only_concrete_classes(capsys):
 def test_a_model_setting_error_is_the_only_line_and_a_good_run_says_its_seed(tmp_path, caplog):
     """Lightning said ``Seed set to 0`` before the model was built, so a model setting's error came second."""
     import logging
+    import warnings
 
     caplog.set_level(logging.INFO)
-    with pytest.raises(SystemExit):
-        run_fit(tmp_path, "--model.lr=-1")
+    with pytest.raises(SystemExit), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_fit(tmp_path, "--model.lr=-1")  # no seed_everything in the config: Lightning warned instead
     assert not [r for r in caplog.records if "Seed set" in r.getMessage()]
+    assert not [w for w in caught if "seed set to" in str(w.message)]
     run_fit(tmp_path, "--trainer.limit_val_batches=0", steps=1)
     assert [r.getMessage() for r in caplog.records if "Seed set" in r.getMessage()] == ["Seed set to 0"]

@@ -39,12 +39,15 @@ def bar_on(done: int = 0, **trainer) -> RunProgressBar:
     [
         (0, {}, 3),  # 10 steps at 4 per rollout: rollouts 1-3 reach step 12 >= 10
         (1, {"global_step": 4}, 3),  # resumed after one rollout: it counts on from 1, 2 rollouts left
-        (0, {"global_step": 4}, 2),  # a new epoch after one rollout
+        (3, {"global_step": 12, "max_steps": 20, "num_training_batches": 3}, 2),  # epoch 2 starts: 3 is the
+        # previous epoch's count, which Lightning resets only after the bar reads its total
         (2, {"global_step": 8}, 3),
         (0, {"num_training_batches": 2}, 2),  # the data ends first
         (0, {"lightning_module": SimpleNamespace(automatic_optimization=False)}, 10),  # one step a batch
         (3, {"lightning_module": SimpleNamespace(automatic_optimization=True), "accumulate_grad_batches": 2,
-             "global_step": 1}, 21),  # SFT: 2 batches a step; the 3rd batch of the 2nd step is running
+             "global_step": 1}, 20),  # SFT: 2 batches a step; the 3rd batch ended, the 2nd step not yet
+        (4, {"lightning_module": SimpleNamespace(automatic_optimization=True), "accumulate_grad_batches": 2,
+             "global_step": 2}, 20),
         (0, {"max_epochs": 3, "max_steps": -1, "num_training_batches": 7}, 7),  # epochs: Lightning's count
     ],
 )  # fmt: skip
@@ -89,3 +92,11 @@ def test_cli_bar_ends_at_max_steps_with_mini_batches_and_after_a_resume(tmp_path
     assert "Epoch" not in line and "v_num" not in line and "(epoch" not in line
     run_fit(tmp_path, *bar, "--ckpt_path=last", steps=8)
     assert " 4/4 " in _bar_line(capsys)
+
+
+def test_cli_bar_over_two_epochs_ends_at_max_steps(tmp_path, capsys):
+    """3 rollouts an epoch (6 prompts, 2 a step), 10 steps at 2 a rollout: epoch 1 holds rollouts 4-5, 2/2."""
+    bar = ["--trainer.enable_progress_bar=true", "--model.mini_batches=2", "--trainer.limit_val_batches=0"]
+    run_fit(tmp_path, *bar, "--data.num_train=6", steps=10)
+    line = _bar_line(capsys)
+    assert line.startswith("Training (epoch 1)") and " 2/2 " in line, line

@@ -53,7 +53,8 @@ class RunSummary(Callback):
             validate_at_end: Validate after the last optimizer step (``trainer.max_steps``) when the
                 validation interval does not land on it, as verl does, so that the run's last
                 ``val/reward`` (and the summary's end) is the policy it ends with. Lightning validates the
-                step on which ``trainer.should_stop`` is set; without validation data nothing runs.
+                step on which ``trainer.should_stop`` is set, unless ``check_val_every_n_epoch`` skips the
+                epoch or ``min_steps``/``min_epochs`` are not met; without validation data nothing runs.
         """
         self.validate_at_end = validate_at_end
         self.history: list[tuple[int, float]] = []

@@ -26,7 +26,7 @@ from lit_moe_rl.callbacks.summary import RunSummary
 from lit_moe_rl.checkpoint import CheckpointError, LastCheckpoint
 from lit_moe_rl.cli import algorithm_switch
 from lit_moe_rl.cli import checks as cli_checks
-from lit_moe_rl.cli.base import OneLineCLI, callbacks_of, rich_progress_bar
+from lit_moe_rl.cli.base import OneLineCLI, callbacks_of, run_progress_bar
 from lit_moe_rl.cli.compat import unsupported_versions
 from lit_moe_rl.cli.interrupt import SigtermStop
 from lit_moe_rl.data.datamodule import PromptDataModule
@@ -78,7 +78,8 @@ class MoERLCLI(OneLineCLI):
         )
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
-        """Use Rich's progress bar unless the user disabled the bar or chose another one."""
+        """The Trainer with the run's own callbacks: :class:`~.progress.RunProgressBar` (unless the user turned
+        the bar off or chose one), the last checkpoint, the rendezvous watchdog and the SIGTERM stop."""
         check_duplicate_checkpoints(config)
         for callback in callbacks:
             if isinstance(callback, RunSummary):
@@ -86,7 +87,7 @@ class MoERLCLI(OneLineCLI):
         self.watchdog = RendezvousWatchdog(config.get("num_nodes") or 1, config.get("devices"))
         return super()._instantiate_trainer(
             config,
-            callbacks + rich_progress_bar(config) + last_checkpoint(config) + [self.watchdog, SigtermStop()],
+            callbacks + run_progress_bar(config) + last_checkpoint(config) + [self.watchdog, SigtermStop()],
         )
 
     def before_instantiate_classes(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,9 @@ class OneLineCLI(LightningCLI):
         level = seed_log.level
         seed_log.setLevel(logging.WARNING)
         try:
-            super()._set_seed()
+            with warnings.catch_warnings():  # seed_everything: true (no seed in the config) warns instead
+                warnings.filterwarnings("ignore", message="No seed found, seed set to")
+                super()._set_seed()
         finally:
             seed_log.setLevel(level)
 
@@ -130,7 +133,8 @@ def where_set(message: str, argv: list[str]) -> str:
     (``--model.algorithm.clip_lo``, where the message says ``model.algorithm.init_args.clip_lo``)."""
     key = message.split(":", 1)[0]
     typed = key.replace(".init_args.", ".")
-    if any(arg.split("=", 1)[0] in (f"--{key}", f"--{typed}") for arg in argv):
+    given = {arg.split("=", 1)[0].rstrip("+")[2:] for arg in argv if arg.startswith("--")}  # += appends
+    if any(k in given or any(k.startswith(f"{g}.") for g in given) for k in (key, typed)):  # or a part of it
         return typed + message[len(key) :]
     files = cli_checks.config_paths(argv)
     return message + (f" (in --config {', '.join(files)})" if files else "")
@@ -179,7 +183,7 @@ def callbacks_of(config: dict) -> list:
     return [] if chosen is None else chosen if isinstance(chosen, list) else [chosen]
 
 
-def rich_progress_bar(config: dict) -> list[ProgressBar]:
+def run_progress_bar(config: dict) -> list[ProgressBar]:
     """:class:`~lit_moe_rl.cli.progress.RunProgressBar` unless the user chose a bar or turned it off."""
     chosen = [c for c in callbacks_of(config) if isinstance(c, ProgressBar)]
     return [] if chosen or config.get("enable_progress_bar") is False else [RunProgressBar()]

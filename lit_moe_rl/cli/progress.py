@@ -37,15 +37,18 @@ class RunProgressBar(RichProgressBar):
         """This epoch's batch count when the run reaches ``max_steps``: the batches it has run (a resumed
         run goes on counting from the checkpoint's) and those the optimizer steps left take. A batch is
         the module's ``optimizer_steps_per_batch`` steps under manual optimisation (1 where it does not
-        say), and ``1 / accumulate_grad_batches`` of a step under Lightning's automatic optimisation."""
+        say), and ``1 / accumulate_grad_batches`` of a step under Lightning's automatic optimisation, where
+        the batches of an unfinished accumulation already count toward the next step."""
         trainer = self.trainer
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if done >= trainer.num_training_batches:  # a new epoch's start: Lightning resets the count later
+            done = 0
         steps_left = trainer.max_steps - trainer.global_step
         module = trainer.lightning_module
         if module.automatic_optimization:
-            batches_left = steps_left * trainer.accumulate_grad_batches
-        else:
-            batches_left = math.ceil(steps_left / getattr(module, "optimizer_steps_per_batch", 1))
-        return trainer.fit_loop.epoch_loop.batch_progress.current.processed + batches_left
+            accumulate = trainer.accumulate_grad_batches
+            return done + steps_left * accumulate - done % accumulate
+        return done + math.ceil(steps_left / getattr(module, "optimizer_steps_per_batch", 1))
 
     @property
     def total_train_batches(self) -> int | float:

@@ -8,7 +8,7 @@ from jsonargparse import lazy_instance
 from lightning.pytorch.loggers import CSVLogger
 
 from lit_moe_rl import sft
-from lit_moe_rl.cli.base import OneLineCLI, rich_progress_bar
+from lit_moe_rl.cli.base import OneLineCLI, run_progress_bar
 
 
 class SFTCLI(OneLineCLI):
@@ -32,4 +32,4 @@ class SFTCLI(OneLineCLI):
         fit.description = (sft.__doc__ or "").split("\n\n", 1)[0].replace("``", "")
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> Any:
-        return super()._instantiate_trainer(config, callbacks + rich_progress_bar(config))
+        return super()._instantiate_trainer(config, callbacks + run_progress_bar(config))
