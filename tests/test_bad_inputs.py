@@ -131,6 +131,7 @@ def test_bad_callback_snippet_file_names_it(capsys, tmp_path):
 
 @pytest.mark.parametrize(("extra", "needle"), [
     (["--trainer.max_steps=abc"], "trainer.max_steps: expected int, got 'abc'"),
+    (["--trainer.max_step=3"], "trainer.max_step: unknown setting (did you mean trainer.max_steps"),  # no abbrev
     (["--data.batch_size=1.5"], "data.batch_size: expected int, got '1.5'"),
     (["--model.router_lr_scale=nan"], "model.router_lr_scale: expected a finite float, got 'nan'"),
     (["--model.trim_padding=1"], "model.trim_padding: expected true or false, got '1'"),
@@ -172,6 +173,10 @@ def test_where_set_names_command_line_keys_appended_or_given_as_a_whole():
     assert where_set("model.torch_compile.mode: bad", [*config, "--model.torch_compile={}"]).endswith("bad")
     assert where_set("model.lr: bad", [*config, "--model.lr", "0.1"]) == "model.lr: bad"
     assert where_set("model.lr: bad", [*config, "--model.lrr=1"]) == "model.lr: bad (in --config c.yaml)"
+    spelled_out = [*config, "--model.algorithm.init_args.clip_low=abc"]
+    assert (
+        where_set("model.algorithm.init_args.clip_low: bad", spelled_out) == "model.algorithm.clip_low: bad"
+    )
 
 
 def test_missing_config_file(capsys, tmp_path):

@@ -37,7 +37,9 @@ class OneLineCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         self.argv: list[str] = []  # the command line, for the resume hint of an interrupted run
         kwargs.setdefault("save_config_callback", VersionedConfig)
-        super().__init__(*args, parser_kwargs={**(parser_kwargs or {}), "exit_on_error": False}, **kwargs)
+        # allow_abbrev: --trainer.max_step is an unknown setting, not a silent --trainer.max_steps
+        parser_kwargs = {**(parser_kwargs or {}), "exit_on_error": False, "allow_abbrev": False}
+        super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -129,13 +131,17 @@ class OneLineCLI(LightningCLI):
 
 def where_set(message: str, argv: list[str]) -> str:
     """``message`` said where its key was set: with ``" (in --config X)"`` when it came from a config file;
-    as typed when it came from the command line, which names a class's argument without ``init_args``
-    (``--model.algorithm.clip_lo``, where the message says ``model.algorithm.init_args.clip_lo``)."""
+    without ``init_args`` when it came from the command line, where a class's argument is usually given
+    so (``--model.algorithm.clip_lo``, where the message says ``model.algorithm.init_args.clip_lo``)."""
     key = message.split(":", 1)[0]
-    typed = key.replace(".init_args.", ".")
-    given = {arg.split("=", 1)[0].rstrip("+")[2:] for arg in argv if arg.startswith("--")}  # += appends
-    if any(k in given or any(k.startswith(f"{g}.") for g in given) for k in (key, typed)):  # or a part of it
-        return typed + message[len(key) :]
+    short = key.replace(".init_args.", ".")
+    given = {  # keys on the command line, without init_args; += appends
+        arg.split("=", 1)[0].rstrip("+")[2:].replace(".init_args.", ".")
+        for arg in argv
+        if arg.startswith("--")
+    }
+    if short in given or any(short.startswith(f"{g}.") for g in given):  # the key, or a whole it is part of
+        return short + message[len(key) :]
     files = cli_checks.config_paths(argv)
     return message + (f" (in --config {', '.join(files)})" if files else "")
 

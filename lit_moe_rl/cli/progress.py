@@ -5,7 +5,7 @@ version as ``v_num: 0.000``, and counts batches against the optimizer steps left
 ``model.mini_batches: 4`` takes 4 optimizer steps per rollout, so its bar stopped at a quarter of its
 length, and a run resumed in the middle of an epoch (whose batch count goes on from the checkpoint's)
 ran past its end. :class:`RunProgressBar` counts the epoch's batches to the end of the run, says
-``Training`` (with the epoch when the run spans several), and shows the latest rollout's mean reward
+``Training`` (with the epoch while the run goes on past it), and shows the latest rollout's mean reward
 (``reward/mean``) beside the held-out ``val/reward``. Runs bounded by ``max_epochs`` keep Lightning's count.
 """
 
@@ -59,8 +59,10 @@ class RunProgressBar(RichProgressBar):
     def _get_train_description(self, current_epoch: int) -> str:
         if not self._by_steps():
             return super()._get_train_description(current_epoch)
+        # the epoch only while the run goes on past it: a run resumed after a max_steps stop is in
+        # Lightning's next epoch, though its data goes on (README "Many processes, resume, LoRA")
         last_epoch = self._batches_to_the_end() <= self.trainer.num_training_batches
-        text = "Training" if last_epoch and current_epoch == 0 else f"Training (epoch {current_epoch})"
+        text = "Training" if last_epoch else f"Training (epoch {current_epoch})"
         return f"{text:{len(self.validation_description)}}"  # as Lightning pads: no flicker between bars
 
     def get_metrics(self, trainer: Any, pl_module: Any) -> dict[str, Any]:
