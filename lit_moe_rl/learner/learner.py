@@ -17,6 +17,7 @@ drives it as the LightningModule does (tests/test_learner.py):
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Literal, Protocol
@@ -247,9 +248,15 @@ class Learner:
             return "gradient checkpointing"
         if self.compiled is not None:
             return "torch_compile"
-        if any(getattr(m, "_is_expert_parallel", False) for m in self.policy.modules()):
+        if self.expert_parallel:
             return "expert parallel"  # the kernel hands those experts to transformers' own
         return None
+
+    @functools.cached_property
+    def expert_parallel(self) -> bool:
+        """Whether any experts module is sharded by transformers' expert parallelism (set when the policy
+        loads, so looked up once, not in every micro-batch's :attr:`skips_padding`)."""
+        return any(getattr(m, "_is_expert_parallel", False) for m in self.policy.modules())
 
     def micro_batch(self, rollout: Rollout, rows: Tensor) -> Rollout:
         """Rows ``rows`` of ``rollout``, without trailing all-padding columns when trimming, with the
