@@ -101,10 +101,8 @@ def trim_padding(micro: Rollout) -> Rollout:
     order by :meth:`Rollout.select <lit_moe_rl.batch.Rollout.select>`, so every kept token replays the
     experts it was sampled with.
     """
-    used = (
-        micro.attention_mask[:, micro.prompt_len :].bool().any(0).nonzero()
-    )  # sampled and observation tokens
-    width = int(used.max()) + 1 if len(used) else 1
+    widths = response_widths(micro)  # sampled and observation tokens
+    width = max(int(widths.max()), 1) if len(widths) else 1
     full = micro.response_len
     if width == full:
         return micro
