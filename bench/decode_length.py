@@ -5,8 +5,10 @@
 (``bench/scaling.py --decode-lengths`` prints the engine's row of this table, :func:`time_per_token`.)
 
 A tiny random Qwen3-MoE decodes ``--rows`` rows for each length with EOS switched off (every row runs
-the whole length), once with transformers' concatenating KV cache and once with the doubling cache
-the engine uses from ``GROW_FROM`` tokens on (:mod:`lit_moe_rl.rollout.kv`). It prints the wall time
+the whole length), with each KV cache the engine can use (:mod:`lit_moe_rl.rollout.kv`):
+transformers' concatenating cache, the doubling cache (used from ``GROW_FROM`` tokens on where the
+cache is not written in place) and the cache written in place into buffers reserved for the whole
+generation (the engine's choice for ``sdpa`` models without sliding windows). It prints the wall time
 per token over the last quarter of each run (where the cache is longest) and the positions the cache
 copied per token. Attention itself still grows with the cache; on a tiny model at these lengths the
 per-step Python and MoE cost dominate, so flat means the loop adds nothing that grows. CPU numbers on
@@ -43,13 +45,17 @@ class _Clock:
         )
 
 
-def run(model, tok, length: int, rows: int, grow: bool) -> dict[str, float]:
-    grow_from, decode_module.GROW_FROM = decode_module.GROW_FROM, (1 if grow else 10**9)
+CACHES = ("concatenate", "doubling", "in place")
+
+
+def run(model, tok, length: int, rows: int, cache: str) -> dict[str, float]:
+    grow_from, decode_module.GROW_FROM = decode_module.GROW_FROM, (1 if cache == "doubling" else 10**9)
+    in_place, decode_module.IN_PLACE = decode_module.IN_PLACE, cache == "in place"
     layers: list = []
     original = decode_module._Stepper.__init__
 
-    def spy(self, model, max_added=0):
-        original(self, model, max_added)
+    def spy(self, model, max_added=0, **kwargs):
+        original(self, model, max_added, **kwargs)
         layers.extend(self.cache.layers)
 
     decode_module._Stepper.__init__ = spy
@@ -62,11 +68,11 @@ def run(model, tok, length: int, rows: int, grow: bool) -> dict[str, float]:
     finally:
         clock.handle.remove()
         decode_module._Stepper.__init__ = original
-        decode_module.GROW_FROM = grow_from
+        decode_module.GROW_FROM, decode_module.IN_PLACE = grow_from, in_place
     tail = clock.stamps[-(length // 4) :]
     per_token = (tail[-1] - tail[0]) / max(len(tail) - 1, 1)
     copied = sum(getattr(layer, "copied_positions", 0) for layer in layers) / max(len(layers), 1)
-    if not grow:  # concatenation copies the whole cache each step
+    if cache == "concatenate":  # concatenation copies the whole cache each step
         prompt = enc["input_ids"].shape[1]
         copied = rows * sum(prompt + t for t in range(length))
     return {"ms_per_token": 1000 * per_token, "copied_per_token": copied / (rows * length)}
@@ -118,11 +124,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     rows = []
     print("length   cache          ms/token (last quarter)   positions copied per token")
     for length in args.lengths:
-        for grow in (False, True):
-            out = run(model, tok, length, args.rows, grow) | {"length": length, "doubling": grow}
+        for cache in CACHES:
+            out = run(model, tok, length, args.rows, cache) | {"length": length, "cache": cache}
             rows.append(out)
-            name = "doubling" if grow else "concatenate"
-            print(f"{length:>6}   {name:<12} {out['ms_per_token']:>14.3f} {out['copied_per_token']:>28.1f}")
+            print(f"{length:>6}   {cache:<12} {out['ms_per_token']:>14.3f} {out['copied_per_token']:>28.1f}")
     return rows
 
 

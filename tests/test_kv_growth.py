@@ -1,7 +1,10 @@
-"""The doubling KV cache layer (issue 14 item 9): linear bytes copied per token, same values as
-transformers' concatenating cache, bitwise the same generations."""
+"""The decode loop's KV caches: the doubling layer (issue 14 item 9: linear bytes copied per token) and
+the cache written in place with ready 4-D masks (issue 17), each with the same values as transformers'
+concatenating cache and bitwise the same generations."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ from lit_moe_rl.policy import load_policy
 from lit_moe_rl.rollout import decode as decode_module
 from lit_moe_rl.rollout.kv import GrowingLayer
 from lit_moe_rl.rollout.sampling import SamplingParams
+from lit_moe_rl.routing.record import record_routes
 
 
 def test_bytes_copied_per_token_stay_flat_at_8k():
@@ -29,13 +33,17 @@ def test_same_keys_and_values_as_the_concatenating_layer_through_repeats_and_sel
     torch.manual_seed(0)
     ours, theirs = GrowingLayer(), DynamicLayer()
     steps = [("update", 5), ("repeat", 3), ("update", 1), ("update", 4), ("select", [0, 2]), ("update", 1)]
-    steps += [("update", 1)] * 40 + [("select", [1]), ("update", 7)]
+    steps += [("update", 1)] * 40 + [("select", [1]), ("update", 7), ("reserve", 80), ("update", 1)]
+    steps += [("update", 2)] * 12 + [("repeat", 2), ("update", 1), ("select", [1]), ("update", 3)]
     batch = 2
     for op, arg in steps:
         if op == "update":
             k, v = torch.randn(batch, 2, arg, 4), torch.randn(batch, 2, arg, 4)
             got, want = ours.update(k, v), theirs.update(k, v)
             assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+        elif op == "reserve":
+            ours.reserve(arg)
+            assert ours._k.shape[-2] == arg and torch.equal(ours.keys, theirs.keys)
         elif op == "repeat":
             ours.batch_repeat_interleave(arg)
             theirs.batch_repeat_interleave(arg)
@@ -56,11 +64,12 @@ def test_long_generations_use_the_doubling_cache_and_sample_the_same_tokens(fami
     layers = []
     original = decode_module._Stepper.__init__
 
-    def spy(self, model, max_added=0):
-        original(self, model, max_added)
+    def spy(self, model, max_added=0, **kwargs):
+        original(self, model, max_added, **kwargs)
         layers.extend(self.cache.layers)
 
     monkeypatch.setattr(decode_module._Stepper, "__init__", spy)
+    monkeypatch.setattr(decode_module, "IN_PLACE", False)  # the rule for models that cannot write in place
     outs = []
     for grow_from in (10_000, 40):
         monkeypatch.setattr(decode_module, "GROW_FROM", grow_from)
@@ -69,6 +78,60 @@ def test_long_generations_use_the_doubling_cache_and_sample_the_same_tokens(fami
                                          params=SamplingParams(), eos_token_ids=[2], pad_token_id=0))  # fmt: skip
     assert any(isinstance(layer, GrowingLayer) for layer in layers)
     assert torch.equal(outs[0].tokens, outs[1].tokens) and torch.equal(outs[0].logp, outs[1].logp)
+
+
+def _decode(model, tok, in_place, monkeypatch, record=False):
+    monkeypatch.setattr(decode_module, "IN_PLACE", in_place)
+    enc = tok(["3 5 7 => 22 =", "12 =>", "1 =>"], return_tensors="pt", padding=True, add_special_tokens=False)
+    steppers = []
+    original = decode_module._Stepper.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        steppers.append(self)
+
+    monkeypatch.setattr(decode_module._Stepper, "__init__", spy)
+    torch.manual_seed(3)
+    with record_routes(model) if record else contextlib.nullcontext() as recorder:
+        out = decode_module.decode(model, enc["input_ids"], enc["attention_mask"], n=4, max_new_tokens=30,
+                                   params=SamplingParams(), eos_token_ids=[2], pad_token_id=0, recorder=recorder)  # fmt: skip
+    monkeypatch.setattr(decode_module._Stepper, "__init__", original)
+    return out, steppers[0]
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "mixtral"])
+@pytest.mark.parametrize("record", [False, True])
+def test_the_in_place_cache_with_ready_masks_samples_what_concatenation_samples(family, record, monkeypatch):
+    """Left-padded prompts, rows leaving the batch (EOS is common at vocab 24) and, with R3, rows fed
+    their EOS once more: the same tokens, μ and routes, bitwise."""
+    torch.manual_seed(0)
+    model, tok = load_policy(config={"family": family, "vocab_size": 24})
+    (ours, stepper), (theirs, plain) = (
+        _decode(model, tok, flag, monkeypatch, record) for flag in (True, False)
+    )
+    assert stepper.in_place and not plain.in_place
+    assert all(isinstance(layer, GrowingLayer) for layer in stepper.cache.layers)
+    finished = (ours.tokens == 2).any(-1)
+    assert 0 < int(finished.sum()) < 12 and ours.tokens.shape[1] > 5  # rows left before the end
+    assert torch.equal(ours.tokens, theirs.tokens) and torch.equal(ours.logp, theirs.logp)
+    assert (ours.routes is None) == (not record)
+    if record:
+        assert torch.equal(ours.routes, theirs.routes)
+
+
+@pytest.mark.parametrize(
+    "family, extra, attention",
+    [("mixtral", {"sliding_window": 8}, "sdpa"), ("gpt_oss", {}, "eager"), ("qwen3_moe", {}, "eager")],
+)
+def test_sliding_windows_and_other_attention_keep_the_2d_mask(family, extra, attention, monkeypatch):
+    """A sliding window masks more than the ready mask would, and ``eager`` adds float masks: these keep
+    transformers' mask building (and its concatenating cache at short lengths)."""
+    torch.manual_seed(0)
+    model, tok = load_policy(config={"family": family, "vocab_size": 24, **extra})
+    model.set_attn_implementation(attention)
+    out, stepper = _decode(model, tok, True, monkeypatch)
+    assert not stepper.in_place and not any(isinstance(layer, GrowingLayer) for layer in stepper.cache.layers)
+    assert out.tokens.shape[0] == 12
 
 
 def test_decode_length_bench_runs():
@@ -80,9 +143,10 @@ def test_decode_length_bench_runs():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     rows = bench.main(["--lengths", "200", "--rows", "2"])
-    concat, doubling = rows
+    concat, doubling, in_place = rows
     assert doubling["copied_per_token"] < 4 and concat["copied_per_token"] > 25 * doubling["copied_per_token"]
-    assert decode_module.GROW_FROM == 256  # the bench restores the engine's threshold
+    assert in_place["copied_per_token"] < 1.2  # each new position once, the prompt moved once
+    assert decode_module.GROW_FROM == 256 and decode_module.IN_PLACE  # the bench restores the engine's rule
 
 
 def test_scaling_bench_prints_time_per_token_against_response_length(tmp_path, capsys):

@@ -24,10 +24,18 @@ Choices made here (and why):
   bit for bit; ``sdpa`` attention): ``grouped_mm`` experts and ``sdpa`` were the fastest on CPU for a
   tiny Qwen3-MoE (``eager`` experts about 5% and ``eager`` attention about 20% slower,
   ``batched_mm`` 2.8x slower, which gathers a weight copy per token), and a shared (``dtype:
-  same``) engine must not change the trainer's numerics. A preallocated KV cache written in place
-  was slower than the dynamic cache's concatenation (strided keys) at short lengths; compaction costs
-  about 3%. From ``GROW_FROM`` new tokens on, the cache grows by doubling instead
-  (:mod:`lit_moe_rl.rollout.kv`): concatenation copies ``L^2 / 2`` positions for ``L`` tokens.
+  same``) engine must not change the trainer's numerics.
+* **The KV cache written in place, with a ready mask** (:data:`IN_PLACE`). Where every layer is full
+  attention through ``sdpa``, the cache's buffers are sized for the whole generation after the
+  prefill (:meth:`~lit_moe_rl.rollout.kv.GrowingLayer.reserve`): a step writes its keys and values
+  into them and attention reads the filled part as a view, where transformers' cache concatenates
+  (copies) the whole cache every step. The step's mask is a view of one ``[N, 1, 1, P +
+  max_new_tokens]`` bool buffer, the 4-D mask transformers would build from the 2-D one, so the
+  model builds none. Together 7% faster per decode (``bench/vs_trl.py``'s shape, 16 alternations; in-place
+  writes alone or a ready mask alone gave 0-3%). Other models (sliding windows, ``eager`` or
+  flash attention, whose masks differ) keep the 2-D mask and transformers' cache, which grows by doubling from
+  ``GROW_FROM`` new tokens on (:mod:`lit_moe_rl.rollout.kv`): concatenation copies ``L^2 / 2``
+  positions for ``L`` tokens.
 * **One read of the device per step**: which sampled tokens are EOS and how many rows had NaN/inf
   probabilities (``.tolist()``; such rows are never drawn from, see
   :func:`~lit_moe_rl.rollout.sampling.sample_step_flagged`); which rows are live, leave or stay is
@@ -46,6 +54,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from lit_moe_rl.policy import cache_kwarg, position_ids_from_mask
 from lit_moe_rl.rollout.kv import use_growing_layers
@@ -63,22 +72,45 @@ class Decoded:
     routes: Tensor | None  # [N, P + R, L, K] route ids, -1 = no route (when a recorder was given)
 
 
+IN_PLACE = True
+""":func:`decode` writes the KV cache in place and hands the model ready 4-D masks where it can
+(:meth:`_Stepper.in_place`; module docstring). ``bench/decode_length.py`` turns it off to time
+transformers' concatenating cache."""
+
 GROW_FROM = 256
-"""Generations that may add this many tokens or more keep their KV cache in doubling buffers
-(:mod:`lit_moe_rl.rollout.kv`): no per-step copy of the whole cache. Shorter ones keep transformers'
-concatenating cache, which was faster for short sequences on CPU (the quickstart's 12 tokens)."""
+"""Where the cache is not written in place, generations that may add this many tokens or more keep it in
+doubling buffers (:mod:`lit_moe_rl.rollout.kv`): no per-step copy of the whole cache. Shorter ones
+keep transformers' concatenating cache, which was faster for short sequences on CPU with 2-D masks
+(the quickstart's 12 tokens)."""
 
 
 class _Stepper:
-    """Runs the decoder on some rows and returns the last position's hidden state ``[A, H]``."""
+    """Runs the decoder on some rows and returns the last position's hidden state ``[A, H]``.
 
-    def __init__(self, model: nn.Module, max_added: int = 0) -> None:
+    ``in_place`` (asked by :func:`decode`, granted by :meth:`can_write_in_place`): the cache's layers
+    are :class:`~lit_moe_rl.rollout.kv.GrowingLayer` for :meth:`reserve`, and the caller feeds 4-D masks."""
+
+    def __init__(self, model: nn.Module, max_added: int = 0, *, in_place: bool = False) -> None:
         self.decoder = model.get_decoder()
         self.head = model.get_output_embeddings()
         self.cache = DynamicCache(config=model.config)
-        if max_added >= GROW_FROM:
+        self.in_place = in_place and self.can_write_in_place(model, self.cache)
+        if self.in_place or max_added >= GROW_FROM:
             use_growing_layers(self.cache)
         self.cache_kwarg = cache_kwarg(self.decoder)
+
+    @staticmethod
+    def can_write_in_place(model: nn.Module, cache: DynamicCache) -> bool:
+        """Full attention in every layer (plain ``DynamicLayer``s) through ``sdpa``, whose 4-D mask is the
+        bool ``[A, 1, 1, kv]`` one a decode step's mask is a view of (``eager`` adds float masks; flash
+        attention takes 2-D ones; a sliding window masks more)."""
+        attention = getattr(model.config, "_attn_implementation", None)
+        return attention == "sdpa" and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+    def reserve(self, capacity: int) -> None:
+        """Size every layer's buffers for ``capacity`` positions (after the prefill)."""
+        for layer in self.cache.layers:
+            layer.reserve(capacity)
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
         out = self.decoder(
@@ -101,14 +133,15 @@ class _Batch:
 
     rows: Tensor  # [A] long: output row of each batch row
     live: list[bool]  # still sampling (False: fed its EOS once more for R3, then leaves)
-    full_mask: Tensor  # [A, P + max_new_tokens]: the prompt's mask, then ones; ``mask`` is a prefix of it
+    full_mask: Tensor  # [A, P + max_new_tokens], or bool [A, 1, 1, P + max_new_tokens] in place: the prompt's mask, then ones
     width: int  # columns of ``full_mask`` in the KV cache so far (P + t)
     next_pos: Tensor  # [A, 1] position id of the next token fed
 
     @property
     def mask(self) -> Tensor:
-        """``[A, P + t]`` attention mask: a view, so a step copies nothing that grows with the length."""
-        return self.full_mask[:, : self.width]
+        """``[A, P + t]`` (or ``[A, 1, 1, P + t]``) attention mask: a view, so a step copies nothing that
+        grows with the length."""
+        return self.full_mask[..., : self.width]
 
     def keep(self, kept: list[int], step: _Stepper) -> Tensor:
         """Keep batch rows ``kept`` (and their KV cache); returns their index on the device."""
@@ -181,19 +214,23 @@ def decode(
         raise ValueError("rollout.engine: prompts must be left-padded (tokenizer.padding_side='left')")
     prompt_len, rows, device = input_ids.shape[1], input_ids.shape[0] * n, input_ids.device
     eos = torch.tensor(sorted(set(eos_token_ids)), device=device)
-    step = _Stepper(model, max_new_tokens)
+    step = _Stepper(model, max_new_tokens, in_place=IN_PLACE)
     positions = position_ids_from_mask(attention_mask)
     hidden = step(input_ids, attention_mask, positions).repeat_interleave(n, dim=0)  # [N, H]
     routes = (
         None if recorder is None else _prompt_routes(recorder, attention_mask, n, prompt_len + max_new_tokens)
     )
     step.cache.batch_repeat_interleave(n)
+    full_mask = torch.cat(
+        [attention_mask, attention_mask.new_ones((attention_mask.shape[0], max_new_tokens))], dim=1
+    ).repeat_interleave(n, dim=0)
+    if step.in_place:
+        step.reserve(prompt_len + max_new_tokens)
+        full_mask = full_mask.bool()[:, None, None, :]
     batch = _Batch(
         rows=torch.arange(rows, device=device),
         live=[True] * rows,
-        full_mask=torch.cat(
-            [attention_mask, attention_mask.new_ones((attention_mask.shape[0], max_new_tokens))], dim=1
-        ).repeat_interleave(n, dim=0),
+        full_mask=full_mask,
         width=prompt_len,
         next_pos=positions[:, -1:].repeat_interleave(n, dim=0) + 1,
     )

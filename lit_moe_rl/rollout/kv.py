@@ -5,7 +5,9 @@ copies all ``t`` cached positions, so ``L`` tokens copy ``L^2 / 2`` positions (a
 positions per token). :class:`GrowingLayer` writes each step's positions into a buffer with spare
 room and doubles the buffer when it is full: about 3 positions copied per token, whatever the
 length. Attention reads the filled part as a view. Only for layers that are exactly
-``DynamicLayer`` (sliding-window layers keep their own rule).
+``DynamicLayer`` (sliding-window layers keep their own rule). :meth:`GrowingLayer.reserve` sizes the
+buffers for a whole generation at once (the decode loop knows its longest row): nothing is copied
+again but for rows leaving the batch.
 """
 
 from __future__ import annotations
@@ -32,15 +34,23 @@ class GrowingLayer(DynamicLayer):
         length = self.get_seq_length()
         need = length + key_states.shape[-2]
         if self._k is None or need > self._k.shape[-2]:
-            self._grow(key_states, value_states, length, need)
+            capacity = max(need, 2 * (0 if self._k is None else self._k.shape[-2]), 16)
+            self._grow(key_states, value_states, length, capacity)
         self._k[..., length:need, :] = key_states
         self._v[..., length:need, :] = value_states
         self.copied_positions += key_states.shape[0] * key_states.shape[-2]
         self.keys, self.values = self._k[..., :need, :], self._v[..., :need, :]
         return self.keys, self.values
 
-    def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, length: int, need: int) -> None:
-        capacity = max(need, 2 * (0 if self._k is None else self._k.shape[-2]), 16)
+    def reserve(self, capacity: int) -> None:
+        """Buffers for ``capacity`` positions (at least those cached), the cached ones moved in; after the
+        first :meth:`update` (the prompt's)."""
+        length = self.get_seq_length()
+        if self._k is None or capacity > self._k.shape[-2]:
+            self._grow(self.keys, self.values, length, max(capacity, length))
+            self.keys, self.values = self._k[..., :length, :], self._v[..., :length, :]
+
+    def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, length: int, capacity: int) -> None:
         k = key_states.new_empty((*key_states.shape[:-2], capacity, key_states.shape[-1]))
         v = value_states.new_empty((*value_states.shape[:-2], capacity, value_states.shape[-1]))
         if length:
@@ -53,8 +63,12 @@ class GrowingLayer(DynamicLayer):
         self._k, self._v = self.keys, self.values
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        self._k, self._v = self.keys, self.values
+        """Keep rows ``indices``, buffers and spare room included (no regrowing after rows leave)."""
+        if self._k is None:
+            return super().batch_select_indices(indices)
+        length = self.get_seq_length()
+        self._k, self._v = self._k[indices, ...], self._v[indices, ...]
+        self.keys, self.values = self._k[..., :length, :], self._v[..., :length, :]
 
 
 def use_growing_layers(cache) -> None:
