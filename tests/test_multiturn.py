@@ -494,13 +494,19 @@ def test_the_multi_turn_loop_reads_the_device_once_per_step():
     limits = TurnLimits(
         max_turns=3, max_total_tokens=90, max_turn_tokens=20, max_env_tokens=16, env_timeout_s=5.0
     )
+    prefills = []  # forwards of more than one column: the prompts, then each round's observation chunk
+    hook = model.get_decoder().register_forward_pre_hook(
+        lambda _, args, kwargs: prefills.append(1) if kwargs["input_ids"].shape[1] > 1 else None,
+        with_kwargs=True,
+    )
     torch.manual_seed(1)
     with _DeviceReads(model) as reads:
         gen = generate_trajectories(engine, PROMPTS, [{}, {}], n=3, make_env=ThreeTurns, limits=limits)
-    for handle in reads.handles:
+    for handle in [*reads.handles, hook]:
         handle.remove()
-    assert sum(t.turns for t in gen.trajectories) >= 12 and reads.steps >= 10
-    assert reads.reads <= reads.steps + 2  # one per step, plus two at the start
+    assert sum(t.turns for t in gen.trajectories) >= 12 and reads.steps >= 10 and len(prefills) >= 3
+    # one per step, two at the start, and each prefill's index of real tokens (its experts skip the holes)
+    assert reads.reads <= reads.steps + 2 + len(prefills)
 
 
 def test_readme_multi_turn_commands_run_shortened(tmp_path, monkeypatch):

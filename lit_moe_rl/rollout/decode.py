@@ -5,7 +5,9 @@ Choices made here (and why):
 * **Prefill once per prompt.** The ``B`` prompts run one prefill, then the KV cache and the last
   hidden state are repeated ``n`` times (HF ``generate`` expands to ``B*n`` rows *before* prefill).
   The ``n`` completions of a prompt then share its prefill exactly, so their prompt routes (R3) are
-  identical by construction.
+  identical by construction. The prefill's experts skip the left padding
+  (:func:`lit_moe_rl.experts.real_tokens_only`, as the trainer's forwards do): no real token reads a
+  padding position, so every real token's output is unchanged, at the cost of one device read.
 * **Only ``[A, V]`` logits are alive.** Decoder and LM head are called separately (as
   :func:`lit_moe_rl.policy.token_logprobs` does), and the head only sees the last position; each
   step samples and keeps the sampled token's log-prob (:mod:`lit_moe_rl.rollout.sampling`).
@@ -56,6 +58,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from lit_moe_rl.experts import real_tokens_only
 from lit_moe_rl.policy import cache_kwarg, position_ids_from_mask
 from lit_moe_rl.rollout.kv import use_growing_layers
 from lit_moe_rl.rollout.sampling import SamplingParams, raise_non_finite, sample_step_flagged
@@ -106,6 +109,13 @@ class _Stepper:
         attention takes 2-D ones; a sliding window masks more)."""
         attention = getattr(model.config, "_attn_implementation", None)
         return attention == "sdpa" and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """The prompts' forward ``[B, P]``: the last position's hidden state ``[B, H]``, with the experts
+        skipping the left padding (:func:`lit_moe_rl.experts.real_tokens_only`: exact for every real
+        token, whose attention never reads a padding position)."""
+        with real_tokens_only(attention_mask):
+            return self(input_ids, attention_mask, position_ids_from_mask(attention_mask))
 
     def reserve(self, capacity: int) -> None:
         """Size every layer's buffers for ``capacity`` positions (after the prefill)."""
@@ -216,7 +226,7 @@ def decode(
     eos = torch.tensor(sorted(set(eos_token_ids)), device=device)
     step = _Stepper(model, max_new_tokens, in_place=IN_PLACE)
     positions = position_ids_from_mask(attention_mask)
-    hidden = step(input_ids, attention_mask, positions).repeat_interleave(n, dim=0)  # [N, H]
+    hidden = step.prefill(input_ids, attention_mask).repeat_interleave(n, dim=0)  # [N, H]
     routes = (
         None if recorder is None else _prompt_routes(recorder, attention_mask, n, prompt_len + max_new_tokens)
     )

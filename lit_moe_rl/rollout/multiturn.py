@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lit_moe_rl.experts import real_tokens_only
 from lit_moe_rl.policy import position_ids_from_mask
 from lit_moe_rl.rollout.decode import _prompt_routes, _Stepper
 from lit_moe_rl.rollout.env import Environment
@@ -262,7 +263,8 @@ class _Loop:
             ids, chunk_mask, positions = self._chunk(feeds, width)
         self.full_mask[:, self.width : self.width + width] = chunk_mask.to(device)
         self.width += width
-        hidden = self.step(ids.to(device), self.full_mask[:, : self.width], positions.to(device))
+        with real_tokens_only(chunk_mask.to(device) if width > 1 else None):  # no experts on a chunk's holes
+            hidden = self.step(ids.to(device), self.full_mask[:, : self.width], positions.to(device))
         if self.recorder is not None:
             self._record(feeds, width)
         return hidden
@@ -343,7 +345,7 @@ def decode_trajectories(
     loop = _Loop(model, trajectories, limits, params, text, recorder)
     prompt_len = loop.prompt_len = input_ids.shape[1]
     positions = position_ids_from_mask(attention_mask)
-    hidden = loop.step(input_ids, attention_mask, positions).repeat_interleave(n, dim=0)
+    hidden = loop.step.prefill(input_ids, attention_mask).repeat_interleave(n, dim=0)
     if recorder is not None:
         loop.routes = _prompt_routes(recorder, attention_mask, n, prompt_len + limits.max_total_tokens)
     loop.step.cache.batch_repeat_interleave(n)
