@@ -10,7 +10,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 
-from lit_moe_rl import ckpt_match
+from lit_moe_rl import ckpt_match, fast_log
 from lit_moe_rl.algorithms import GRPO, Algorithm
 from lit_moe_rl.compile import parse_torch_compile
 from lit_moe_rl.learner import ForwardContext, Learner, LearnerSettings, Stats, add_named
@@ -108,6 +108,7 @@ class MoERLModule(L.LightningModule):
                 ``batched_mm``, ...).
         """
         super().__init__()
+        fast_log.install()  # ~30 metrics a step: self.log without re-moving those already on the device
         self.save_hyperparameters(ignore=["algorithm"])
         check_rl_module_settings(self.hparams)  # ranges and sources: lit_moe_rl/validation.py
         parse_torch_compile(torch_compile)  # model.torch_compile: lit_moe_rl/compile.py
