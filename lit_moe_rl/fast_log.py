@@ -20,25 +20,29 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torchmetrics import Metric
 
 __all__ = ["install"]
 
 _ORIGINAL: Any = None  # Lightning's _ResultMetric.to, once wrapped
 
 
+_PLAIN = (str, int, float, bool, type(None), torch.device, torch.dtype)
+
+
 def _already_on(value: Any, device: torch.device, depth: int = 0) -> bool:
     """Whether every tensor in ``value`` (a tensor, or dicts and lists of them two levels deep) is on
     ``device``; False for anything the full walk would have to move or descend into further."""
-    from torchmetrics import Metric
-
+    if isinstance(value, _PLAIN):
+        return True
     if isinstance(value, Tensor):
         return value.device == device
-    if isinstance(value, Metric):
-        return False
     if isinstance(value, dict):
         return depth < 2 and all(_already_on(v, device, depth + 1) for v in value.values())
     if isinstance(value, (list, tuple)):
         return depth < 2 and all(_already_on(v, device, depth + 1) for v in value)
+    if isinstance(value, Metric):
+        return False
     return not dataclasses.is_dataclass(value)  # the walk descends into dataclasses (metadata aside)
 
 
