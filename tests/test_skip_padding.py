@@ -75,6 +75,20 @@ def test_gradient_checkpointing_is_refused_in_one_line():
         token_logprobs(model, ids, mask, P, skip_padding=True)
 
 
+def test_checkpointing_is_seen_when_turned_on_or_off_after_the_first_look():
+    """``checkpointing_active`` finds the flagged modules once per model; the flags are read every time."""
+    from lit_moe_rl.routing.replay import checkpointing_active
+
+    model = build("qwen3_moe").train()
+    assert not checkpointing_active(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert checkpointing_active(model)
+    model.eval()  # transformers recomputes in training mode only
+    assert not checkpointing_active(model)
+    model.train().gradient_checkpointing_disable()
+    assert not checkpointing_active(model)
+
+
 def test_learner_skips_padding_unless_it_cannot():
     def reason(**settings) -> str | None:
         return learner_of(**settings).padding_skip_off_reason()

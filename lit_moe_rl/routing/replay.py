@@ -25,6 +25,7 @@ untouched. Choices made here:
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -47,10 +48,20 @@ if TYPE_CHECKING:
 __all__ = ["RouteReplayer", "replay_routes"]
 
 
+_CHECKPOINTABLE: weakref.WeakKeyDictionary[nn.Module, list[nn.Module]] = weakref.WeakKeyDictionary()
+
+
 def checkpointing_active(model: nn.Module) -> bool:
     """Whether any module of ``model`` recomputes its forward in the backward (HF gradient checkpointing,
-    which applies in training mode only)."""
-    return any(getattr(m, "gradient_checkpointing", False) is True and m.training for m in model.modules())
+    which applies in training mode only).
+
+    Asked several times per micro-batch, so the modules that have a ``gradient_checkpointing`` flag are
+    found once per model (transformers turns it on and off only on modules that have it), not by a walk
+    over every module each time."""
+    if (modules := _CHECKPOINTABLE.get(model)) is None:
+        modules = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+        _CHECKPOINTABLE[model] = modules
+    return any(m.gradient_checkpointing is True and m.training for m in modules)
 
 
 class RouteReplayer:
