@@ -70,7 +70,8 @@ def unknown_key(key: str, known: Iterable[str]) -> str:
     root = key.split(".", 1)[0]
     if root in NOT_SETTINGS:
         return f"{key}: not a setting of lit-moe-rl; {NOT_SETTINGS[root]}"
-    return f"{key}: unknown setting{close_matches(key, known)}"
+    sections = {key.rsplit(".", i)[0] for i in range(1, key.count(".") + 1)}  # model.lrr: "model" is no fix
+    return f"{key}: unknown setting{close_matches(key, (k for k in known if k not in sections))}"
 
 
 def bad_class_path(key: str, path: str, known: Iterable[str]) -> str:

@@ -45,6 +45,18 @@ def test_parse_error_kinds():
     assert parse_error("Subcommand 'fit' does not accept option 'model.lrr'", keys, {}).startswith(
         "model.lrr: unknown setting (did you mean model.lr"
     )
+    sections = [
+        "model",
+        "model.algorithm",
+        "model.lr",
+        "model.algorithm.clip_low",
+    ]  # the parser knows sections too
+    assert parse_error("Subcommand 'fit' does not accept option 'model.lrr'", sections, {}) == (
+        "model.lrr: unknown setting (did you mean model.lr, model.algorithm?)"  # not the section it is in
+    )
+    assert "model.algorithm.clip_low" in parse_error(
+        "Subcommand 'fit' does not accept option 'model.algorithm.clip_lo'", sections, {}
+    )
     assert parse_error(
         "argument subcommand: invalid choice: 'tset' (choose from 'fit', 'validate')", keys, {}
     ) == ("unknown subcommand 'tset' (choose from fit, validate)")
