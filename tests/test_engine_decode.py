@@ -266,5 +266,5 @@ def test_the_decode_loop_reads_the_device_once_per_step(record):
     for handle in reads.handles:
         handle.remove()
     assert reads.steps == out.tokens.shape[1] >= 5
-    assert reads.reads <= reads.steps + 2  # one per step; at the start, the left-padding check and the
-    # prefill's index of real tokens (its experts skip the padding)
+    assert reads.reads <= reads.steps + 2  # one per step; at the start the prompt mask's one read (left
+    # padding, any padding) and the prefill's index of real tokens in that host copy (no device read)

@@ -73,3 +73,24 @@ def test_multi_turn_observation_chunks_skip_their_holes_and_sample_the_same(monk
     assert len(seen) == ours_calls and ours_tokens < sum(seen)  # the same forwards, fewer expert tokens
     assert torch.equal(ours.input_ids, theirs.input_ids) and torch.equal(ours.infer_logp, theirs.infer_logp)
     assert torch.equal(ours.routes, theirs.routes)
+
+
+def test_model_skip_padding_false_reaches_the_engine(monkeypatch):
+    """``model.skip_padding: false`` (the run summary's ``padding skipped off``) holds for the engine's
+    prefills too: the rollout callback hands the setting to the engine it binds."""
+    from types import SimpleNamespace
+
+    from lit_moe_rl.callbacks.rollout import RolloutCallback
+    from lit_moe_rl.rollout.engine import HFEngine
+
+    torch.manual_seed(0)
+    model, tok = load_policy(config={"family": "qwen3_moe", "vocab_size": 24})
+    seen = _count_expert_tokens(monkeypatch)
+    for setting in (False, True):
+        callback = RolloutCallback(engine=HFEngine(max_new_tokens=4))
+        callback._bind(SimpleNamespace(hparams={"skip_padding": setting}, policy=model, tokenizer=tok))
+        assert callback.engine.skip_padding is setting
+        seen.clear()
+        callback.engine.generate(PROMPTS, n=2)
+        mask = tok(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)["attention_mask"]
+        assert seen[0] == (int(mask.sum()) if setting else mask.numel())

@@ -80,9 +80,12 @@ def test_long_generations_use_the_doubling_cache_and_sample_the_same_tokens(fami
     assert torch.equal(outs[0].tokens, outs[1].tokens) and torch.equal(outs[0].logp, outs[1].logp)
 
 
-def _decode(model, tok, in_place, monkeypatch, record=False):
+PADDED, UNPADDED = ["3 5 7 => 22 =", "12 =>", "1 =>"], ["12 =>", "34 =>", "56 =>"]
+
+
+def _decode(model, tok, in_place, monkeypatch, record=False, prompts=PADDED):
     monkeypatch.setattr(decode_module, "IN_PLACE", in_place)
-    enc = tok(["3 5 7 => 22 =", "12 =>", "1 =>"], return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     steppers = []
     original = decode_module._Stepper.__init__
 
@@ -91,25 +94,40 @@ def _decode(model, tok, in_place, monkeypatch, record=False):
         steppers.append(self)
 
     monkeypatch.setattr(decode_module._Stepper, "__init__", spy)
+    masks = []  # the attention mask of every decode step
+    hook = model.get_decoder().register_forward_pre_hook(
+        lambda _, args, kwargs: masks.append(kwargs["attention_mask"]), with_kwargs=True
+    )
     torch.manual_seed(3)
     with record_routes(model) if record else contextlib.nullcontext() as recorder:
         out = decode_module.decode(model, enc["input_ids"], enc["attention_mask"], n=4, max_new_tokens=30,
                                    params=SamplingParams(), eos_token_ids=[2], pad_token_id=0, recorder=recorder)  # fmt: skip
     monkeypatch.setattr(decode_module._Stepper, "__init__", original)
+    hook.remove()
+    steppers[0].masks = masks[1:]  # after the prefill's
     return out, steppers[0]
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "mixtral"])
 @pytest.mark.parametrize("record", [False, True])
-def test_the_in_place_cache_with_ready_masks_samples_what_concatenation_samples(family, record, monkeypatch):
-    """Left-padded prompts, rows leaving the batch (EOS is common at vocab 24) and, with R3, rows fed
-    their EOS once more: the same tokens, μ and routes, bitwise."""
+@pytest.mark.parametrize("padded", [True, False])
+def test_the_in_place_cache_with_ready_masks_samples_what_concatenation_samples(
+    family, record, padded, monkeypatch
+):
+    """Left-padded prompts (a ready 4-D mask) or none (no mask, as transformers passes none), rows leaving
+    the batch (EOS is common at vocab 24) and, with R3, rows fed their EOS once more: the same tokens,
+    μ and routes, bitwise."""
     torch.manual_seed(0)
     model, tok = load_policy(config={"family": family, "vocab_size": 24})
+    prompts = PADDED if padded else UNPADDED
     (ours, stepper), (theirs, plain) = (
-        _decode(model, tok, flag, monkeypatch, record) for flag in (True, False)
+        _decode(model, tok, flag, monkeypatch, record, prompts) for flag in (True, False)
     )
     assert stepper.in_place and not plain.in_place
+    if padded:
+        assert all(m.dtype == torch.bool and m.dim() == 4 for m in stepper.masks)
+    else:
+        assert all(m is None for m in stepper.masks) and all(m.dim() == 2 for m in plain.masks)
     assert all(isinstance(layer, GrowingLayer) for layer in stepper.cache.layers)
     finished = (ours.tokens == 2).any(-1)
     assert 0 < int(finished.sum()) < 12 and ours.tokens.shape[1] > 5  # rows left before the end

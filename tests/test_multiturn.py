@@ -505,7 +505,8 @@ def test_the_multi_turn_loop_reads_the_device_once_per_step():
     for handle in [*reads.handles, hook]:
         handle.remove()
     assert sum(t.turns for t in gen.trajectories) >= 12 and reads.steps >= 10 and len(prefills) >= 3
-    # one per step, two at the start, and each prefill's index of real tokens (its experts skip the holes)
+    # one per step, two at the start, and each prefill's index of real tokens (host-side masks: counted
+    # here, no device read)
     assert reads.reads <= reads.steps + 2 + len(prefills)
 
 

@@ -89,6 +89,21 @@ def test_checkpointing_is_seen_when_turned_on_or_off_after_the_first_look():
     assert not checkpointing_active(model)
 
 
+def test_checkpointing_lookups_do_not_keep_a_model_alive():
+    """The decoder itself has the flag: its cached entry must not hold it."""
+    import gc
+    import weakref
+
+    from lit_moe_rl.routing.replay import checkpointing_active
+
+    decoder = build("qwen3_moe").get_decoder()
+    assert hasattr(decoder, "gradient_checkpointing") and not checkpointing_active(decoder)
+    ref = weakref.ref(decoder)
+    del decoder
+    gc.collect()
+    assert ref() is None
+
+
 def test_learner_skips_padding_unless_it_cannot():
     def reason(**settings) -> str | None:
         return learner_of(**settings).padding_skip_off_reason()

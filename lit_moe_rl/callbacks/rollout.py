@@ -152,6 +152,7 @@ class RolloutCallback(Callback):
         if getattr(pl_module, "hparams", {}).get("rollout_weights") == "unshard":
             check_engine(self.engine)
         self.engine.bind(_rollout_policy(pl_module), pl_module.tokenizer)
+        self.engine.skip_padding = bool(getattr(pl_module, "hparams", {}).get("skip_padding", True))
 
     def _sync(self, pl_module: L.LightningModule) -> None:
         self.engine.sync_weights(_rollout_policy(pl_module, sync=True))

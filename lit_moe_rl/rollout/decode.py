@@ -6,8 +6,9 @@ Choices made here (and why):
   hidden state are repeated ``n`` times (HF ``generate`` expands to ``B*n`` rows *before* prefill).
   The ``n`` completions of a prompt then share its prefill exactly, so their prompt routes (R3) are
   identical by construction. The prefill's experts skip the left padding
-  (:func:`lit_moe_rl.experts.real_tokens_only`, as the trainer's forwards do): no real token reads a
-  padding position, so every real token's output is unchanged, at the cost of one device read.
+  (:func:`lit_moe_rl.experts.real_tokens_only`, as the trainer's forwards do, unless
+  ``model.skip_padding`` is off): no real token reads a padding position, so every real token's output
+  is unchanged (bitwise on CPU; on a GPU the grouped matmul may tile fewer rows differently).
 * **Only ``[A, V]`` logits are alive.** Decoder and LM head are called separately (as
   :func:`lit_moe_rl.policy.token_logprobs` does), and the head only sees the last position; each
   step samples and keeps the sampled token's log-prob (:mod:`lit_moe_rl.rollout.sampling`).
@@ -28,13 +29,15 @@ Choices made here (and why):
   ``batched_mm`` 2.8x slower, which gathers a weight copy per token), and a shared (``dtype:
   same``) engine must not change the trainer's numerics.
 * **The KV cache written in place, with a ready mask** (:data:`IN_PLACE`). Where every layer is full
-  attention through ``sdpa``, the cache's buffers are sized for the whole generation after the
-  prefill (:meth:`~lit_moe_rl.rollout.kv.GrowingLayer.reserve`): a step writes its keys and values
-  into them and attention reads the filled part as a view, where transformers' cache concatenates
-  (copies) the whole cache every step. The step's mask is a view of one ``[N, 1, 1, P +
-  max_new_tokens]`` bool buffer, the 4-D mask transformers would build from the 2-D one, so the
-  model builds none. Together 7% faster per decode (``bench/vs_trl.py``'s shape, 16 alternations; in-place
-  writes alone or a ready mask alone gave 0-3%). Other models (sliding windows, ``eager`` or
+  attention through ``sdpa``, the cache's buffers are sized after the prefill for
+  :data:`RESERVED_NEW` new tokens at most (:meth:`~lit_moe_rl.rollout.kv.GrowingLayer.reserve`; longer
+  generations double them from there, so memory follows what is generated, within 2x): a step writes
+  its keys and values into them and attention reads the filled part as a view, where transformers'
+  cache concatenates (copies) the whole cache every step. When a prompt is left-padded, the step's mask
+  is a view of one ``[N, 1, 1, P + max_new_tokens]`` bool buffer, the 4-D mask transformers builds for
+  ``sdpa`` from the 2-D one, so the model builds none; without padding the model gets no mask, as
+  transformers passes none there. Together 5-7% faster per decode (``bench/vs_trl.py``'s shape, 16-30
+  alternations; in-place writes alone or a ready mask alone gave 0-3%). Other models (sliding windows, ``eager`` or
   flash attention, whose masks differ) keep the 2-D mask and transformers' cache, which grows by doubling from
   ``GROW_FROM`` new tokens on (:mod:`lit_moe_rl.rollout.kv`): concatenation copies ``L^2 / 2``
   positions for ``L`` tokens.
@@ -80,6 +83,9 @@ IN_PLACE = True
 (:meth:`_Stepper.in_place`; module docstring). ``bench/decode_length.py`` turns it off to time
 transformers' concatenating cache."""
 
+RESERVED_NEW = 256
+"""New tokens the in-place cache has room for after the prefill; beyond, its buffers double."""
+
 GROW_FROM = 256
 """Where the cache is not written in place, generations that may add this many tokens or more keep it in
 doubling buffers (:mod:`lit_moe_rl.rollout.kv`): no per-step copy of the whole cache. Shorter ones
@@ -91,30 +97,35 @@ class _Stepper:
     """Runs the decoder on some rows and returns the last position's hidden state ``[A, H]``.
 
     ``in_place`` (asked by :func:`decode`, granted by :meth:`can_write_in_place`): the cache's layers
-    are :class:`~lit_moe_rl.rollout.kv.GrowingLayer` for :meth:`reserve`, and the caller feeds 4-D masks."""
+    are :class:`~lit_moe_rl.rollout.kv.GrowingLayer` for :meth:`reserve`, and the caller feeds 4-D masks.
+    ``skip_padding``: prefills skip the experts on padding (``model.skip_padding``, through the engine)."""
 
-    def __init__(self, model: nn.Module, max_added: int = 0, *, in_place: bool = False) -> None:
+    def __init__(
+        self, model: nn.Module, max_added: int = 0, *, in_place: bool = False, skip_padding: bool = True
+    ) -> None:
         self.decoder = model.get_decoder()
         self.head = model.get_output_embeddings()
         self.cache = DynamicCache(config=model.config)
-        self.in_place = in_place and self.can_write_in_place(model, self.cache)
+        self.skip_padding = skip_padding
+        self.in_place = in_place and self.can_write_in_place(self.decoder, self.cache)
         if self.in_place or max_added >= GROW_FROM:
             use_growing_layers(self.cache)
         self.cache_kwarg = cache_kwarg(self.decoder)
 
     @staticmethod
-    def can_write_in_place(model: nn.Module, cache: DynamicCache) -> bool:
-        """Full attention in every layer (plain ``DynamicLayer``s) through ``sdpa``, whose 4-D mask is the
-        bool ``[A, 1, 1, kv]`` one a decode step's mask is a view of (``eager`` adds float masks; flash
-        attention takes 2-D ones; a sliding window masks more)."""
-        attention = getattr(model.config, "_attn_implementation", None)
+    def can_write_in_place(decoder: nn.Module, cache: DynamicCache) -> bool:
+        """Full attention in every layer (plain ``DynamicLayer``s) through ``sdpa`` (the decoder's own
+        config), whose 4-D mask is the bool ``[A, 1, 1, kv]`` one a decode step's mask is a view of
+        (``eager`` adds float masks; flash attention takes 2-D ones; a sliding window masks more)."""
+        attention = getattr(decoder.config, "_attn_implementation", None)
         return attention == "sdpa" and all(type(layer) is DynamicLayer for layer in cache.layers)
 
-    def prefill(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor, host_mask: Tensor) -> Tensor:
         """The prompts' forward ``[B, P]``: the last position's hidden state ``[B, H]``, with the experts
         skipping the left padding (:func:`lit_moe_rl.experts.real_tokens_only`: exact for every real
-        token, whose attention never reads a padding position)."""
-        with real_tokens_only(attention_mask):
+        token, whose attention never reads a padding position). ``host_mask``: ``attention_mask`` on the
+        host, where the real tokens are indexed without a device read."""
+        with real_tokens_only(host_mask if self.skip_padding else None):
             return self(input_ids, attention_mask, position_ids_from_mask(attention_mask))
 
     def reserve(self, capacity: int) -> None:
@@ -143,22 +154,22 @@ class _Batch:
 
     rows: Tensor  # [A] long: output row of each batch row
     live: list[bool]  # still sampling (False: fed its EOS once more for R3, then leaves)
-    full_mask: Tensor  # [A, P + max_new_tokens], or bool [A, 1, 1, P + max_new_tokens] in place: the prompt's mask, then ones
+    full_mask: Tensor | None  # [A, P + max_new_tokens] (in place: bool [A, 1, 1, P + max_new_tokens], or
+    # None without padding): the prompt's mask, then ones
     width: int  # columns of ``full_mask`` in the KV cache so far (P + t)
     next_pos: Tensor  # [A, 1] position id of the next token fed
 
     @property
-    def mask(self) -> Tensor:
+    def mask(self) -> Tensor | None:
         """``[A, P + t]`` (or ``[A, 1, 1, P + t]``) attention mask: a view, so a step copies nothing that
         grows with the length."""
-        return self.full_mask[..., : self.width]
+        return None if self.full_mask is None else self.full_mask[..., : self.width]
 
     def keep(self, kept: list[int], step: _Stepper) -> Tensor:
         """Keep batch rows ``kept`` (and their KV cache); returns their index on the device."""
         index = torch.tensor(kept, dtype=torch.long, device=self.rows.device)
-        self.rows, self.full_mask, self.next_pos = (
-            t[index] for t in (self.rows, self.full_mask, self.next_pos)
-        )
+        self.rows, self.next_pos = self.rows[index], self.next_pos[index]
+        self.full_mask = None if self.full_mask is None else self.full_mask[index]
         self.live = [self.live[i] for i in kept]
         step.cache.batch_select_indices(index)
         return index
@@ -212,6 +223,7 @@ def decode(
     eos_token_ids: list[int],
     pad_token_id: int,
     recorder=None,
+    skip_padding: bool = True,
 ) -> Decoded:
     """Sample ``max_new_tokens`` at most for each of the ``n`` copies of every left-padded prompt.
 
@@ -219,14 +231,17 @@ def decode(
     returned tensors are inference tensors, so clone or transform them before autograd sees them.
     ``input_ids``/``attention_mask`` are ``[B, P]``; rows ``[i*n, (i+1)*n)`` of the output belong to
     prompt ``i``. ``recorder`` is an active :class:`~lit_moe_rl.routing.record.RouteRecorder` (R3).
+    ``skip_padding``: the prefill's experts skip the prompts' left padding (``model.skip_padding``).
     """
-    if not bool(attention_mask[:, -1].all()):
+    host_mask = attention_mask.cpu()  # the prompts' mask, read once: left padding, any padding, real tokens
+    left_padded, unpadded = torch.stack([host_mask[:, -1].all(), host_mask.all()]).tolist()
+    if not left_padded:
         raise ValueError("rollout.engine: prompts must be left-padded (tokenizer.padding_side='left')")
     prompt_len, rows, device = input_ids.shape[1], input_ids.shape[0] * n, input_ids.device
     eos = torch.tensor(sorted(set(eos_token_ids)), device=device)
-    step = _Stepper(model, max_new_tokens, in_place=IN_PLACE)
+    step = _Stepper(model, max_new_tokens, in_place=IN_PLACE, skip_padding=skip_padding)
     positions = position_ids_from_mask(attention_mask)
-    hidden = step.prefill(input_ids, attention_mask).repeat_interleave(n, dim=0)  # [N, H]
+    hidden = step.prefill(input_ids, attention_mask, host_mask).repeat_interleave(n, dim=0)  # [N, H]
     routes = (
         None if recorder is None else _prompt_routes(recorder, attention_mask, n, prompt_len + max_new_tokens)
     )
@@ -235,8 +250,8 @@ def decode(
         [attention_mask, attention_mask.new_ones((attention_mask.shape[0], max_new_tokens))], dim=1
     ).repeat_interleave(n, dim=0)
     if step.in_place:
-        step.reserve(prompt_len + max_new_tokens)
-        full_mask = full_mask.bool()[:, None, None, :]
+        step.reserve(prompt_len + min(max_new_tokens, RESERVED_NEW))
+        full_mask = None if unpadded else full_mask.bool()[:, None, None, :]  # as transformers masks sdpa
     batch = _Batch(
         rows=torch.arange(rows, device=device),
         live=[True] * rows,

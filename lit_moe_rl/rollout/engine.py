@@ -153,6 +153,9 @@ class HFEngine(RolloutEngine):
         self.max_prompt_len = max_prompt_len
         self.logp_of = logp_of
         self.max_batch_tokens = max_batch_tokens
+        self.skip_padding = (
+            True  # prefills skip the experts on padding; the rollout callback sets model.skip_padding
+        )
         self.model: nn.Module | None = None
         self.tokenizer: Any = None
 
@@ -201,6 +204,7 @@ class HFEngine(RolloutEngine):
                     out = decode(
                         model, wave["input_ids"], wave["attention_mask"], n=n, max_new_tokens=self.max_new_tokens,
                         params=params, eos_token_ids=eos, pad_token_id=self.tokenizer.pad_token_id, recorder=rec,
+                        skip_padding=self.skip_padding,
                     )  # fmt: skip
                 gens.append(self._to_generation(wave, out, n, eos))
         finally:
@@ -315,7 +319,7 @@ def generate_trajectories(
                 routes, _ = decode_trajectories(
                     model, wave["input_ids"], wave["attention_mask"], rows, n=n, limits=limits, params=params,
                     eos_token_ids=engine.eos_token_ids(), pad_token_id=tok.pad_token_id, tokenizer=tok,
-                    encoder=encoder, stop_strings=stops, recorder=rec,
+                    encoder=encoder, stop_strings=stops, recorder=rec, skip_padding=engine.skip_padding,
                 )  # fmt: skip
             gen = trajectory_generation(wave, rows, n, tok.pad_token_id)
             gen.routes = None if routes is None else routes.clone()

@@ -6,8 +6,8 @@ positions per token). :class:`GrowingLayer` writes each step's positions into a 
 room and doubles the buffer when it is full: about 3 positions copied per token, whatever the
 length. Attention reads the filled part as a view. Only for layers that are exactly
 ``DynamicLayer`` (sliding-window layers keep their own rule). :meth:`GrowingLayer.reserve` sizes the
-buffers for a whole generation at once (the decode loop knows its longest row): nothing is copied
-again but for rows leaving the batch.
+buffers ahead (the decode loop reserves its first new tokens' room after the prefill): nothing is
+copied until they fill, but for rows leaving the batch.
 """
 
 from __future__ import annotations
@@ -63,12 +63,16 @@ class GrowingLayer(DynamicLayer):
         self._k, self._v = self.keys, self.values
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep rows ``indices``, buffers and spare room included (no regrowing after rows leave)."""
+        """Keep rows ``indices`` in buffers of the same room (no regrowing after rows leave); only the
+        filled positions are copied."""
         if self._k is None:
             return super().batch_select_indices(indices)
         length = self.get_seq_length()
-        self._k, self._v = self._k[indices, ...], self._v[indices, ...]
-        self.keys, self.values = self._k[..., :length, :], self._v[..., :length, :]
+        k = self._k.new_empty((len(indices), *self._k.shape[1:]))
+        v = self._v.new_empty((len(indices), *self._v.shape[1:]))
+        k[..., :length, :], v[..., :length, :] = self.keys[indices], self.values[indices]
+        self._k, self._v = k, v
+        self.keys, self.values = k[..., :length, :], v[..., :length, :]
 
 
 def use_growing_layers(cache) -> None:

@@ -104,8 +104,9 @@ class _Loop:
         params,
         text: dict,
         recorder,
+        skip_padding: bool = True,
     ):
-        self.step = _Stepper(model, limits.max_total_tokens)
+        self.step = _Stepper(model, limits.max_total_tokens, skip_padding=skip_padding)
         self.traj, self.limits, self.params, self.recorder = trajectories, limits, params, recorder
         self.encoder, self.tokenizer, self.stops = text["encoder"], text["tokenizer"], text["stop_strings"]
         self.eos, self.pad = set(text["eos_token_ids"]), text["pad_token_id"]
@@ -263,7 +264,8 @@ class _Loop:
             ids, chunk_mask, positions = self._chunk(feeds, width)
         self.full_mask[:, self.width : self.width + width] = chunk_mask.to(device)
         self.width += width
-        with real_tokens_only(chunk_mask.to(device) if width > 1 else None):  # no experts on a chunk's holes
+        holes = width > 1 and self.step.skip_padding  # no experts on a chunk's holes (indexed on the host)
+        with real_tokens_only(chunk_mask if holes else None):
             hidden = self.step(ids.to(device), self.full_mask[:, : self.width], positions.to(device))
         if self.recorder is not None:
             self._record(feeds, width)
@@ -334,18 +336,21 @@ def decode_trajectories(
     encoder: ObservationEncoder,
     stop_strings: tuple[str, ...] = (),
     recorder=None,
+    skip_padding: bool = True,
 ) -> tuple[Tensor | None, int]:
     """Run ``n`` trajectories per left-padded prompt ``[B, P]`` to their end; fills ``trajectories``
-    (``B * n`` of them, prompt-major) and returns ``(routes [N, P + R, L, K] or None, P)``."""
-    if not bool(attention_mask[:, -1].all()):
+    (``B * n`` of them, prompt-major) and returns ``(routes [N, P + R, L, K] or None, P)``.
+    ``skip_padding``: prefills skip the experts on padding and holes (``model.skip_padding``)."""
+    host_mask = attention_mask.cpu()  # read once: the left-padding check and the prefill's real tokens
+    if not bool(host_mask[:, -1].all()):
         raise ValueError("rollout.engine: prompts must be left-padded (tokenizer.padding_side='left')")
     check_window(model.config, limits, input_ids.shape[1])
     text = dict(encoder=encoder, tokenizer=tokenizer, stop_strings=stop_strings, eos_token_ids=eos_token_ids,
                 pad_token_id=pad_token_id)  # fmt: skip
-    loop = _Loop(model, trajectories, limits, params, text, recorder)
+    loop = _Loop(model, trajectories, limits, params, text, recorder, skip_padding)
     prompt_len = loop.prompt_len = input_ids.shape[1]
     positions = position_ids_from_mask(attention_mask)
-    hidden = loop.step.prefill(input_ids, attention_mask).repeat_interleave(n, dim=0)
+    hidden = loop.step.prefill(input_ids, attention_mask, host_mask).repeat_interleave(n, dim=0)
     if recorder is not None:
         loop.routes = _prompt_routes(recorder, attention_mask, n, prompt_len + limits.max_total_tokens)
     loop.step.cache.batch_repeat_interleave(n)

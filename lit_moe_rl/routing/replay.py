@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 __all__ = ["RouteReplayer", "replay_routes"]
 
 
-_CHECKPOINTABLE: weakref.WeakKeyDictionary[nn.Module, list[nn.Module]] = weakref.WeakKeyDictionary()
+_CHECKPOINTABLE: weakref.WeakKeyDictionary[nn.Module, list[weakref.ref]] = weakref.WeakKeyDictionary()
 
 
 def checkpointing_active(model: nn.Module) -> bool:
@@ -58,10 +58,12 @@ def checkpointing_active(model: nn.Module) -> bool:
     Asked several times per micro-batch, so the modules that have a ``gradient_checkpointing`` flag are
     found once per model (transformers turns it on and off only on modules that have it), not by a walk
     over every module each time."""
-    if (modules := _CHECKPOINTABLE.get(model)) is None:
-        modules = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+    if (modules := _CHECKPOINTABLE.get(model)) is None:  # weak references: the model may be one of them
+        modules = [weakref.ref(m) for m in model.modules() if hasattr(m, "gradient_checkpointing")]
         _CHECKPOINTABLE[model] = modules
-    return any(m.gradient_checkpointing is True and m.training for m in modules)
+    return any(
+        (m := ref()) is not None and m.gradient_checkpointing is True and m.training for ref in modules
+    )
 
 
 class RouteReplayer:
