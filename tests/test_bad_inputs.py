@@ -163,6 +163,24 @@ def test_a_typo_on_the_command_line_is_named_as_typed_not_blamed_on_the_config(c
     assert "model.algorithm.init_args.clip_lo: not a parameter" in line and f"(in --config {cfg})" in line
 
 
+def test_where_set_names_only_the_config_files_that_set_the_key_and_no_file_for_a_subcommand(tmp_path):
+    from lit_moe_rl.cli.base import where_set
+
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text("model:\n  lr: 1.0e-6\n  algorithm:\n    class_path: GRPO\n")
+    second.write_text("model:\n  lrr: 1\n  algorithm:\n    init_args:\n      clip_lo: 0.1\n")
+    argv = ["fit", "--config", str(first), "--config", str(second)]
+    assert (
+        where_set("model.lrr: unknown setting", argv) == f"model.lrr: unknown setting (in --config {second})"
+    )
+    assert where_set("model.algorithm.init_args.clip_lo: bad", argv).endswith(f"(in --config {second})")
+    assert where_set("model.lr: bad", argv) == f"model.lr: bad (in --config {first})"
+    both = where_set("model.warmup_steps: bad", argv)  # set in neither: both are named
+    assert both.endswith(f"(in --config {first}, {second})")
+    subcommand = "unknown subcommand 'fitt' (choose from fit, validate, sft, plan)"
+    assert where_set(subcommand, ["fitt", "--config", str(first)]) == subcommand
+
+
 def test_where_set_names_command_line_keys_appended_or_given_as_a_whole():
     from lit_moe_rl.cli.base import where_set
 

@@ -28,8 +28,10 @@ def collate_prompts(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class PromptDataModule(L.LightningDataModule):
-    """Prompts for RL: synthetic Countdown instances, or prompt rows from a JSONL / Parquet file or a Hugging
-    Face ``datasets`` folder (``Dataset.save_to_disk``).
+    """Prompts for RL: synthetic Countdown, or rows of a JSONL, Parquet or ``datasets`` folder.
+
+    A file source is a JSONL or Parquet file, or a Hugging Face ``datasets`` folder
+    (``Dataset.save_to_disk``).
 
     Each batch is ``{"prompt": list[str | list[dict]], "samples": list[dict]}``: the prompts and the full
     rows (``prompt`` plus every other field, e.g. ``numbers``/``target``/``solution`` for Countdown
