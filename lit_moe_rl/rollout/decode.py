@@ -37,10 +37,10 @@ Choices made here (and why):
   is a view of one ``[N, 1, 1, P + max_new_tokens]`` bool buffer, the 4-D mask transformers builds for
   ``sdpa`` from the 2-D one, so the model builds none; without padding the model gets no mask, as
   transformers passes none there. Together 5-7% faster per decode (``bench/vs_trl.py``'s shape, 16-30
-  alternations; in-place writes alone or a ready mask alone gave 0-3%). Other models (sliding windows, ``eager`` or
-  flash attention, whose masks differ) keep the 2-D mask and transformers' cache, which grows by doubling from
-  ``GROW_FROM`` new tokens on (:mod:`lit_moe_rl.rollout.kv`): concatenation copies ``L^2 / 2``
-  positions for ``L`` tokens.
+  alternations; in-place writes alone or a ready mask alone gave 0-3%). Other models (sliding
+  windows, ``eager`` or flash attention, whose masks differ) keep the 2-D mask and transformers'
+  cache, which grows by doubling from ``GROW_FROM`` new tokens on (:mod:`lit_moe_rl.rollout.kv`):
+  concatenation copies ``L^2 / 2`` positions for ``L`` tokens.
 * **One read of the device per step**: which sampled tokens are EOS and how many rows had NaN/inf
   probabilities (``.tolist()``; such rows are never drawn from, see
   :func:`~lit_moe_rl.rollout.sampling.sample_step_flagged`); which rows are live, leave or stay is
@@ -80,7 +80,7 @@ class Decoded:
 
 IN_PLACE = True
 """:func:`decode` writes the KV cache in place and hands the model ready 4-D masks where it can
-(:meth:`_Stepper.in_place`; module docstring). ``bench/decode_length.py`` turns it off to time
+(:meth:`_Stepper.can_write_in_place`; module docstring). ``bench/decode_length.py`` turns it off to time
 transformers' concatenating cache."""
 
 RESERVED_NEW = 256

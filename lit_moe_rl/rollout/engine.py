@@ -153,9 +153,8 @@ class HFEngine(RolloutEngine):
         self.max_prompt_len = max_prompt_len
         self.logp_of = logp_of
         self.max_batch_tokens = max_batch_tokens
-        self.skip_padding = (
-            True  # prefills skip the experts on padding; the rollout callback sets model.skip_padding
-        )
+        # prefills skip the experts on padding; the rollout callback sets it from model.skip_padding
+        self.skip_padding = True
         self.model: nn.Module | None = None
         self.tokenizer: Any = None
 
