@@ -11,7 +11,6 @@ import torch
 from lit_moe_rl import experts
 from lit_moe_rl.policy import load_policy
 from lit_moe_rl.rollout import decode as decode_module
-from lit_moe_rl.rollout import multiturn as multiturn_module
 from lit_moe_rl.rollout.sampling import SamplingParams
 from lit_moe_rl.routing.record import record_routes
 from tests.test_multiturn import _run
@@ -20,9 +19,9 @@ PROMPTS = ["3 5 7 => 22 =", "12 =>", "1 =>"]
 
 
 def _every_token(monkeypatch) -> None:
-    """The loops as they were before skipping: every token through the experts."""
-    for module in (decode_module, multiturn_module):
-        monkeypatch.setattr(module, "real_tokens_only", lambda mask: contextlib.nullcontext())
+    """The loops as they were before skipping: every token through the experts (both loops' prefills
+    go through ``_Stepper.real_tokens``, in the decode module)."""
+    monkeypatch.setattr(decode_module, "real_tokens_only", lambda mask: contextlib.nullcontext())
 
 
 def _count_expert_tokens(monkeypatch) -> list[int]:

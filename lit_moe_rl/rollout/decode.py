@@ -54,6 +54,7 @@ Choices made here (and why):
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -125,8 +126,13 @@ class _Stepper:
         skipping the left padding (:func:`lit_moe_rl.experts.real_tokens_only`: exact for every real
         token, whose attention never reads a padding position). ``host_mask``: ``attention_mask`` on the
         host, where the real tokens are indexed without a device read."""
-        with real_tokens_only(host_mask if self.skip_padding else None):
+        with self.real_tokens(host_mask):
             return self(input_ids, attention_mask, position_ids_from_mask(attention_mask))
+
+    def real_tokens(self, host_mask: Tensor | None) -> AbstractContextManager:
+        """Within, a forward of ``host_mask``'s ``[B, S]`` tokens skips the experts where it is 0, unless
+        ``skip_padding`` is off (:func:`lit_moe_rl.experts.real_tokens_only`; None: every token)."""
+        return real_tokens_only(host_mask if self.skip_padding else None)
 
     def reserve(self, capacity: int) -> None:
         """Size every layer's buffers for ``capacity`` positions (after the prefill)."""

@@ -45,7 +45,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lit_moe_rl.experts import real_tokens_only
 from lit_moe_rl.policy import position_ids_from_mask
 from lit_moe_rl.rollout.decode import _prompt_routes, _Stepper
 from lit_moe_rl.rollout.env import Environment
@@ -264,8 +263,7 @@ class _Loop:
             ids, chunk_mask, positions = self._chunk(feeds, width)
         self.full_mask[:, self.width : self.width + width] = chunk_mask.to(device)
         self.width += width
-        holes = width > 1 and self.step.skip_padding  # no experts on a chunk's holes (indexed on the host)
-        with real_tokens_only(chunk_mask if holes else None):
+        with self.step.real_tokens(chunk_mask if width > 1 else None):  # no experts on a chunk's holes
             hidden = self.step(ids.to(device), self.full_mask[:, : self.width], positions.to(device))
         if self.recorder is not None:
             self._record(feeds, width)
