@@ -144,32 +144,8 @@ def where_set(message: str, argv: list[str]) -> str:
     }
     if short in given or any(short.startswith(f"{g}.") for g in given):  # the key, or a whole it is part of
         return short + message[len(key) :]
-    files = _files_setting(short.split("."), cli_checks.config_paths(argv))
+    files = cli_checks.config_paths_setting(argv, short.split("."))
     return message + (f" (in --config {', '.join(files)})" if files else "")
-
-
-def _files_setting(parts: list[str], files: list[str]) -> list[str]:
-    """The config files that set the key ``parts`` (``init_args`` levels optional), or all of them when
-    none can be told (unreadable, or the key is not spelled out in any)."""
-    import yaml
-
-    def sets(node: Any, parts: list[str]) -> bool:
-        if not parts:
-            return True
-        if not isinstance(node, dict):
-            return False
-        if parts[0] in node and sets(node[parts[0]], parts[1:]):
-            return True
-        return isinstance(node.get("init_args"), dict) and sets(node["init_args"], parts)
-
-    found = []
-    for file in files:
-        try:
-            if sets(yaml.safe_load(Path(file).read_text()), parts):
-                found.append(file)
-        except (OSError, yaml.YAMLError):
-            pass
-    return found or files
 
 
 TRAINER_SETTINGS = ("strategy", "devices", "precision", "accelerator", "num_nodes", "plugins")

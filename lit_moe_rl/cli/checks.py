@@ -59,6 +59,30 @@ def config_paths(argv: Sequence[str], with_option: bool = False) -> list[Any]:
     return found if with_option else [path for option, path in found if option == "--config "]
 
 
+def config_paths_setting(argv: Sequence[str], parts: list[str]) -> list[str]:
+    """The ``--config`` files of ``argv`` that set the key ``parts`` (``init_args`` levels optional), or
+    all of them when none can be told (unreadable, or the key is not spelled out in any)."""
+
+    def sets(node: Any, parts: list[str]) -> bool:
+        if not parts:
+            return True
+        if not isinstance(node, dict):
+            return False
+        if parts[0] in node and sets(node[parts[0]], parts[1:]):
+            return True
+        return isinstance(node.get("init_args"), dict) and sets(node["init_args"], parts)
+
+    files = config_paths(argv)
+    found = []
+    for file in files:
+        try:
+            if sets(yaml.safe_load(Path(file).read_text()), parts):
+                found.append(file)
+        except (OSError, yaml.YAMLError):
+            pass
+    return found or files
+
+
 def check_accelerator(accelerator: Any) -> None:
     """``trainer.accelerator: gpu|cuda`` needs CUDA (``auto`` falls back to the CPU by itself)."""
     name = str(accelerator).lower() if isinstance(accelerator, str) else None
